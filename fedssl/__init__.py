@@ -1,0 +1,1 @@
+"""fedssl: federated self-supervised pretraining of ECG foundation models."""

@@ -1,0 +1,1 @@
+"""ECG data: WFDB reading, preprocessing, synthetic hospitals, cached windows."""

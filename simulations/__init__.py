@@ -1,0 +1,1 @@
+"""Federation scenarios and the runner that hands them to Flower."""

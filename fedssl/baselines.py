@@ -1,0 +1,48 @@
+"""What a federated encoder is compared against: random init and each site training alone.
+
+Every encoder is trained by the same loop with the same budget: a local-only site takes as many
+optimizer steps as it took in the whole federation (rounds x local steps), so any gain of the
+federated encoder comes from the other sites' data, not from more training.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from fedssl.config import Scenario
+from fedssl.data.site import load_site
+from fedssl.evaluate import linear_probe, probe_data
+from fedssl.objectives import build_objective
+from fedssl.train import train_local
+
+log = logging.getLogger("fedssl.baselines")
+
+
+def local_only_encoder(scenario: Scenario, site_index: int, workdir: Path) -> torch.nn.Module:
+    site = scenario.sites[site_index]
+    objective = build_objective(scenario)
+    data = load_site(site, scenario.data, workdir, scenario.seed)
+    steps = scenario.federation.rounds * scenario.train.local_steps
+    result = train_local(objective, data, scenario.train, steps=steps, seed=scenario.seed + 1000 * (site_index + 1))
+    log.info("local-only %s: %d steps, loss %.4f, %.1fs", site.name, steps, result.losses["loss"], result.seconds)
+    return objective.encoder
+
+
+def compare(scenario: Scenario, workdir: Path, federated_encoder_state: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """Linear-probe results by encoder name: random_init, federated, local_only/<site>."""
+    train, test = probe_data(scenario, workdir)
+    encoders = {"random_init": build_objective(scenario).encoder}
+    federated = build_objective(scenario).encoder
+    federated.load_state_dict(federated_encoder_state)
+    encoders["federated"] = federated
+    if scenario.evaluation.local_baselines:
+        for i, site in enumerate(scenario.sites):
+            encoders[f"local_only/{site.name}"] = local_only_encoder(scenario, i, workdir)
+    results = {}
+    for name, encoder in encoders.items():
+        probe = linear_probe(encoder, train, test, scenario.evaluation.probe_l2)
+        results[name] = {"macro_auroc": probe.macro_auroc, "per_class": probe.per_class}
+    return results

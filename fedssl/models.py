@@ -1,0 +1,139 @@
+"""ECG encoders. The encoder is the shared foundation model: the only part that leaves a site.
+
+`ECGTransformer` follows ST-MEM (Na et al., "Guiding Masked Representation Learning to Capture
+Spatio-Temporal Relationship of Electrocardiogram", ICLR 2024): every lead is cut into patches,
+each patch embedded by one linear map, then tagged with a learnable lead embedding and a learnable
+position embedding; a pre-norm transformer mixes all tokens and the embedding is their mean.
+Missing leads are handled by the lead mask: their tokens never enter attention or the mean, so a
+missing lead's values cannot change the embedding.
+
+Only Linear, LayerNorm and Embedding layers carry parameters (no BatchNorm), so Opacus can compute
+per-sample gradients of every parameter.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedssl.config import ConfigError, ModelConfig
+from fedssl.data.windows import STANDARD_LEADS
+
+SIZES = {  # width, depth, heads
+    "tiny": (128, 4, 4),
+    "small": (384, 8, 6),
+    "base": (768, 12, 12),  # as in ST-MEM and the seed paper
+}
+
+
+def init_weights(module: nn.Module) -> None:
+    """MAE/ViT initialisation: small embeddings, so that the signal, not the lead and position
+    tags, dominates the initial tokens and different ECGs start with different embeddings."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :])
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block whose attention only reads visible tokens."""
+
+    def __init__(self, width: int, heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 4 * width), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * width, width)
+        )
+
+    def forward(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), visible)
+        return x + self.mlp(self.norm2(x))
+
+
+class ECGTransformer(nn.Module):
+    def __init__(self, window_samples: int, patch_size: int, width: int, depth: int, heads: int,
+                 dropout: float = 0.0, leads: int = len(STANDARD_LEADS)) -> None:
+        super().__init__()
+        if window_samples % patch_size:
+            raise ConfigError(f"window of {window_samples} samples is not a multiple of patch_size {patch_size}")
+        self.leads, self.patch_size = leads, patch_size
+        self.patches_per_lead = window_samples // patch_size
+        self.width = width
+        self.patch_embed = nn.Linear(patch_size, width)
+        self.lead_embed = nn.Embedding(leads, width)
+        self.pos_embed = nn.Embedding(self.patches_per_lead, width)
+        self.blocks = nn.ModuleList(Block(width, heads, dropout) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        lead_ids = torch.arange(leads).repeat_interleave(self.patches_per_lead)
+        pos_ids = torch.arange(self.patches_per_lead).repeat(leads)
+        self.register_buffer("lead_ids", lead_ids, persistent=False)
+        self.register_buffer("pos_ids", pos_ids, persistent=False)
+        self.apply(init_weights)
+
+    @property
+    def tokens(self) -> int:
+        return self.leads * self.patches_per_lead
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, leads, T) -> (B, leads * patches, patch_size), lead-major."""
+        return x.reshape(x.shape[0], self.tokens, self.patch_size)
+
+    def token_valid(self, lead_mask: torch.Tensor) -> torch.Tensor:
+        """(B, leads) bool -> (B, tokens) bool: a token is valid when its lead was recorded."""
+        return lead_mask.repeat_interleave(self.patches_per_lead, dim=1)
+
+    def encode(self, x: torch.Tensor, lead_mask: torch.Tensor,
+               keep: torch.Tensor | None = None, visible: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings (B, K, width) of the tokens `keep` (B, K) indexes (all when None).
+
+        `visible` (B, K) says which of those tokens attention may read; by default the tokens of
+        recorded leads.
+        """
+        ids = torch.arange(self.tokens, device=x.device)
+        tokens = self.patch_embed(self.patchify(x)) + self.lead_embed(self.lead_ids) + self.pos_embed(self.pos_ids)
+        if keep is not None:
+            tokens = torch.gather(tokens, 1, keep[..., None].expand(-1, -1, self.width))
+            ids = keep
+        if visible is None:
+            visible = torch.gather(self.token_valid(lead_mask), 1, ids.expand(x.shape[0], -1))
+        for block in self.blocks:
+            tokens = block(tokens, visible)
+        return self.norm(tokens)
+
+    @staticmethod
+    def pool(tokens: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """Mean of the visible tokens: (B, K, width) -> (B, width)."""
+        weights = visible.to(tokens.dtype)[..., None]
+        return (tokens * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+    def forward(self, x: torch.Tensor, lead_mask: torch.Tensor) -> torch.Tensor:
+        """The ECG embedding used downstream: (B, leads, T), (B, leads) -> (B, width)."""
+        visible = self.token_valid(lead_mask)
+        return self.pool(self.encode(x, lead_mask, visible=visible), visible)
+
+
+def build_encoder(model: ModelConfig, window_samples: int) -> nn.Module:
+    if model.encoder != "st_mem":
+        raise ConfigError(f"model.encoder: unknown encoder {model.encoder!r}; known: ['st_mem']")
+    if model.size not in SIZES:
+        raise ConfigError(f"model.size: unknown size {model.size!r}; known: {sorted(SIZES)}")
+    width, depth, heads = SIZES[model.size]
+    return ECGTransformer(window_samples, model.patch_size, width, depth, heads, model.dropout)

@@ -11,6 +11,7 @@ from scipy.stats import rankdata
 from torch import nn
 
 from fedssl.config import Scenario, SiteConfig
+from fedssl.data.site import load_site
 from fedssl.data.windows import WindowSet
 
 
@@ -77,8 +78,6 @@ def linear_probe(encoder: nn.Module, train: WindowSet, test: WindowSet, l2: floa
 
 def probe_data(scenario: Scenario, workdir: Path) -> tuple[WindowSet, WindowSet]:
     """The held-out labelled set, split by record (and patient) into probe-train and probe-test."""
-    from fedssl.data.site import load_site
-
     held_out = SiteConfig("evaluation", folder=scenario.evaluation.folder,
                           synthetic=None if scenario.evaluation.folder else scenario.evaluation.synthetic)
     data = load_site(held_out, scenario.data, workdir, scenario.seed)

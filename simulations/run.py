@@ -1,0 +1,508 @@
+"""Run a scenario end to end on Flower's simulation engine, offline, on this machine.
+
+    python -m simulations simulations/quickstart.yaml [--out RUN_DIR] [--verbose]
+
+1. load the scenario, create the run folder and save the scenario used in it;
+2. materialise every site's data and the probe data up front (errors surface before Flower
+   starts, and the simulated sites find a warm cache);
+3. start a private `flower-superlink --simulation` on a free loopback port (a child process of
+   this runner, with its own FLWR_HOME inside the run folder), submit a staged copy of the app
+   with `flwr run <run-dir>/flower/app fedssl-local --stream`, forward the ServerApp's progress
+   lines, and stop the SuperLink and everything it spawned (SuperExec, flwr-simulation, Ray) at
+   the end, also on error, timeout, Ctrl-C or SIGTERM;
+4. compare the federated encoder with the baselines and write `summary.json`.
+
+Run folder: `scenario.yaml`, `data/` (site records and window caches, probe data),
+`sites/<site>/` (site-local heads), `metrics.jsonl`, `checkpoints/`, `encoder.pt`,
+`summary.json`, `logs/` (Flower's full output) and `flower/` (the FLWR_HOME of the run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONNECTION = "fedssl-local"  # the SuperLink connection written to the run's FLWR_HOME
+TOKEN_VARIABLE = "FEDSSL_FLOWER_RUN"  # marks every process this runner starts, down to Ray workers
+PROGRESS_MARK = "fedssl |"  # log lines of the fedssl ServerApp/ClientApp shown to the user
+DONE_MARK = "fedssl | done:"  # the ServerApp's last line
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+APP_SUFFIXES = {".py", ".toml", ".yaml", ".yml", ".json", ".md"}  # what Flower puts in an app bundle
+
+Echo = Callable[[str], None]
+
+
+class FederationError(RuntimeError):
+    """The federation did not complete; the message says where to look."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    summary: dict
+    flower_pids: list[int] = field(default_factory=list)  # every Flower process of the run
+
+
+def run_scenario(path: str | Path, out_dir: str | Path | None = None, *, verbose: bool = False,
+                 timeout: float | None = None, echo: Echo = print) -> RunResult:
+    """Run the scenario at `path` in `out_dir` (default `runs/<name>-<timestamp>`)."""
+    from fedssl.baselines import compare
+    from fedssl.config import ConfigError, load_scenario, save_scenario
+    from server.app import STRATEGIES
+
+    started = time.perf_counter()
+    scenario = load_scenario(path)
+    if scenario.federation.strategy not in STRATEGIES:  # fail before any data is generated
+        raise ConfigError(f"federation.strategy: unknown strategy {scenario.federation.strategy!r}; "
+                          f"known: {sorted(STRATEGIES)}")
+    if not 1 <= scenario.federation.min_sites <= len(scenario.sites):
+        raise ConfigError(f"federation.min_sites is {scenario.federation.min_sites} but the scenario "
+                          f"has {len(scenario.sites)} site(s)")
+    run_dir = Path(out_dir or Path("runs") / f"{scenario.name}-{datetime.now():%Y%m%d-%H%M%S}").resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    clear_previous_run(run_dir, echo)
+    scenario_path = run_dir / "scenario.yaml"
+    save_scenario(scenario, scenario_path)
+    echo(f"run folder: {run_dir}")
+
+    data_dir = run_dir / "data"
+    materialise_data(scenario, data_dir, echo)
+    data_done = time.perf_counter()
+
+    with LocalSimulation(run_dir, echo=echo, verbose=verbose) as simulation:
+        run_id = simulation.run(scenario_path, num_sites=len(scenario.sites), timeout=timeout)
+    federation_done = time.perf_counter()
+
+    rounds = read_metrics(run_dir / "metrics.jsonl")
+    if len(rounds) != scenario.federation.rounds or not (run_dir / "encoder.pt").exists():
+        raise FederationError(f"Flower run {run_id} finished but {run_dir} holds {len(rounds)} of "
+                              f"{scenario.federation.rounds} rounds; see {simulation.log_path}")
+
+    import torch
+
+    echo("comparing encoders (linear probe) ...")
+    encoders = compare(scenario, data_dir, torch.load(run_dir / "encoder.pt", weights_only=True))
+    summary = {
+        "scenario": scenario.name,
+        "run_dir": str(run_dir),
+        "sites": [s.name for s in scenario.sites],
+        "rounds": len(rounds),
+        "strategy": scenario.federation.strategy,
+        "objective": scenario.objective.name,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "data_seconds": round(data_done - started, 1),
+        "federation_seconds": round(federation_done - data_done, 1),  # incl. Flower/Ray start-up
+        "baseline_seconds": round(time.perf_counter() - federation_done, 1),
+        "final_loss": rounds[-1].get("loss"),
+        "probe_macro_auroc_by_round": [r.get("probe_macro_auroc") for r in rounds],
+        "encoders": {name: {"macro_auroc": result_auroc(result), **_extra(result)}
+                     for name, result in encoders.items()},
+        "flower_run_id": run_id,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    echo(summary_table(summary))
+    return RunResult(run_dir, summary, sorted(simulation.seen_pids))
+
+
+def clear_previous_run(run_dir: Path, echo: Echo) -> None:
+    """Remove the results of an earlier run in `run_dir`, keeping its data caches.
+
+    Site heads left behind would otherwise be picked up by the new run's sites.
+    """
+    stale = [run_dir / name for name in ("sites", "checkpoints", "encoder.pt", "metrics.jsonl", "summary.json")]
+    stale = [path for path in stale if path.exists()]
+    for path in stale:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if stale:
+        echo(f"removed the results of an earlier run: {', '.join(p.name for p in stale)}")
+
+
+def materialise_data(scenario, data_dir: Path, echo: Echo) -> None:
+    """Load every site once (and the probe data) so that failures happen before Flower starts."""
+    from fedssl.data.site import load_site
+    from fedssl.evaluate import probe_data
+
+    for site in scenario.sites:
+        echo(f"site {site.name}: preparing data ...")
+        windows = load_site(site, scenario.data, data_dir, scenario.seed)
+        if len(windows) == 0:
+            raise FederationError(f"site {site.name}: no usable windows")
+        echo(f"site {site.name}: {len(windows.records)} records, {len(windows)} windows")
+    train, test = probe_data(scenario, data_dir)
+    echo(f"probe data: {len(train)} train / {len(test)} test windows")
+
+
+class LocalSimulation:
+    """A private SuperLink in simulation mode whose whole process tree this object owns.
+
+    Every process started here carries `FEDSSL_FLOWER_RUN=<token>` in its environment; Flower's
+    SuperLink starts SuperExec in a new session, SuperExec starts flwr-simulation, which starts Ray,
+    so the process tree is found by that mark (via /proc) rather than by parenthood.
+    """
+
+    def __init__(self, run_dir: Path, *, echo: Echo = print, verbose: bool = False) -> None:
+        self.run_dir = Path(run_dir)
+        self.home = self.run_dir / "flower"
+        self.log_path = self.run_dir / "logs" / "flower.log"
+        self.echo, self.verbose = echo, verbose
+        self.token = uuid.uuid4().hex
+        self.port = 0
+        self.superlink: subprocess.Popen | None = None
+        self.cli: subprocess.Popen | None = None
+        self.seen_pids: set[int] = set()
+        self._stop_watch = threading.Event()
+        self._watcher: threading.Thread | None = None
+        bin_dir = Path(sys.executable).parent  # flower-superlink spawns `flower-superexec` via PATH
+        self.env = {
+            **os.environ,
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+            "FLWR_HOME": str(self.home),
+            TOKEN_VARIABLE: self.token,
+            "FLWR_DISABLE_UPDATE_CHECK": "1",  # offline: no version look-ups
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_DEDUP_LOGS": "0",  # show every site's line, not "repeated 2x across cluster"
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.env.pop("RAY_ADDRESS", None)  # never join someone else's Ray cluster
+        for variable in ("NO_PROXY", "no_proxy"):  # the SuperLink is on loopback: no HTTP proxy
+            self.env[variable] = ",".join(filter(None, [os.environ.get(variable), "127.0.0.1", "localhost"]))
+
+    def executable(self, name: str) -> str:
+        path = Path(sys.executable).parent / name
+        found = str(path) if path.exists() else shutil.which(name)
+        if not found:
+            raise FederationError(f"`{name}` not found; install the project with `pip install -e .`")
+        return found
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def __enter__(self) -> "LocalSimulation":
+        self._previous_sigterm = _raise_on_sigterm()
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+            f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
+        )
+        command = [
+            self.executable("flower-superlink"),
+            "--insecure",  # loopback only
+            "--simulation",
+            "--disable-runtime-dependency-installation",  # offline: never `uv sync` the app
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+        ]
+        with (self.run_dir / "logs" / "superlink.log").open("ab") as log_file:
+            self.superlink = subprocess.Popen(command, env=self.env, cwd=self.run_dir, stdout=log_file,
+                                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                              start_new_session=True)  # Ctrl-C is handled here
+        self.seen_pids.add(self.superlink.pid)
+        self._watcher = threading.Thread(target=self._watch, daemon=True)
+        self._watcher.start()
+        deadline = time.monotonic() + 60
+        while not self._healthy():
+            if self.superlink.poll() is not None:
+                raise FederationError(f"flower-superlink exited with code {self.superlink.returncode}; "
+                                      f"see {self.run_dir / 'logs' / 'superlink.log'}")
+            if time.monotonic() > deadline:
+                raise FederationError("flower-superlink did not become ready within 60s")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        """Stop the CLI, the SuperLink and every process they started; verify none is left."""
+        if self.cli is not None and self.cli.poll() is None:
+            _terminate(self.cli, grace=5)
+        if self.superlink is not None and self.superlink.poll() is None:
+            self.seen_pids |= set(marked_processes(self.token))
+            _terminate(self.superlink, grace=15)  # SIGTERM: it stops its SuperExec itself
+        self._stop_watch.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
+        left = marked_processes(self.token)
+        if left:  # e.g. flwr-simulation or Ray processes orphaned by a crash
+            self.seen_pids |= set(left)
+            for pid in left:
+                _signal(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 5
+            while (left := [p for p in left if pid_alive(p)]) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            for pid in left:
+                _signal(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 2
+            while (left := [p for p in left if pid_alive(p)]) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        marked = set(marked_processes(self.token))
+        survivors = sorted(p for p in self.seen_pids if p in marked and pid_alive(p))
+        if survivors:
+            self.echo(f"warning: Flower processes still running: {survivors}")
+        if getattr(self, "_previous_sigterm", None) is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
+
+    def _healthy(self) -> bool:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(f"http://127.0.0.1:{self.port}/health", timeout=0.5) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def _watch(self) -> None:
+        while not self._stop_watch.wait(1.0):
+            self.seen_pids |= set(marked_processes(self.token))
+
+    # -- running the app ------------------------------------------------------------------------
+
+    def run(self, scenario_path: Path, *, num_sites: int, timeout: float | None = None) -> int:
+        """Submit the app with `flwr run --stream`, forward progress, return the finished run id."""
+        overrides = self.run_dir / "flower" / "run_config.toml"
+        overrides.write_text(f"scenario = {json.dumps(str(scenario_path))}\n"
+                             f"run-dir = {json.dumps(str(self.run_dir))}\n")
+        cpus = max(1, min(num_sites, _usable_cpus()))
+        federation = (f"num-supernodes={num_sites} client-resources-num-cpus=1 "
+                      f"client-resources-num-gpus=0.0 init-args-num-cpus={cpus}")
+        app_dir = stage_app(self.home / "app")
+        command = [self.executable("flwr"), "run", str(app_dir), CONNECTION, "--stream",
+                   "--run-config", str(overrides), "--federation-config", federation]
+        self.echo(f"federation: {num_sites} simulated sites on {cpus} CPU(s), Flower log: {self.log_path}")
+        run_id, finished = None, False
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.log_path.open("a") as log_file:
+            log_file.write("$ " + " ".join(command) + "\n")
+            self.cli = subprocess.Popen(command, env=self.env, cwd=self.run_dir, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+                                        errors="replace", bufsize=1)
+            self.seen_pids.add(self.cli.pid)
+            lines: queue.Queue[str | None] = queue.Queue()
+            threading.Thread(target=_pump, args=(self.cli.stdout, lines), daemon=True).start()
+            while True:
+                wait = None if deadline is None else deadline - time.monotonic()
+                if wait is not None and wait <= 0:
+                    raise FederationError(f"the federation did not finish within {timeout:.0f}s; "
+                                          f"see {self.log_path}")
+                try:
+                    line = lines.get(timeout=1.0 if wait is None else min(wait, 1.0))
+                except queue.Empty:
+                    continue
+                if line is None:
+                    break
+                plain = ANSI.sub("", line.rstrip("\n"))
+                log_file.write(plain + "\n")
+                if (match := re.search(r"Successfully started run (\d+)", plain)) and run_id is None:
+                    run_id = int(match.group(1))
+                finished = finished or DONE_MARK in plain
+                if self.verbose:
+                    self.echo(line.rstrip("\n"))
+                elif PROGRESS_MARK in plain or " ERROR " in f" {plain} " or "ERROR :" in plain:
+                    self.echo(plain.split(PROGRESS_MARK, 1)[-1].strip() if PROGRESS_MARK in plain else plain)
+            self.cli.wait()
+        if run_id is None:
+            raise FederationError(f"`flwr run` did not start a run (exit code {self.cli.returncode}):\n"
+                                  + tail(self.log_path))
+        if not finished:  # the ServerApp did not reach its last line: ask the SuperLink why
+            status, details = self.status(run_id)
+            raise FederationError(f"Flower run {run_id} ended as {status} {details}\n" + tail(self.log_path))
+        return run_id
+
+    def status(self, run_id: int) -> tuple[str, str]:
+        """The run's status (e.g. `finished:completed`) and details, as `flwr ls` reports them."""
+        out = subprocess.run([self.executable("flwr"), "ls", CONNECTION, "--run-id", str(run_id),
+                              "--format", "json"], env=self.env, cwd=self.run_dir, capture_output=True,
+                             text=True, timeout=60)
+        try:
+            run = json.loads(out.stdout)["runs"][0]
+        except (ValueError, KeyError, IndexError):
+            return "unknown", f"(`flwr ls` said: {out.stdout.strip()} {out.stderr.strip()})"
+        return run.get("status", "unknown"), run.get("status-details", "")
+
+
+def stage_app(target: Path) -> Path:
+    """Copy the Flower App (pyproject.toml + the project's packages) to `target` and return it.
+
+    `flwr run <dir>` walks every file under <dir> to build the app bundle; on the project root that
+    includes .venv (tens of thousands of files, ~5 s) and earlier runs. The copy is also a record
+    of the exact code a run used.
+    """
+    import tomllib
+
+    pyproject = PROJECT_ROOT / "pyproject.toml"
+    if not pyproject.exists():
+        raise FederationError(f"no pyproject.toml in {PROJECT_ROOT}: run from a source checkout "
+                              "installed with `pip install -e .`")
+    config = tomllib.loads(pyproject.read_text())
+    patterns = config["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = sorted({p.split(".")[0].rstrip("*") for p in patterns})
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    shutil.copy2(pyproject, target / "pyproject.toml")
+    for package in packages:
+        for source in (PROJECT_ROOT / package).rglob("*"):
+            if source.suffix in APP_SUFFIXES and source.is_file() and "__pycache__" not in source.parts:
+                destination = target / source.relative_to(PROJECT_ROOT)
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, destination)
+    return target
+
+
+# -- processes ----------------------------------------------------------------------------------
+
+def marked_processes(token: str) -> list[int]:
+    """Pids of live processes whose environment carries this runner's token (Linux /proc)."""
+    needle = f"{TOKEN_VARIABLE}={token}".encode()
+    pids = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                pids.append(int(entry.name))
+        except OSError:  # gone, or not ours
+            continue
+    return [p for p in pids if p != os.getpid()]
+
+
+def pid_alive(pid: int) -> bool:
+    """True if `pid` runs (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except (OSError, IndexError):
+        if not Path("/proc").is_dir():
+            try:
+                os.kill(pid, 0)
+                return True
+            except OSError:
+                return False
+        return False
+
+
+def _terminate(process: subprocess.Popen, grace: float) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except OSError:
+        pass
+
+
+def _raise_on_sigterm():
+    """Turn SIGTERM into KeyboardInterrupt so that cleanup runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _pump(stream, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- results ------------------------------------------------------------------------------------
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def result_auroc(result) -> float | None:
+    if isinstance(result, dict):
+        return result.get("macro_auroc")
+    return getattr(result, "macro_auroc", result)
+
+
+def _extra(result) -> dict:
+    return {k: v for k, v in result.items() if k != "macro_auroc"} if isinstance(result, dict) else {}
+
+
+def summary_table(summary: dict) -> str:
+    rows = [(name, e["macro_auroc"]) for name, e in summary["encoders"].items()]
+    width = max([len("encoder")] + [len(name) for name, _ in rows])
+    lines = [f"{'encoder':<{width}}  macro AUROC", f"{'-' * width}  -----------"]
+    lines += [f"{name:<{width}}  {'-' if v is None else f'{v:.3f}':>11}" for name, v in rows]
+    lines.append(f"{summary['rounds']} rounds, {len(summary['sites'])} sites, "
+                 f"{summary['wall_seconds']:.0f}s; summary: {Path(summary['run_dir']) / 'summary.json'}")
+    return "\n".join(lines)
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return f"last lines of {path}:\n" + "\n".join(text[-lines:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m simulations", description=__doc__.split("\n\n")[0])
+    parser.add_argument("scenario", nargs="?", default=str(Path(__file__).parent / "quickstart.yaml"))
+    parser.add_argument("--out", help="run folder (default: runs/<scenario name>-<timestamp>)")
+    parser.add_argument("--verbose", action="store_true", help="show Flower's full log")
+    parser.add_argument("--timeout", type=float, help="stop the federation after this many seconds")
+    args = parser.parse_args(argv)
+    from fedssl.config import ConfigError
+
+    try:
+        run_scenario(args.scenario, args.out, verbose=args.verbose, timeout=args.timeout)
+    except (FederationError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; Flower processes stopped", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,147 @@
+"""The Flower glue: end to end through Flower's simulation engine (via the runner), plus fast
+checks of the strategies and of node-to-site mapping that need no simulation engine.
+
+One federation (two synthetic sites, two rounds; ~50 s on two cores, most of it Flower and Ray
+starting up) is shared by the end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.app import round_seed, which_site
+from client.state import HEADS_FILE, local_state
+from fedssl.config import ConfigError, FederationConfig, load_scenario
+from fedssl.objectives import build_objective
+from server.app import STRATEGIES, make_strategy
+from server.metrics import RoundTracker
+from simulations.run import pid_alive, run_scenario
+
+TINY = """
+name: tiny-federation
+seed: 3
+data: {window_seconds: 2.0}
+model: {size: tiny}
+train: {batch_size: 8, local_steps: 3, threads: 1}
+federation: {rounds: 2, min_sites: 2}
+evaluation:
+  synthetic: {records: 24, sample_rate: 250, duration_seconds: 4.0}
+  every_round: false
+  local_baselines: false
+sites:
+  - name: north
+    synthetic: {records: 6, sample_rate: 250, duration_seconds: 4.0}
+  - name: south
+    synthetic: {records: 6, sample_rate: 500, duration_seconds: 4.0, mains_hz: 60.0,
+                missing_leads: [V4, V5, V6]}
+"""
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("federation")
+    (folder / "tiny.yaml").write_text(TINY)
+    lines: list[str] = []
+    result = run_scenario(folder / "tiny.yaml", folder / "run", timeout=600, echo=lines.append)
+    return result, lines
+
+
+def test_rounds_logged_with_finite_loss(federation):
+    result, lines = federation
+    rounds = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and r["sites"] == 2 for r in rounds)
+    assert rounds[0]["probe_macro_auroc"] is None  # every_round: false probes the last round only
+    assert 0.0 <= rounds[1]["probe_macro_auroc"] <= 1.0
+    assert any(line.startswith("round 2/2") for line in lines)  # progress reached the user
+
+
+def test_checkpoints_hold_a_trained_global_encoder(federation):
+    result, _ = federation
+    for name in ("checkpoints/encoder_round_1.pt", "checkpoints/encoder_round_2.pt", "encoder.pt"):
+        assert (result.run_dir / name).is_file()
+    scenario = load_scenario(result.run_dir / "scenario.yaml")
+    initial = build_objective(scenario).encoder.state_dict()
+    final = torch.load(result.run_dir / "encoder.pt", weights_only=True)
+    assert final.keys() == initial.keys()
+    assert all(final[k].dtype == initial[k].dtype for k in initial)
+    assert any(not torch.equal(final[k], initial[k]) for k in initial)
+
+
+def test_site_heads_stay_at_the_sites(federation):
+    result, _ = federation
+    scenario = load_scenario(result.run_dir / "scenario.yaml")
+    initial = local_state(build_objective(scenario))
+    for site in ("north", "south"):
+        heads = torch.load(result.run_dir / "sites" / site / HEADS_FILE, weights_only=True)
+        assert heads.keys() == initial.keys()
+        assert not any(key.startswith("encoder.") for key in heads)
+        assert any(not torch.equal(heads[k], initial[k]) for k in initial)
+
+
+def test_summary_and_own_flower_home(federation):
+    result, _ = federation
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["sites"] == ["north", "south"]
+    assert {"random_init", "federated"} <= set(summary["encoders"])
+    assert (result.run_dir / "flower" / "config.toml").is_file()  # FLWR_HOME of the run
+
+
+def test_no_flower_process_left(federation):
+    result, _ = federation
+    assert len(result.flower_pids) >= 3  # superlink, superexec, flwr-simulation (+ CLI, Ray)
+    assert [pid for pid in result.flower_pids if pid_alive(pid)] == []
+
+
+# -- fast checks of the Flower glue, without the simulation engine ------------------------------
+
+class _Grid:
+    """The part of a Grid that strategies use to sample nodes."""
+
+    def get_node_ids(self):
+        return [11, 12]
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_strategies_average_encoders(name, tmp_path, monkeypatch):
+    # flwr 1.41 stamps every new Message with the run of the process it runs in
+    for attribute in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attribute, 1)
+    encoder = build_objective(load_scenario_text(tmp_path)).encoder
+    state = encoder.state_dict()
+    tracker = RoundTracker(tmp_path, 1, state)
+    strategy = make_strategy(FederationConfig(strategy=name, min_sites=2), 2, tracker)
+    tracker.start_round(1)
+    sent = list(strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), _Grid()))
+    replies = [Message(RecordDict({"arrays": ArrayRecord({k: v + i for k, v in state.items()}),
+                                   "metrics": MetricRecord({"num-examples": 8, "loss": 1.0 + i})}),
+                       reply_to=m) for i, m in enumerate(sent)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    record = tracker.finish_round(1, arrays, None, 0.0, expected=2)
+    assert record["sites"] == 2 and record["examples"] == 16 and math.isfinite(record["loss"])
+    assert torch.load(tmp_path / "encoder.pt", weights_only=True).keys() == state.keys()
+
+
+def test_unknown_strategy_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="unknown strategy 'fedsgd'"):
+        make_strategy(FederationConfig(strategy="fedsgd"), 2, RoundTracker(tmp_path, 1, {}))
+
+
+def test_site_of_a_node(tmp_path):
+    scenario = load_scenario_text(tmp_path)
+    assert which_site(scenario, {"partition-id": 1, "num-partitions": 2}).name == "south"
+    assert which_site(scenario, {"site": "north"}).name == "north"
+    with pytest.raises(ConfigError, match="num-supernodes"):
+        which_site(scenario, {"partition-id": 0, "num-partitions": 3})
+    assert round_seed(3, 1, "north") == round_seed(3, 1, "north") != round_seed(3, 2, "north")
+
+
+def load_scenario_text(folder):
+    (folder / "tiny.yaml").write_text(TINY)
+    return load_scenario(folder / "tiny.yaml")

@@ -67,7 +67,8 @@ def train_site(scenario: Scenario, site: SiteConfig, msg: Message, context: Cont
 
     log(INFO, "fedssl | site %s round %d: %d steps on %d windows, loss %.4f (%.1fs)",
         site.name, server_round, result.steps, len(data), result.losses["loss"], result.seconds)
-    metrics = MetricRecord({"num-examples": int(result.examples),
+    # FedAvg weights each site by its number of training windows (McMahan et al.'s n_k)
+    metrics = MetricRecord({"num-examples": len(data), "examples-seen": int(result.examples),
                             **{k: float(v) for k, v in result.losses.items()}})
     return ArrayRecord(objective.encoder.state_dict()), metrics
 

@@ -8,6 +8,9 @@ federated encoder comes from the other sites' data, not from more training.
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -21,28 +24,36 @@ from fedssl.train import train_local
 log = logging.getLogger("fedssl.baselines")
 
 
-def local_only_encoder(scenario: Scenario, site_index: int, workdir: Path) -> torch.nn.Module:
+def local_only_state(scenario: Scenario, site_index: int, workdir: Path) -> dict[str, torch.Tensor]:
+    """Encoder weights of one site trained alone with the federation's budget."""
     site = scenario.sites[site_index]
     objective = build_objective(scenario)
     data = load_site(site, scenario.data, workdir, scenario.seed)
     steps = scenario.federation.rounds * scenario.train.local_steps
     result = train_local(objective, data, scenario.train, steps=steps, seed=scenario.seed + 1000 * (site_index + 1))
     log.info("local-only %s: %d steps, loss %.4f, %.1fs", site.name, steps, result.losses["loss"], result.seconds)
-    return objective.encoder
+    return objective.encoder.state_dict()
+
+
+def local_only_states(scenario: Scenario, workdir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Every site's local-only encoder, trained side by side (one process per core)."""
+    workers = max(1, min(len(scenario.sites), os.cpu_count() or 1))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {site.name: pool.submit(local_only_state, scenario, i, workdir)
+                   for i, site in enumerate(scenario.sites)}
+        return {name: future.result() for name, future in futures.items()}
 
 
 def compare(scenario: Scenario, workdir: Path, federated_encoder_state: dict[str, torch.Tensor]) -> dict[str, dict]:
     """Linear-probe results by encoder name: random_init, federated, local_only/<site>."""
     train, test = probe_data(scenario, workdir)
-    encoders = {"random_init": build_objective(scenario).encoder}
-    federated = build_objective(scenario).encoder
-    federated.load_state_dict(federated_encoder_state)
-    encoders["federated"] = federated
+    states = {"random_init": build_objective(scenario).encoder.state_dict(), "federated": federated_encoder_state}
     if scenario.evaluation.local_baselines:
-        for i, site in enumerate(scenario.sites):
-            encoders[f"local_only/{site.name}"] = local_only_encoder(scenario, i, workdir)
+        states |= {f"local_only/{name}": state for name, state in local_only_states(scenario, workdir).items()}
     results = {}
-    for name, encoder in encoders.items():
+    for name, state in states.items():
+        encoder = build_objective(scenario).encoder
+        encoder.load_state_dict(state)
         probe = linear_probe(encoder, train, test, scenario.evaluation.probe_l2)
         results[name] = {"macro_auroc": probe.macro_auroc, "per_class": probe.per_class}
     return results

@@ -76,13 +76,18 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "fedssl | done: global encoder in %s", run_dir / "encoder.pt")
 
 
-def make_strategy(fed: FederationConfig, num_sites: int, tracker: RoundTracker) -> Strategy:
-    """The scenario's strategy, training on sites only (no client-side evaluation rounds)."""
+def check_federation(fed: FederationConfig, num_sites: int) -> None:
+    """Refuse a federation section that cannot run, before any data is generated."""
     if fed.strategy not in STRATEGIES:
         raise ConfigError(f"federation.strategy: unknown strategy {fed.strategy!r}; known: {sorted(STRATEGIES)}")
     if not 1 <= fed.min_sites <= num_sites:
         raise ConfigError(f"federation.min_sites must be between 1 and the number of sites ({num_sites}), "
                           f"got {fed.min_sites}")
+
+
+def make_strategy(fed: FederationConfig, num_sites: int, tracker: RoundTracker) -> Strategy:
+    """The scenario's strategy, training on sites only (no client-side evaluation rounds)."""
+    check_federation(fed, num_sites)
     return STRATEGIES[fed.strategy](
         fraction_train=fed.fraction_train,
         fraction_evaluate=0.0,

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -21,6 +19,7 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from fedssl.storage import atomic_torch_save
 
 
 class NoSiteReplied(RuntimeError):
@@ -73,8 +72,8 @@ class RoundTracker:
         self.require_update(server_round)
         train = self._train[server_round]
         state = self.state_dict(arrays)
-        atomic_save(state, self.run_dir / "checkpoints" / f"encoder_round_{server_round}.pt")
-        atomic_save(state, self.run_dir / "encoder.pt")
+        atomic_torch_save(state, self.run_dir / "checkpoints" / f"encoder_round_{server_round}.pt")
+        atomic_torch_save(state, self.run_dir / "encoder.pt")
         record = {
             "round": server_round,
             **train["losses"],
@@ -116,18 +115,3 @@ def progress_line(record: dict, rounds: int) -> str:
         f"{record['sites']} site" + ("" if record["sites"] == 1 else "s"),
     ]
     return " | ".join(parts)
-
-
-def atomic_save(obj: object, path: Path) -> Path:
-    """`torch.save` via a temporary file + rename: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

@@ -64,17 +64,12 @@ def run_scenario(path: str | Path, out_dir: str | Path | None = None, *, verbose
                  timeout: float | None = None, echo: Echo = print) -> RunResult:
     """Run the scenario at `path` in `out_dir` (default `runs/<name>-<timestamp>`)."""
     from fedssl.baselines import compare
-    from fedssl.config import ConfigError, load_scenario, save_scenario
-    from server.app import STRATEGIES
+    from fedssl.config import load_scenario, save_scenario
+    from server.app import check_federation
 
     started = time.perf_counter()
     scenario = load_scenario(path)
-    if scenario.federation.strategy not in STRATEGIES:  # fail before any data is generated
-        raise ConfigError(f"federation.strategy: unknown strategy {scenario.federation.strategy!r}; "
-                          f"known: {sorted(STRATEGIES)}")
-    if not 1 <= scenario.federation.min_sites <= len(scenario.sites):
-        raise ConfigError(f"federation.min_sites is {scenario.federation.min_sites} but the scenario "
-                          f"has {len(scenario.sites)} site(s)")
+    check_federation(scenario.federation, len(scenario.sites))  # fail before any data is generated
     run_dir = Path(out_dir or Path("runs") / f"{scenario.name}-{datetime.now():%Y%m%d-%H%M%S}").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     clear_previous_run(run_dir, echo)

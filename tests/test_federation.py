@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import round_seed, which_site
-from client.state import HEADS_FILE, local_state
+from client.state import HEADS_FILE
 from fedssl.config import ConfigError, FederationConfig, load_scenario
 from fedssl.objectives import build_objective
 from server.app import STRATEGIES, make_strategy
@@ -77,7 +77,7 @@ def test_checkpoints_hold_a_trained_global_encoder(federation):
 def test_site_heads_stay_at_the_sites(federation):
     result, _ = federation
     scenario = load_scenario(result.run_dir / "scenario.yaml")
-    initial = local_state(build_objective(scenario))
+    initial = build_objective(scenario).local_state_dict()
     for site in ("north", "south"):
         heads = torch.load(result.run_dir / "sites" / site / HEADS_FILE, weights_only=True)
         assert heads.keys() == initial.keys()

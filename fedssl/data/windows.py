@@ -13,6 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
+from fedssl.storage import atomic_write
+
 STANDARD_LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
 
 
@@ -83,12 +85,9 @@ class WindowSet:
         )
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        records = json.dumps([asdict(r) for r in self.records])
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, windows=self.windows, lead_mask=self.lead_mask, record=self.record,
-                 records=np.array(records))
-        tmp.replace(path)  # a crash mid-write never leaves a half cache behind
+        records = np.array(json.dumps([asdict(r) for r in self.records]))
+        atomic_write(path, lambda f: np.savez(f, windows=self.windows, lead_mask=self.lead_mask,
+                                              record=self.record, records=records))
 
     @staticmethod
     def load(path: Path) -> "WindowSet":

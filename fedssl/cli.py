@@ -9,18 +9,20 @@ import sys
 from pathlib import Path
 
 from fedssl.config import ConfigError, DataConfig, SyntheticSiteConfig, load_scenario
+from fedssl.data.site import SiteDataError, build_site
 
 
 def _simulate(args: argparse.Namespace) -> None:
-    from simulations.run import run_scenario  # the runner drives Flower through its CLI
+    from simulations.run import FederationError, run_scenario  # the runner drives Flower's CLI
 
-    run_scenario(Path(args.scenario), out_dir=Path(args.out) if args.out else None)
+    try:
+        run_scenario(Path(args.scenario), out_dir=Path(args.out) if args.out else None, verbose=args.verbose)
+    except FederationError as err:
+        raise RuntimeError(err) from None
 
 
 def _check_site(args: argparse.Namespace) -> None:
     """Read a site's records and print what training would use; nothing is sent anywhere."""
-    from fedssl.data.site import build_site
-
     data = load_scenario(args.scenario).data if args.scenario else DataConfig()
     cache = Path(args.cache) if args.cache else Path(args.folder) / ".fedssl-cache"
     windows = build_site(Path(args.folder), data, cache)
@@ -75,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     try:
         args.run(args)
-    except (ConfigError, OSError, ValueError) as err:
+    except KeyboardInterrupt:
+        return 130
+    except (ConfigError, SiteDataError, OSError, RuntimeError) as err:
         print(f"fedssl {args.command}: {err}", file=sys.stderr)
         return 2
     return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -98,6 +100,45 @@ def test_folder_without_records(tmp_path, case):
         build_site(folder, CFG, tmp_path / "cache")
 
 
+BUILD_AS_NOBODY = """
+import json, sys
+from fedssl.data.site import SiteDataError, build_site
+from test_records import CFG
+try:
+    build_site(sys.argv[1], CFG, sys.argv[2])
+    print(json.dumps(json.load(open(sys.argv[2] + "/report.json"))))
+except SiteDataError as err:
+    print(json.dumps({"error": str(err)}))
+"""
+
+
+def build_without_root(folder: Path, cache: Path) -> dict:
+    """Build the site as an unprivileged user, so file permissions really apply.
+
+    As root (CI, containers) permissions are not enforced, so the build runs in a child process
+    that drops to user `nobody` with setpriv; every path it needs is made reachable for it.
+    """
+    if os.geteuid() != 0:
+        try:
+            build_site(folder, CFG, cache)
+        except SiteDataError as err:
+            return {"error": str(err)}
+        return json.loads((cache / "report.json").read_text())
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: cannot drop privileges to test permissions")
+    cache.mkdir(parents=True)
+    cache.chmod(0o777)
+    for parent in (folder, *folder.parents):  # pytest's temporary base is private (0700)
+        if not parent.stat().st_mode & 0o001:
+            parent.chmod(parent.stat().st_mode | 0o005)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                             sys.executable, "-c", BUILD_AS_NOBODY, str(folder), str(cache)],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("locked", ["subfolder", "header"])
 def test_unreadable_files(tmp_path, locked):
     folder = tmp_path / "site"
@@ -106,18 +147,14 @@ def test_unreadable_files(tmp_path, locked):
     path = header.parent if locked == "subfolder" else header
     path.chmod(0)
     try:
-        if os.access(path, os.R_OK):
-            pytest.skip("running as root: permissions are not enforced")
-        if locked == "subfolder":
-            with pytest.raises(SiteDataError, match=f"cannot read site folder {path}"):
-                build_site(folder, CFG, tmp_path / "cache")
-        else:
-            build_site(folder, CFG, tmp_path / "cache")
-            report = read_json(tmp_path / "cache" / "report.json")
-            assert report["skipped_records"] == [
-                {"record_id": "sub/r", "reason": "unreadable header: Permission denied"}]
+        outcome = build_without_root(folder, tmp_path / "cache")
     finally:
         path.chmod(0o755)
+    if locked == "subfolder":
+        assert outcome["error"].startswith(f"cannot read site folder {path}")
+    else:
+        assert outcome["skipped_records"] == [
+            {"record_id": "sub/r", "reason": "unreadable header: Permission denied"}]
 
 
 def test_cache_is_reused_until_a_file_or_the_config_changes(tmp_path, monkeypatch, caplog):

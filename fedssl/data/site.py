@@ -9,6 +9,7 @@ every file's name, size and modification time are unchanged.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -26,6 +27,7 @@ from fedssl.config import DataConfig, SiteConfig, to_dict
 from fedssl.data.preprocess import RecordWindows, make_windows
 from fedssl.data.records import (CatalogueEntry, RawRecord, RecordError, read_ptbxl_catalogue,
                                  read_record, reason_kind)
+from fedssl.data.synthetic import write_synthetic_site
 from fedssl.data.windows import STANDARD_LEADS, WindowSet
 
 log = logging.getLogger("fedssl.data")
@@ -35,18 +37,27 @@ PTBXL_CATALOGUE = "ptbxl_database.csv"
 SYNTHETIC_STAMP = "synthetic.json"  # what a materialised synthetic site was generated from
 
 
-class SiteDataError(Exception):
+class SiteDataError(ValueError):
     """A site that yields no training data; the message names the folder and why."""
 
 
 def load_site(site: SiteConfig, data: DataConfig, workdir: Path, seed: int) -> WindowSet:
+    """The site's windows, generating (synthetic sites) and caching them on first use.
+
+    A lock per site makes concurrent callers (a runner and its simulated sites, two processes
+    sharing a workdir) wait for one build instead of racing on half-written files.
+    """
     workdir = Path(workdir)
-    if site.synthetic is not None:
-        folder = workdir / "records" / site.name
-        _materialise_synthetic(site, folder, seed_for(site.name, seed))
-    else:
-        folder = Path(site.folder)
-    return build_site(folder, data, workdir / "cache" / site.name)
+    lock = workdir / "cache" / f".{site.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        if site.synthetic is not None:
+            folder = workdir / "records" / site.name
+            _materialise_synthetic(site, folder, seed_for(site.name, seed))
+        else:
+            folder = Path(site.folder)
+        return build_site(folder, data, workdir / "cache" / site.name)
 
 
 def seed_for(name: str, seed: int) -> int:
@@ -210,8 +221,6 @@ def _materialise_synthetic(site: SiteConfig, folder: Path, seed: int) -> None:
     marker = folder / SYNTHETIC_STAMP
     if marker.is_file() and marker.read_text() == stamp:
         return
-    from fedssl.data.synthetic import write_synthetic_site  # only synthetic sites need it
-
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:

@@ -92,6 +92,14 @@ class ECGTransformer(nn.Module):
     def tokens(self) -> int:
         return self.leads * self.patches_per_lead
 
+    def tags(self, batch: int) -> torch.Tensor:
+        """Lead + position embeddings of every token, (B, tokens, width).
+
+        Looked up per record (not once and broadcast) so that Opacus sees a batched input and
+        computes correct per-sample gradients for the embedding tables.
+        """
+        return self.lead_embed(self.lead_ids.expand(batch, -1)) + self.pos_embed(self.pos_ids.expand(batch, -1))
+
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, leads, T) -> (B, leads * patches, patch_size), lead-major."""
         return x.reshape(x.shape[0], self.tokens, self.patch_size)
@@ -107,13 +115,14 @@ class ECGTransformer(nn.Module):
         `visible` (B, K) says which of those tokens attention may read; by default the tokens of
         recorded leads.
         """
+        b = x.shape[0]
         ids = torch.arange(self.tokens, device=x.device)
-        tokens = self.patch_embed(self.patchify(x)) + self.lead_embed(self.lead_ids) + self.pos_embed(self.pos_ids)
+        tokens = self.patch_embed(self.patchify(x)) + self.tags(b)
         if keep is not None:
             tokens = torch.gather(tokens, 1, keep[..., None].expand(-1, -1, self.width))
             ids = keep
         if visible is None:
-            visible = torch.gather(self.token_valid(lead_mask), 1, ids.expand(x.shape[0], -1))
+            visible = torch.gather(self.token_valid(lead_mask), 1, ids.expand(b, -1))
         for block in self.blocks:
             tokens = block(tokens, visible)
         return self.norm(tokens)

@@ -60,10 +60,11 @@ class MaskedReconstruction(nn.Module):
         keep, visible, hidden = random_masking(valid, self.mask_ratio)
         latent = encoder.encode(x, lead_mask, keep=keep, visible=visible)
         b, n = valid.shape
-        mask = self.mask_token.weight.expand(b, keep.shape[1], -1)
-        shown = torch.where(visible[..., None], self.embed(latent), mask)  # nothing hidden leaks in
-        tokens = self.mask_token.weight.expand(b, n, -1).scatter(1, keep[..., None].expand_as(shown), shown)
-        tokens = tokens + self.lead_embed(encoder.lead_ids) + self.pos_embed(encoder.pos_ids)
+        # the mask token is looked up per token (not broadcast) so that Opacus sees a batched input
+        mask = self.mask_token(torch.zeros(b, n, dtype=torch.long, device=x.device))
+        shown = torch.where(visible[..., None], self.embed(latent), mask[:, : keep.shape[1]])
+        tokens = mask.scatter(1, keep[..., None].expand_as(shown), shown)  # nothing hidden leaks in
+        tokens = tokens + self.lead_embed(encoder.lead_ids.expand(b, -1)) + self.pos_embed(encoder.pos_ids.expand(b, -1))
         for block in self.blocks:
             tokens = block(tokens, valid)
         error = (self.predict(self.norm(tokens)) - patch_targets(encoder.patchify(x))).pow(2).mean(-1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -19,29 +19,35 @@ from fedssl.config import Scenario
 from fedssl.data.site import load_site
 from fedssl.evaluate import linear_probe, probe_data
 from fedssl.objectives import build_objective
-from fedssl.train import train_local
+from fedssl.train import TrainResult, train_local
 
 log = logging.getLogger("fedssl.baselines")
 
 
-def local_only_state(scenario: Scenario, site_index: int, workdir: Path) -> dict[str, torch.Tensor]:
+def local_only_state(scenario: Scenario, site_index: int, workdir: Path) -> tuple[dict[str, torch.Tensor], TrainResult]:
     """Encoder weights of one site trained alone with the federation's budget."""
     site = scenario.sites[site_index]
     objective = build_objective(scenario)
     data = load_site(site, scenario.data, workdir, scenario.seed)
     steps = scenario.federation.rounds * scenario.train.local_steps
     result = train_local(objective, data, scenario.train, steps=steps, seed=scenario.seed + 1000 * (site_index + 1))
-    log.info("local-only %s: %d steps, loss %.4f, %.1fs", site.name, steps, result.losses["loss"], result.seconds)
-    return objective.encoder.state_dict()
+    return objective.encoder.state_dict(), result
 
 
 def local_only_states(scenario: Scenario, workdir: Path) -> dict[str, dict[str, torch.Tensor]]:
     """Every site's local-only encoder, trained side by side (one process per core)."""
     workers = max(1, min(len(scenario.sites), os.cpu_count() or 1))
+    steps = scenario.federation.rounds * scenario.train.local_steps
+    log.info("local-only baselines: %d sites x %d steps, %d at a time ...", len(scenario.sites), steps, workers)
+    states = {}
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {site.name: pool.submit(local_only_state, scenario, i, workdir)
+        futures = {pool.submit(local_only_state, scenario, i, workdir): site.name
                    for i, site in enumerate(scenario.sites)}
-        return {name: future.result() for name, future in futures.items()}
+        for future in as_completed(futures):
+            states[futures[future]], result = future.result()
+            log.info("local-only %s: %d steps, loss %.4f, %.1fs", futures[future], result.steps,
+                     result.losses["loss"], result.seconds)
+    return {site.name: states[site.name] for site in scenario.sites}
 
 
 def compare(scenario: Scenario, workdir: Path, federated_encoder_state: dict[str, torch.Tensor]) -> dict[str, dict]:

@@ -1,0 +1,37 @@
+import dataclasses
+
+import torch
+
+from fedssl.baselines import compare, local_only_state
+from fedssl.config import EvaluationConfig, FederationConfig, SiteConfig, SyntheticSiteConfig, TrainConfig
+from tests.conftest import small_scenario
+
+
+def tiny_scenario():
+    site = SyntheticSiteConfig(records=12, duration_seconds=4.0, sample_rate=250)
+    return dataclasses.replace(
+        small_scenario("hybrid"),
+        train=TrainConfig(batch_size=4, local_steps=2),
+        federation=FederationConfig(rounds=2, min_sites=2),
+        evaluation=EvaluationConfig(synthetic=dataclasses.replace(site, records=40)),
+        sites=(SiteConfig("a", synthetic=site), SiteConfig("b", synthetic=dataclasses.replace(site, mains_hz=60.0))),
+    )
+
+
+def test_local_only_training_has_the_federation_budget_and_is_seeded(tmp_path):
+    scenario = tiny_scenario()
+    state, result = local_only_state(scenario, 0, tmp_path)
+    assert result.steps == scenario.federation.rounds * scenario.train.local_steps
+    again, _ = local_only_state(scenario, 0, tmp_path)
+    assert all(torch.equal(state[k], again[k]) for k in state)
+    other, _ = local_only_state(scenario, 1, tmp_path)
+    assert any(not torch.equal(state[k], other[k]) for k in state)
+
+
+def test_compare_probes_every_encoder(tmp_path):
+    scenario = tiny_scenario()
+    federated = local_only_state(scenario, 1, tmp_path)[0]  # any trained encoder will do
+    results = compare(scenario, tmp_path, federated)
+    assert set(results) == {"random_init", "federated", "local_only/a", "local_only/b"}
+    assert all(0.0 <= r["macro_auroc"] <= 1.0 and r["per_class"] for r in results.values())
+    assert results["federated"] == results["local_only/b"]  # same weights, same probe

@@ -1,8 +1,11 @@
 """fedssl ClientApp: one hospital's local self-supervised training step of a federated round.
 
-The site receives the global encoder, trains the whole objective (encoder + its own heads) on its
-own windows for `train.local_steps` steps, keeps the heads on disk and replies with the encoder
-weights and scalar metrics only. Recordings, windows and heads never leave the site.
+The site receives the global model, trains the whole objective (encoder + its own heads) on its
+own windows for `train.local_steps` steps, keeps the heads on disk and replies with the shared
+weights and scalar metrics only. What is shared is `federation.share`: the encoder (the heads
+never leave the site) or the whole objective. With `federation.local_update: fedema` the site
+starts from a blend of the global model and its own previous one; with FedProx (the strategy
+sends `proximal-mu`) the local loss gets a proximal term. Recordings and windows never leave.
 
 Run config (`[tool.flwr.app.config]`): `scenario` (YAML path), `run-dir` (run folder).
 Node config: `site` (deployment: the site's name in the scenario; in simulation the site is
@@ -21,9 +24,10 @@ from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 from flwr.common import log
 
-from client.state import load_local_state, save_local_state
+from client.state import load_fedema_state, load_local_state, save_fedema_state, save_local_state
 from fedssl.config import ConfigError, Scenario, SiteConfig, load_scenario
 from fedssl.data.site import load_site
+from fedssl.federated import fedema_start, shared_state
 from fedssl.objectives import build_objective
 from fedssl.train import train_local
 
@@ -49,28 +53,40 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def train_site(scenario: Scenario, site: SiteConfig, msg: Message, context: Context) -> tuple[ArrayRecord, MetricRecord]:
-    """The round's local work at `site`: load heads + global encoder, train, save heads."""
+    """The round's local work at `site`: load heads + global model, train, save heads."""
     run_dir = Path(str(context.run_config["run-dir"]))
     state_folder = Path(str(context.node_config.get("state-folder", run_dir / "sites" / site.name)))
     data_folder = Path(str(context.node_config.get("data-folder", run_dir / "data")))
-    server_round = int(msg.content["config"]["server-round"])
+    config, fed = msg.content["config"], scenario.federation
+    server_round = int(config["server-round"])
 
     data = load_site(site, scenario.data, data_folder, scenario.seed)
     objective = build_objective(scenario)
-    load_local_state(objective, state_folder)
-    objective.encoder.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    if fed.share == "encoder":
+        load_local_state(objective, state_folder)
+    received = msg.content["arrays"].to_torch_state_dict()
+    start, extra = received, {}
+    if fed.local_update == "fedema":
+        previous, scale = load_fedema_state(state_folder)
+        start, scale, mu = fedema_start(previous, received, fed.fedema_lambda or scale, fed.fedema_tau)
+        extra = {"fedema-mu": mu}
+    objective.load_state_dict(start, strict=False)
 
-    steps = scenario.train.local_steps
-    result = train_local(objective, data, scenario.train, steps=steps,
-                         seed=round_seed(scenario.seed, server_round, site.name))
+    proximal_mu = float(config.get("proximal-mu", 0.0))  # sent by FedProx
+    result = train_local(objective, data, scenario.train, steps=scenario.train.local_steps,
+                         seed=round_seed(scenario.seed, server_round, site.name),
+                         proximal=(proximal_mu, received) if proximal_mu > 0 else None)
     save_local_state(objective, state_folder)
+    shared = shared_state(objective, fed.share)
+    if fed.local_update == "fedema":
+        save_fedema_state(state_folder, shared, scale)
 
     log(INFO, "fedssl | site %s round %d: %d steps on %d windows, loss %.4f (%.1fs)",
         site.name, server_round, result.steps, len(data), result.losses["loss"], result.seconds)
     # FedAvg weights each site by its number of training windows (McMahan et al.'s n_k)
     metrics = MetricRecord({"num-examples": len(data), "examples-seen": int(result.examples),
-                            **{k: float(v) for k, v in result.losses.items()}})
-    return ArrayRecord(objective.encoder.state_dict()), metrics
+                            **{k: float(v) for k, v in result.losses.items()}, **extra})
+    return ArrayRecord(shared), metrics
 
 
 def which_site(scenario: Scenario, node_config: dict) -> SiteConfig:

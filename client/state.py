@@ -1,8 +1,10 @@
 """Site-local state that persists between rounds but never leaves the site.
 
-Only `objective.encoder` is the shared foundation model. Everything else the objective holds
-(decoder, projection head, ...) belongs to the site: it is saved to the site's state folder after
-each round and loaded again at the start of the next one.
+With `federation.share: encoder` only `objective.encoder` is shared. Everything else the objective
+holds (decoder, projection head, ...) belongs to the site: it is saved to the site's state folder
+after each round and loaded again at the start of the next one. With `share: all` the heads are
+still saved (they are what the site trained last) but the next round starts from the server's.
+With `local_update: fedema` the site also keeps what it shared last, to blend into the next round.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from fedssl.objectives import Objective
 from fedssl.storage import atomic_torch_save
 
 HEADS_FILE = "local_heads.pt"
+FEDEMA_FILE = "fedema_previous.pt"  # {"state": shared state after local training, "scale": lambda}
 
 
 def load_local_state(objective: Objective, folder: Path) -> bool:
@@ -32,3 +35,16 @@ def load_local_state(objective: Objective, folder: Path) -> bool:
 
 def save_local_state(objective: Objective, folder: Path) -> Path:
     return atomic_torch_save(objective.local_state_dict(), Path(folder) / HEADS_FILE)
+
+
+def load_fedema_state(folder: Path) -> tuple[dict[str, torch.Tensor] | None, float | None]:
+    """The site's shared state after its last round and its FedEMA lambda; None, None at first."""
+    path = Path(folder) / FEDEMA_FILE
+    if not path.exists():
+        return None, None
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    return saved["state"], saved["scale"]
+
+
+def save_fedema_state(folder: Path, state: dict[str, torch.Tensor], scale: float | None) -> Path:
+    return atomic_torch_save({"state": state, "scale": scale}, Path(folder) / FEDEMA_FILE)

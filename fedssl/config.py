@@ -49,24 +49,28 @@ class DataConfig:
 class ModelConfig:
     """Encoder architecture. `patch_size` is in samples at `DataConfig.sample_rate`."""
 
-    encoder: str = "st_mem"
-    size: str = "tiny"
-    patch_size: int = 50
+    encoder: str = "st_mem"  # st_mem (transformer, patch tokens) or resnet1d (no tokens: no masking)
+    size: str = "tiny"  # tiny / small / base
+    patch_size: int = 50  # st_mem only
     dropout: float = 0.0
 
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    """Self-supervised objective; hybrid with either weight at zero is the pure form."""
+    """Self-supervised objective; hybrid with either weight at zero is the pure form.
+
+    Names: generative (ST-MEM), contrastive or simclr (SimCLR), cmsc (CLOCS), byol, hybrid (CREMA).
+    """
 
     name: str = "hybrid"
     mask_ratio: float = 0.75
     generative_weight: float = 1.0
     contrastive_weight: float = 0.5
-    temperature: float = 0.2
+    temperature: float = 0.2  # SimCLR, CMSC and CREMA's contrastive term
     projection_dim: int = 64
     decoder_width: int = 64
     decoder_depth: int = 1
+    target_momentum: float = 0.99  # BYOL's EMA rate; 0.99 suits short runs (the paper: 0.996 -> 1)
 
 
 @dataclass(frozen=True)
@@ -112,10 +116,31 @@ class SiteConfig:
 
 @dataclass(frozen=True)
 class FederationConfig:
+    """Rounds, server strategy and what travels between the sites and the server."""
+
     rounds: int = 3
-    strategy: str = "fedavg"
+    strategy: str = "fedavg"  # fedavg, fedavgm, fedadam, fedyogi, fedprox; robust: fedmedian, fedtrimmedavg, krum, multikrum
     fraction_train: float = 1.0
     min_sites: int = 2
+    # encoder: heads, decoders and predictors stay at the site; all: the whole objective travels
+    share: str = "encoder"
+    # replace: a site starts each round from the global model; fedema: it blends in its own
+    # previous model, the more the farther it has drifted (Zhuang et al., ICLR 2022)
+    local_update: str = "replace"
+    fedema_tau: float = 0.7  # FedEMA's mu at a site's first blend, which sets lambda ...
+    fedema_lambda: float | None = None  # ... unless lambda is given here
+    # server optimiser: fedavgm's server learning rate (default 1.0) or fedadam/fedyogi's eta
+    # (default 0.01: Flower's 0.1 moves every weight by ~0.07 a round, ~10x what a round of local
+    # training does, and probed worst in a short sweep of 0.1 / 0.01 / 0.001)
+    server_learning_rate: float | None = None
+    server_momentum: float = 0.9  # fedavgm's momentum, fedadam/fedyogi's beta_1
+    server_tau: float = 1e-3  # fedadam/fedyogi's adaptivity (epsilon)
+    proximal_mu: float = 0.01  # fedprox: weight of mu/2 * ||w - w_global||^2 in the local loss
+    # robust aggregation (server/robust.py) and update validation (server/validation.py)
+    trim_beta: float = 0.2  # fedtrimmedavg: fraction of sites cut at each end of every weight
+    malicious_sites: int = 0  # krum/multikrum: Byzantine sites f tolerated (f > 0 needs >= 2f + 3 sites)
+    krum_select: int = 0  # multikrum: number of updates averaged (0: sites - malicious_sites)
+    max_update_ratio: float = 5.0  # reject an update whose norm exceeds this x the round median; 0: off
 
 
 @dataclass(frozen=True)
@@ -133,6 +158,43 @@ class EvaluationConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Sample-level differential privacy (DP-SGD) of a site's local training; see docs/privacy.md.
+
+    The privacy unit is a `record` or a `patient`: every window of a unit is protected together.
+    Each step Poisson-samples units with rate batch_size / units and trains on one window of each
+    sampled unit, so one unit changes a step's clipped gradient sum by at most `max_grad_norm`.
+    `noise_multiplier` None means: calibrate it so that the planned steps (rounds x local_steps)
+    spend exactly `target_epsilon`. `delta` None means min(1e-5, 1 / (10 * units)).
+    """
+
+    enabled: bool = False
+    target_epsilon: float = 8.0
+    delta: float | None = None
+    max_grad_norm: float = 1.0
+    noise_multiplier: float | None = None
+    unit: str = "record"  # record | patient
+    accountant: str = "rdp"  # rdp | prv
+    grad_sample_mode: str = "hooks"  # hooks | functorch | ghost
+
+    def __post_init__(self) -> None:
+        if self.unit not in ("record", "patient"):
+            raise ConfigError(f"privacy.unit: expected 'record' or 'patient', got {self.unit!r}")
+        if self.accountant not in ("rdp", "prv"):
+            raise ConfigError(f"privacy.accountant: expected 'rdp' or 'prv', got {self.accountant!r}")
+        if self.grad_sample_mode not in ("hooks", "functorch", "ghost"):
+            raise ConfigError(f"privacy.grad_sample_mode: expected hooks, functorch or ghost, got {self.grad_sample_mode!r}")
+        if not self.target_epsilon > 0:
+            raise ConfigError(f"privacy.target_epsilon: must be > 0, got {self.target_epsilon}")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise ConfigError(f"privacy.delta: must be in (0, 1), got {self.delta}")
+        if not self.max_grad_norm > 0:
+            raise ConfigError(f"privacy.max_grad_norm: must be > 0, got {self.max_grad_norm}")
+        if self.noise_multiplier is not None and not self.noise_multiplier > 0:
+            raise ConfigError(f"privacy.noise_multiplier: must be > 0, got {self.noise_multiplier}")
+
+
+@dataclass(frozen=True)
 class Scenario:
     name: str = "scenario"
     seed: int = 0
@@ -142,6 +204,7 @@ class Scenario:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     sites: tuple[SiteConfig, ...] = ()
 
     def site(self, name: str) -> SiteConfig:

@@ -7,8 +7,11 @@ position embedding; a pre-norm transformer mixes all tokens and the embedding is
 Missing leads are handled by the lead mask: their tokens never enter attention or the mean, so a
 missing lead's values cannot change the embedding.
 
-Only Linear, LayerNorm and Embedding layers carry parameters (no BatchNorm), so Opacus can compute
-per-sample gradients of every parameter.
+`ResNet1D` is the convolutional alternative (a 1-D ResNet as used by most ECG SSL work, e.g.
+CLOCS and Mehari & Strodthoff 2022) for the objectives that need no patch tokens.
+
+No encoder uses BatchNorm (Linear, LayerNorm, Embedding, Conv1d and GroupNorm only), so every
+record's embedding depends on that record alone and Opacus can compute per-sample gradients.
 """
 
 from __future__ import annotations
@@ -25,6 +28,13 @@ SIZES = {  # width, depth, heads
     "small": (384, 8, 6),
     "base": (768, 12, 12),  # as in ST-MEM and the seed paper
 }
+RESNET_SIZES = {  # channels of the four stages (the last is the embedding width), blocks per stage
+    "tiny": ((16, 32, 64, 128), 1),
+    "small": ((48, 96, 192, 384), 2),
+    "base": ((96, 192, 384, 768), 2),
+}
+ENCODERS = ("st_mem", "resnet1d")
+TOKEN_ENCODERS = ("st_mem",)  # encoders with patch tokens, which masked reconstruction needs
 
 
 def init_weights(module: nn.Module) -> None:
@@ -69,6 +79,9 @@ class Block(nn.Module):
 
 
 class ECGTransformer(nn.Module):
+    """ST-MEM encoder. Takes any window length that is a multiple of `patch_size` up to
+    `window_samples`; a shorter window gets the first positions (CMSC encodes half windows)."""
+
     def __init__(self, window_samples: int, patch_size: int, width: int, depth: int, heads: int,
                  dropout: float = 0.0, leads: int = len(STANDARD_LEADS)) -> None:
         super().__init__()
@@ -92,21 +105,35 @@ class ECGTransformer(nn.Module):
     def tokens(self) -> int:
         return self.leads * self.patches_per_lead
 
-    def tags(self, batch: int) -> torch.Tensor:
+    def patches(self, samples: int) -> int:
+        """Patches per lead of a window of `samples` samples."""
+        if samples % self.patch_size or not 0 < samples <= self.patches_per_lead * self.patch_size:
+            raise ValueError(f"window of {samples} samples: need a multiple of {self.patch_size} "
+                             f"up to {self.patches_per_lead * self.patch_size}")
+        return samples // self.patch_size
+
+    def token_ids(self, patches: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Lead and position index of every token of windows with `patches` patches per lead."""
+        def first(ids: torch.Tensor) -> torch.Tensor:
+            return ids.view(self.leads, self.patches_per_lead)[:, :patches].reshape(-1)
+        return first(self.lead_ids), first(self.pos_ids)
+
+    def tags(self, batch: int, patches: int) -> torch.Tensor:
         """Lead + position embeddings of every token, (B, tokens, width).
 
         Looked up per record (not once and broadcast) so that Opacus sees a batched input and
         computes correct per-sample gradients for the embedding tables.
         """
-        return self.lead_embed(self.lead_ids.expand(batch, -1)) + self.pos_embed(self.pos_ids.expand(batch, -1))
+        lead_ids, pos_ids = self.token_ids(patches)
+        return self.lead_embed(lead_ids.expand(batch, -1)) + self.pos_embed(pos_ids.expand(batch, -1))
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, leads, T) -> (B, leads * patches, patch_size), lead-major."""
-        return x.reshape(x.shape[0], self.tokens, self.patch_size)
+        return x.reshape(x.shape[0], self.leads * self.patches(x.shape[-1]), self.patch_size)
 
-    def token_valid(self, lead_mask: torch.Tensor) -> torch.Tensor:
+    def token_valid(self, lead_mask: torch.Tensor, patches: int | None = None) -> torch.Tensor:
         """(B, leads) bool -> (B, tokens) bool: a token is valid when its lead was recorded."""
-        return lead_mask.repeat_interleave(self.patches_per_lead, dim=1)
+        return lead_mask.repeat_interleave(patches or self.patches_per_lead, dim=1)
 
     def encode(self, x: torch.Tensor, lead_mask: torch.Tensor,
                keep: torch.Tensor | None = None, visible: torch.Tensor | None = None) -> torch.Tensor:
@@ -115,14 +142,14 @@ class ECGTransformer(nn.Module):
         `visible` (B, K) says which of those tokens attention may read; by default the tokens of
         recorded leads.
         """
-        b = x.shape[0]
-        ids = torch.arange(self.tokens, device=x.device)
-        tokens = self.patch_embed(self.patchify(x)) + self.tags(b)
+        b, patches = x.shape[0], self.patches(x.shape[-1])
+        tokens = self.patch_embed(self.patchify(x)) + self.tags(b, patches)
+        ids = torch.arange(tokens.shape[1], device=x.device)
         if keep is not None:
             tokens = torch.gather(tokens, 1, keep[..., None].expand(-1, -1, self.width))
             ids = keep
         if visible is None:
-            visible = torch.gather(self.token_valid(lead_mask), 1, ids.expand(b, -1))
+            visible = torch.gather(self.token_valid(lead_mask, patches), 1, ids.expand(b, -1))
         for block in self.blocks:
             tokens = block(tokens, visible)
         return self.norm(tokens)
@@ -135,14 +162,67 @@ class ECGTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, lead_mask: torch.Tensor) -> torch.Tensor:
         """The ECG embedding used downstream: (B, leads, T), (B, leads) -> (B, width)."""
-        visible = self.token_valid(lead_mask)
+        visible = self.token_valid(lead_mask, self.patches(x.shape[-1]))
         return self.pool(self.encode(x, lead_mask, visible=visible), visible)
 
 
+def group_norm(channels: int) -> nn.GroupNorm:
+    """Per-record normalisation in place of BatchNorm (Wu & He, "Group Normalization", ECCV 2018)."""
+    return nn.GroupNorm(min(8, channels // 4), channels)
+
+
+class ResidualBlock(nn.Module):
+    """Pre-activation basic block (He et al., "Identity Mappings in Deep Residual Networks", 2016)."""
+
+    def __init__(self, channels_in: int, channels_out: int, stride: int, dropout: float = 0.0,
+                 kernel: int = 7) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            group_norm(channels_in), nn.GELU(),
+            nn.Conv1d(channels_in, channels_out, kernel, stride, kernel // 2),
+            group_norm(channels_out), nn.GELU(), nn.Dropout(dropout),
+            nn.Conv1d(channels_out, channels_out, kernel, 1, kernel // 2),
+        )
+        self.skip = (nn.Identity() if stride == 1 and channels_in == channels_out
+                     else nn.Conv1d(channels_in, channels_out, 1, stride))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.skip(x) + self.body(x)
+
+
+class ResNet1D(nn.Module):
+    """1-D ResNet over the leads as channels, with the lead mask as 12 more input channels.
+
+    Missing leads are zeroed here, before the first convolution, so their values cannot change
+    the embedding; the mask channels tell the network which zeros mean "not recorded". Any
+    window length works (the embedding is a global average over time).
+    """
+
+    def __init__(self, channels: tuple[int, ...], blocks: int, dropout: float = 0.0,
+                 leads: int = len(STANDARD_LEADS)) -> None:
+        super().__init__()
+        self.width = channels[-1]
+        self.stem = nn.Conv1d(2 * leads, channels[0], 15, 2, 7)
+        stages = []
+        for i, out in enumerate(channels):
+            stages += [ResidualBlock(channels[max(i - 1, 0)], out, 1 if i == 0 else 2, dropout)]
+            stages += [ResidualBlock(out, out, 1, dropout) for _ in range(blocks - 1)]
+        self.stages = nn.Sequential(*stages)
+        self.norm = group_norm(self.width)
+
+    def forward(self, x: torch.Tensor, lead_mask: torch.Tensor) -> torch.Tensor:
+        """(B, leads, T), (B, leads) -> (B, width)."""
+        mask = lead_mask[..., None].to(x.dtype)
+        h = self.stages(self.stem(torch.cat([x * mask, mask.expand_as(x)], dim=1)))
+        return F.gelu(self.norm(h)).mean(-1)
+
+
 def build_encoder(model: ModelConfig, window_samples: int) -> nn.Module:
-    if model.encoder != "st_mem":
-        raise ConfigError(f"model.encoder: unknown encoder {model.encoder!r}; known: ['st_mem']")
+    if model.encoder not in ENCODERS:
+        raise ConfigError(f"model.encoder: unknown encoder {model.encoder!r}; known: {list(ENCODERS)}")
     if model.size not in SIZES:
         raise ConfigError(f"model.size: unknown size {model.size!r}; known: {sorted(SIZES)}")
+    if model.encoder == "resnet1d":
+        return ResNet1D(*RESNET_SIZES[model.size], model.dropout)
     width, depth, heads = SIZES[model.size]
     return ECGTransformer(window_samples, model.patch_size, width, depth, heads, model.dropout)

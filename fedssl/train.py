@@ -10,9 +10,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fedssl.config import TrainConfig
+from fedssl.config import PrivacyConfig, TrainConfig
 from fedssl.data.windows import WindowSet
+from fedssl.federated import proximal_term
 from fedssl.objectives.base import Objective
+from fedssl.privacy import PrivacyLedger, begin_private_round, privacy_units
 
 log = logging.getLogger("fedssl.train")
 
@@ -38,34 +40,72 @@ def batches(n: int, batch_size: int, steps: int, rng: np.random.Generator):
 
 
 def train_local(objective: Objective, data: WindowSet, cfg: TrainConfig, *, steps: int, seed: int,
-                on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
-    """Run `steps` optimizer steps of `objective` on `data`; the same seed gives the same result."""
+                on_step: Callable[[int, dict[str, float]], None] | None = None,
+                proximal: tuple[float, dict[str, torch.Tensor]] | None = None,
+                privacy: PrivacyConfig | None = None, ledger: PrivacyLedger | None = None,
+                planned_steps: int | None = None, round: int | None = None) -> TrainResult:
+    """Run `steps` optimizer steps of `objective` on `data`; the same seed gives the same result.
+
+    With `privacy.enabled` the steps are DP-SGD (fedssl.privacy, docs/privacy.md): Poisson-sampled
+    privacy units, clipped per-unit gradients plus noise; `ledger` declines a round that would pass
+    the target epsilon (`PrivacyBudgetExceeded`) and records the round's spend after it.
+
+    `proximal = (mu, w_global)` adds FedProx's mu/2 * ||w - w_global||^2 over the parameters
+    named in `w_global` (objective names, e.g. `encoder.` ones) and logs it as "proximal".
+    """
     if len(data) == 0:
         raise ValueError("no training windows")
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     optimizer = torch.optim.AdamW(objective.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    dp = None
+    if privacy is not None and privacy.enabled:
+        dp = begin_private_round(objective, optimizer, data, privacy, cfg.batch_size, steps=steps,
+                                 planned_steps=planned_steps, ledger=ledger)
     windows, lead_mask = torch.from_numpy(data.windows), torch.from_numpy(data.lead_mask)
+    groups = torch.from_numpy(privacy_units(data, "patient"))  # CMSC: same patient, positive pair
     objective.train()
     totals: dict[str, float] = {}
-    examples = 0
+    examples = counted = 0
     start = time.perf_counter()
-    for step, index in enumerate(batches(len(data), cfg.batch_size, steps, rng), start=1):
-        index = torch.from_numpy(index)
-        terms = objective(windows[index], lead_mask[index])
-        optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.grad_clip)
-        optimizer.step()
-        values = {k: v.item() for k, v in terms.items()}
-        if not np.isfinite(values["loss"]):
-            raise FloatingPointError(f"loss became {values['loss']} at step {step}")
-        for k, v in values.items():
-            totals[k] = totals.get(k, 0.0) + v
-        examples += len(index)
-        if on_step:
-            on_step(step, values)
-    done = max(steps, 1)
+    sampler = dp.batches(steps, rng) if dp else batches(len(data), cfg.batch_size, steps, rng)
+    try:
+        for step, index in enumerate(sampler, start=1):
+            index = torch.from_numpy(index)
+            optimizer.zero_grad(set_to_none=True)
+            if dp:  # the DP-SGD gradient (clipped per unit, noised) lands in .grad; no extra clipping
+                values = dp.backward(windows[index], lead_mask[index])
+                if proximal:  # a function of the weights only: added after the noise (post-processing)
+                    prox = proximal_term(objective, proximal[1])
+                    (proximal[0] * prox).backward()
+                    values = None if values is None else {**values, "proximal": prox.item()}
+            else:
+                terms = objective(windows[index], lead_mask[index], groups[index])
+                loss = terms["loss"]
+                if proximal:
+                    terms["proximal"] = proximal_term(objective, proximal[1])
+                    loss = loss + proximal[0] * terms["proximal"]
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.grad_clip)
+                values = {k: v.item() for k, v in terms.items()}
+            optimizer.step()
+            objective.after_step()
+            if values is None:  # an empty Poisson batch: a noise-only DP step
+                continue
+            if not np.isfinite(values["loss"]):
+                raise FloatingPointError(f"loss became {values['loss']} at step {step}")
+            for k, v in values.items():
+                totals[k] = totals.get(k, 0.0) + v
+            examples += len(index)
+            counted += 1
+            if on_step:
+                on_step(step, values)
+    finally:
+        if dp:
+            dp.close()
+    if dp and ledger is not None:
+        ledger.record(steps, dp.sample_rate, dp.noise_multiplier, round=round)
+    done = max(counted, 1)
     return TrainResult(examples, steps, {k: v / done for k, v in totals.items()}, time.perf_counter() - start)

@@ -1,9 +1,10 @@
 """fedssl ServerApp: federated self-supervised pretraining of the scenario's encoder.
 
-Each round the strategy sends the global encoder to the sites, averages the encoders they return
-and the ServerApp probes the new global encoder on held-out labelled ECGs (linear probe, macro
-AUROC). Files written under `run-dir`: `metrics.jsonl` (one line per round),
-`checkpoints/encoder_round_<r>.pt` and `encoder.pt` (latest global encoder).
+Each round the strategy sends the global model (the encoder, or the whole objective with
+`federation.share: all`) to the sites, aggregates what they return and the ServerApp probes the
+new global encoder on held-out labelled ECGs (linear probe, macro AUROC). Files written under
+`run-dir`: `metrics.jsonl` (one line per round), `checkpoints/encoder_round_<r>.pt`, `encoder.pt`
+(latest global encoder) and, with `share: all`, `global.pt` (latest whole global objective).
 
 Run config (`[tool.flwr.app.config]`): `scenario` (YAML path), `run-dir` (run folder).
 """
@@ -18,16 +19,21 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedTrimmedAvg, FedYogi, Strategy
+from flwr.serverapp.strategy import (FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum,
+                                     MultiKrum, Strategy)
 
 from fedssl.config import ConfigError, FederationConfig, Scenario, load_scenario
 from fedssl.evaluate import linear_probe, probe_data
+from fedssl.federated import LOCAL_UPDATES, SHARE_MODES, encoder_state, shared_state
 from fedssl.objectives import build_objective
 from server.metrics import RoundTracker
+from server.robust import robust_options
+from server.validation import ValidatedStrategy
 
 app = ServerApp()
 
-# Strategies that need nothing from the sites beyond encoder weights and `num-examples`.
+# Strategies that need nothing from the sites beyond shared weights and `num-examples`
+# (FedProx's proximal term is added by the sites, see client/app.py).
 STRATEGIES: dict[str, type[FedAvg]] = {
     "fedavg": FedAvg,
     "fedavgm": FedAvgM,
@@ -35,7 +41,11 @@ STRATEGIES: dict[str, type[FedAvg]] = {
     "fedtrimmedavg": FedTrimmedAvg,
     "fedadam": FedAdam,
     "fedyogi": FedYogi,
+    "fedprox": FedProx,
+    "krum": Krum,
+    "multikrum": MultiKrum,
 }
+ADAPTIVE_LEARNING_RATE = 0.01  # default server eta of fedadam/fedyogi (see FederationConfig)
 
 
 @app.main()
@@ -46,11 +56,12 @@ def main(grid: Grid, context: Context) -> None:
     fed = scenario.federation
     random.seed(scenario.seed)  # the strategies sample nodes with `random`
 
-    encoder = build_objective(scenario).encoder
-    tracker = RoundTracker(run_dir, fed.rounds, encoder.state_dict())
+    initial = shared_state(build_objective(scenario), fed.share)
+    tracker = RoundTracker(run_dir, fed.rounds, initial)
     strategy = make_strategy(fed, len(scenario.sites), tracker)
-    log(INFO, "fedssl | scenario %s: %d sites, %d rounds of %s, %d local steps",
-        scenario.name, len(scenario.sites), fed.rounds, fed.strategy, scenario.train.local_steps)
+    log(INFO, "fedssl | scenario %s: %d sites, %d rounds of %s (share %s, %s), %d local steps",
+        scenario.name, len(scenario.sites), fed.rounds, fed.strategy, fed.share, fed.local_update,
+        scenario.train.local_steps)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Checkpoint and probe the global encoder after `server_round` (0: before round 1)."""
@@ -60,14 +71,14 @@ def main(grid: Grid, context: Context) -> None:
         tracker.require_update(server_round)
         auroc, seconds = None, 0.0
         if scenario.evaluation.every_round or server_round == fed.rounds:
-            auroc, seconds = probe(scenario, run_dir, tracker.state_dict(arrays))
+            auroc, seconds = probe(scenario, run_dir, encoder_state(tracker.state_dict(arrays)))
         sampled = max(int(len(list(grid.get_node_ids())) * fed.fraction_train), fed.min_sites)
         tracker.finish_round(server_round, arrays, auroc, seconds, expected=sampled)
         return None if auroc is None else MetricRecord({"probe-macro-auroc": auroc})
 
     strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord(encoder.state_dict()),
+        initial_arrays=ArrayRecord(initial),
         num_rounds=fed.rounds,
         train_config=ConfigRecord({"num-rounds": fed.rounds}),  # FedAvg adds "server-round"
         evaluate_fn=evaluate,
@@ -83,31 +94,59 @@ def check_federation(fed: FederationConfig, num_sites: int) -> None:
     if not 1 <= fed.min_sites <= num_sites:
         raise ConfigError(f"federation.min_sites must be between 1 and the number of sites ({num_sites}), "
                           f"got {fed.min_sites}")
+    for key, value, known in (("share", fed.share, SHARE_MODES), ("local_update", fed.local_update, LOCAL_UPDATES)):
+        if value not in known:
+            raise ConfigError(f"federation.{key}: unknown value {value!r}; known: {list(known)}")
+    positive = {"fedema_tau": fed.fedema_tau, "fedema_lambda": fed.fedema_lambda,
+                "server_learning_rate": fed.server_learning_rate, "server_tau": fed.server_tau}
+    for key, value in positive.items():
+        if value is not None and value <= 0:
+            raise ConfigError(f"federation.{key} must be positive, got {value}")
+    if not (0 <= fed.server_momentum < 1 and fed.proximal_mu >= 0):
+        raise ConfigError("federation.server_momentum must be in [0, 1) and proximal_mu >= 0")
 
 
 def make_strategy(fed: FederationConfig, num_sites: int, tracker: RoundTracker) -> Strategy:
-    """The scenario's strategy, training on sites only (no client-side evaluation rounds)."""
+    """The scenario's strategy behind update validation, training on sites only (no client-side
+    evaluation rounds)."""
     check_federation(fed, num_sites)
-    return STRATEGIES[fed.strategy](
+    strategy = STRATEGIES[fed.strategy](
         fraction_train=fed.fraction_train,
         fraction_evaluate=0.0,
         min_train_nodes=fed.min_sites,
         min_available_nodes=fed.min_sites,
         train_metrics_aggr_fn=tracker.aggregate_train_metrics,
+        **strategy_options(fed),
+        **robust_options(fed, num_sites),
     )
+    return ValidatedStrategy(strategy, ArrayRecord(tracker.reference), max_norm_ratio=fed.max_update_ratio,
+                             on_reject=tracker.record_rejection)
+
+
+def strategy_options(fed: FederationConfig) -> dict:
+    """The scenario's hyperparameters of its strategy, in Flower's names."""
+    lr = fed.server_learning_rate
+    if fed.strategy == "fedavgm":
+        return {"server_learning_rate": 1.0 if lr is None else lr, "server_momentum": fed.server_momentum}
+    if fed.strategy in ("fedadam", "fedyogi"):
+        return {"eta": ADAPTIVE_LEARNING_RATE if lr is None else lr, "beta_1": fed.server_momentum,
+                "tau": fed.server_tau}
+    if fed.strategy == "fedprox":
+        return {"proximal_mu": fed.proximal_mu}
+    return {}
 
 
 _probe_sets: dict = {}
 
 
-def probe(scenario: Scenario, run_dir: Path, encoder_state: dict) -> tuple[float, float]:
-    """Macro AUROC of the linear probe on `encoder_state`, and the seconds it took."""
+def probe(scenario: Scenario, run_dir: Path, state: dict) -> tuple[float, float]:
+    """Macro AUROC of the linear probe of the encoder `state`, and the seconds it took."""
     start = time.perf_counter()
     workdir = run_dir / "data"
     if workdir not in _probe_sets:
         _probe_sets[workdir] = probe_data(scenario, workdir)
     train, test = _probe_sets[workdir]
     encoder = build_objective(scenario).encoder
-    encoder.load_state_dict(encoder_state)
+    encoder.load_state_dict(state)
     result = linear_probe(encoder, train, test, scenario.evaluation.probe_l2)
     return result.macro_auroc, time.perf_counter() - start

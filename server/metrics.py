@@ -2,7 +2,8 @@
 
 The strategy tells the tracker about each round twice: when the training replies are aggregated
 (`aggregate_train_metrics`, passed to the strategy as `train_metrics_aggr_fn`) and when the new
-global encoder is evaluated (`finish_round`, called from the strategy's `evaluate_fn`).
+global model is evaluated (`finish_round`, called from the strategy's `evaluate_fn`). The global
+model is the shared state (`fedssl.federated.shared_state`); checkpoints hold its encoder.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from fedssl.federated import encoder_state
 from fedssl.storage import atomic_torch_save
+from server.validation import Rejection
 
 
 class NoSiteReplied(RuntimeError):
@@ -30,10 +33,11 @@ class NoSiteReplied(RuntimeError):
 class RoundTracker:
     run_dir: Path
     rounds: int
-    reference: dict[str, torch.Tensor]  # the initial encoder state: names, shapes and dtypes
+    reference: dict[str, torch.Tensor]  # the initial shared state: names, shapes and dtypes
     _round: int = 1  # the round whose training replies come next
     _started: float = field(default_factory=time.perf_counter)
     _train: dict[int, dict] = field(default_factory=dict)
+    _rejected: dict[int, list[dict]] = field(default_factory=dict)  # round -> updates left out
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -60,6 +64,10 @@ class RoundTracker:
         }
         return aggregated
 
+    def record_rejection(self, rejection: Rejection) -> None:
+        """Remember an update left out of its round's aggregate (`ValidatedStrategy.on_reject`)."""
+        self._rejected.setdefault(rejection.round, []).append(rejection.as_dict())
+
     def require_update(self, server_round: int) -> None:
         """Stop the run if no site returned an update this round (their errors are logged above)."""
         if server_round not in self._train:
@@ -68,12 +76,19 @@ class RoundTracker:
 
     def finish_round(self, server_round: int, arrays: ArrayRecord, probe_auroc: float | None,
                      probe_seconds: float, expected: int) -> dict:
-        """Checkpoint the round's global encoder, append its metrics line and log progress."""
+        """Checkpoint the round's global encoder, append its metrics line and log progress.
+
+        When more than the encoder is shared (`share: all`), `global.pt` holds the whole
+        latest global objective state as well.
+        """
         self.require_update(server_round)
         train = self._train[server_round]
-        state = self.state_dict(arrays)
+        shared = self.state_dict(arrays)
+        state = encoder_state(shared)
         atomic_torch_save(state, self.run_dir / "checkpoints" / f"encoder_round_{server_round}.pt")
         atomic_torch_save(state, self.run_dir / "encoder.pt")
+        if len(state) < len(shared):
+            atomic_torch_save(shared, self.run_dir / "global.pt")
         record = {
             "round": server_round,
             **train["losses"],
@@ -82,6 +97,7 @@ class RoundTracker:
             "probe_seconds": round(probe_seconds, 3),
             "sites": train["sites"],
             "examples": train["examples"],
+            "rejected": self._rejected.pop(server_round, []),
         }
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
@@ -92,14 +108,14 @@ class RoundTracker:
         return record
 
     def state_dict(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
-        """The global encoder as a state dict with the initial encoder's dtypes.
+        """The global shared state as a state dict with the initial state's dtypes.
 
-        Averaging turns integer buffers into floats; casting back keeps checkpoints loadable
-        into a fresh encoder exactly like its own `state_dict()`.
+        Averaging turns integer buffers into floats (and FedAdam/FedYogi float32 into float64);
+        casting back keeps checkpoints loadable exactly like a fresh model's `state_dict()`.
         """
         received = arrays.to_torch_state_dict()
         if set(received) != set(self.reference):
-            raise ValueError(f"aggregated arrays do not match the encoder: "
+            raise ValueError(f"aggregated arrays do not match the shared model: "
                              f"{sorted(set(received) ^ set(self.reference))[:5]}")
         return {k: received[k].to(self.reference[k].dtype).clone() for k in self.reference}
 

@@ -18,6 +18,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from client.app import round_seed, which_site
 from client.state import HEADS_FILE
 from fedssl.config import ConfigError, FederationConfig, load_scenario
+from fedssl.federated import shared_state
 from fedssl.objectives import build_objective
 from server.app import STRATEGIES, make_strategy
 from server.metrics import RoundTracker
@@ -113,8 +114,8 @@ def test_strategies_average_encoders(name, tmp_path, monkeypatch):
     # flwr 1.41 stamps every new Message with the run of the process it runs in
     for attribute in ("_run_id", "_node_id", "_task_id"):
         monkeypatch.setattr(TaskIdentity, attribute, 1)
-    encoder = build_objective(load_scenario_text(tmp_path)).encoder
-    state = encoder.state_dict()
+    objective = build_objective(load_scenario_text(tmp_path))
+    state = shared_state(objective, "encoder")
     tracker = RoundTracker(tmp_path, 1, state)
     strategy = make_strategy(FederationConfig(strategy=name, min_sites=2), 2, tracker)
     tracker.start_round(1)
@@ -124,8 +125,9 @@ def test_strategies_average_encoders(name, tmp_path, monkeypatch):
                        reply_to=m) for i, m in enumerate(sent)]
     arrays, metrics = strategy.aggregate_train(1, replies)
     record = tracker.finish_round(1, arrays, None, 0.0, expected=2)
-    assert record["sites"] == 2 and record["examples"] == 16 and math.isfinite(record["loss"])
-    assert torch.load(tmp_path / "encoder.pt", weights_only=True).keys() == state.keys()
+    aggregated = 1 if name == "krum" else 2  # Krum keeps the single most central update
+    assert record["sites"] == aggregated and record["examples"] == 8 * aggregated and math.isfinite(record["loss"])
+    assert torch.load(tmp_path / "encoder.pt", weights_only=True).keys() == objective.encoder.state_dict().keys()
 
 
 def test_unknown_strategy_is_a_clear_error(tmp_path):

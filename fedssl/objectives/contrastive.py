@@ -16,11 +16,16 @@ from fedssl.objectives.base import Objective
 
 
 class ProjectionHead(nn.Module):
-    """Two-layer MLP (no BatchNorm, so DP can wrap it) in front of the contrastive loss."""
+    """Two-layer MLP in front of a loss (SimCLR's and BYOL's projector, BYOL's predictor).
 
-    def __init__(self, width: int, out_dim: int) -> None:
+    LayerNorm stands in for the papers' BatchNorm so that each record's output depends on that
+    record alone (per-sample gradients for DP, no coupling through batch statistics).
+    """
+
+    def __init__(self, width: int, out_dim: int, hidden: int | None = None) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, out_dim))
+        hidden = hidden or width
+        self.net = nn.Sequential(nn.Linear(width, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Linear(hidden, out_dim))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z)
@@ -47,7 +52,8 @@ class SimCLR(Objective):
         super().__init__(encoder)
         self.augment, self.projection, self.ntxent = augment, projection, loss
 
-    def forward(self, x: torch.Tensor, lead_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, lead_mask: torch.Tensor,
+                groups: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         z1, z2 = (self.projection(self.encoder(*self.augment(x, lead_mask))) for _ in range(2))
         loss = self.ntxent(z1, z2)
         return {"loss": loss, "contrastive": loss}

@@ -80,6 +80,7 @@ class MaskedModeling(Objective):
         super().__init__(encoder)
         self.reconstruction = reconstruction
 
-    def forward(self, x: torch.Tensor, lead_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, lead_mask: torch.Tensor,
+                groups: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         loss, _ = self.reconstruction(self.encoder, x, lead_mask)
         return {"loss": loss.mean(), "generative": loss.mean()}

@@ -26,7 +26,8 @@ class CREMA(Objective):
         self.augment, self.reconstruction, self.projection, self.ntxent = augment, reconstruction, projection, loss
         self.generative_weight, self.contrastive_weight = generative_weight, contrastive_weight
 
-    def forward(self, x: torch.Tensor, lead_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, lead_mask: torch.Tensor,
+                groups: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         (rec1, emb1), (rec2, emb2) = (
             self.reconstruction(self.encoder, *self.augment(x, lead_mask)) for _ in range(2)
         )

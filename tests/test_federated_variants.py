@@ -1,0 +1,182 @@
+"""Federated variants: what travels (`share`), FedProx, FedEMA and the server optimisers.
+
+Flower-free checks of the math in `fedssl.federated` and of the strategy options first, then two
+short federations through the real runner that together cover FedProx, FedAdam, `share: all` and
+`local_update: fedema` (~1 min on two cores, most of it Flower and Ray starting up).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.supercore.task_identity import TaskIdentity
+from torch import nn
+
+from client.state import FEDEMA_FILE, HEADS_FILE
+from fedssl.config import ConfigError, FederationConfig, TrainConfig, load_scenario
+from fedssl.federated import (divergence, encoder_state, fedema_blend, fedema_scale, fedema_start,
+                              proximal_term, shared_state)
+from fedssl.objectives import build_objective
+from fedssl.objectives.base import Objective
+from fedssl.train import train_local
+from server.app import make_strategy, strategy_options
+from server.metrics import RoundTracker
+from simulations.run import run_scenario
+from tests.conftest import random_windows
+from tests.test_federation import TINY, _Grid, load_scenario_text
+
+
+# -- what travels ---------------------------------------------------------------------------------
+
+def test_share_encoder_sends_the_encoder_and_keeps_the_heads(tmp_path):
+    objective = build_objective(load_scenario_text(tmp_path))
+    shared = shared_state(objective, "encoder")
+    assert set(shared) == {f"encoder.{k}" for k in objective.encoder.state_dict()}
+    assert set(shared).isdisjoint(objective.local_state_dict())
+    assert set(shared) | set(objective.local_state_dict()) == set(objective.state_dict())
+    assert encoder_state(shared).keys() == objective.encoder.state_dict().keys()
+
+
+def test_share_all_sends_the_whole_objective(tmp_path):
+    objective = build_objective(load_scenario_text(tmp_path))
+    shared = shared_state(objective, "all")
+    assert shared.keys() == objective.state_dict().keys() and objective.local_state_dict()
+    assert encoder_state(shared).keys() == objective.encoder.state_dict().keys()
+
+
+# -- FedProx --------------------------------------------------------------------------------------
+
+def test_proximal_gradient_is_mu_times_the_drift():
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1))
+    reference = {k: v.detach() + torch.randn_like(v) for k, v in module.named_parameters() if k.startswith("0.")}
+    mu = 0.3
+    (mu * proximal_term(module, reference)).backward()
+    for name, p in module.named_parameters():
+        expected = mu * (p.detach() - reference[name]) if name in reference else torch.zeros_like(p)
+        assert torch.allclose(p.grad if p.grad is not None else torch.zeros_like(p), expected)
+
+
+class _Idle(Objective):
+    """An objective whose own loss has no gradient: only the proximal term moves the weights."""
+
+    def forward(self, x, lead_mask, groups=None):
+        return {"loss": 0.0 * sum(p.sum() for p in self.parameters())}
+
+
+def test_train_local_pulls_towards_the_global_weights():
+    objective = _Idle(nn.Linear(4, 4))
+    reference = {k: torch.zeros_like(v) for k, v in objective.state_dict().items()}
+    data = random_windows(n=4, samples=8)
+    cfg = TrainConfig(batch_size=2, learning_rate=0.05, weight_decay=0.0, grad_clip=0.0)
+    before = divergence(objective.state_dict(), reference)
+    result = train_local(objective, data, cfg, steps=10, seed=0, proximal=(1.0, reference))
+    assert divergence(objective.state_dict(), reference) < 0.8 * before
+    assert result.losses["proximal"] > 0
+
+
+# -- FedEMA ---------------------------------------------------------------------------------------
+
+def test_fedema_blends_by_divergence():
+    previous = {"w": torch.zeros(4), "n": torch.tensor(1)}
+    received = {"w": torch.ones(4), "n": torch.tensor(2)}  # ||received - previous|| = 2
+    blended, mu = fedema_blend(previous, received, scale=0.25)
+    assert mu == pytest.approx(0.5) and torch.allclose(blended["w"], torch.full((4,), 0.5))
+    assert blended["n"] == 2  # non-float entries come from the server
+    blended, mu = fedema_blend(previous, received, scale=1.0)
+    assert mu == 1.0 and torch.equal(blended["w"], previous["w"])  # mu is capped at 1
+    assert fedema_scale(previous, received, tau=0.7) == pytest.approx(0.35)
+    assert fedema_scale(previous, previous, tau=0.7) is None
+
+
+def test_fedema_start_auto_scales_lambda_on_first_blend():
+    received = {"w": torch.ones(4)}
+    assert fedema_start(None, received, None, 0.7) == (received, None, 0.0)  # first round: global
+    start, scale, mu = fedema_start({"w": torch.zeros(4)}, received, None, 0.7)
+    assert mu == pytest.approx(0.7) and scale == pytest.approx(0.35)
+    assert torch.allclose(start["w"], torch.full((4,), 0.3))
+    _, _, mu = fedema_start({"w": torch.zeros(4)}, {"w": torch.full((4,), 0.5)}, scale, 0.7)
+    assert mu == pytest.approx(0.35)  # later rounds: the same lambda, mu follows the divergence
+
+
+# -- strategies -----------------------------------------------------------------------------------
+
+def test_strategy_options_reach_flower(tmp_path, monkeypatch):
+    for attribute in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attribute, 1)
+    tracker = RoundTracker(tmp_path, 1, {})
+    fedprox = make_strategy(FederationConfig(strategy="fedprox", proximal_mu=0.2), 2, tracker)
+    sent = list(fedprox.configure_train(1, ArrayRecord(), ConfigRecord(), _Grid()))
+    assert sent[0].content["config"]["proximal-mu"] == 0.2
+    fedadam = make_strategy(FederationConfig(strategy="fedadam"), 2, tracker).strategy  # behind validation
+    assert (fedadam.eta, fedadam.beta_1, fedadam.tau) == (0.01, 0.9, 1e-3)
+    fedavgm = make_strategy(FederationConfig(strategy="fedavgm", server_learning_rate=0.5), 2, tracker).strategy
+    assert (fedavgm.server_learning_rate, fedavgm.server_momentum) == (0.5, 0.9)
+    assert strategy_options(FederationConfig()) == {}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"share": "heads"}, "federation.share"),
+    ({"local_update": "ema"}, "federation.local_update"),
+    ({"server_learning_rate": 0.0}, "server_learning_rate must be positive"),
+    ({"server_momentum": 1.0}, "server_momentum"),
+])
+def test_bad_federation_options_are_clear_errors(change, message, tmp_path):
+    fed = dataclasses.replace(FederationConfig(), **change)
+    with pytest.raises(ConfigError, match=message):
+        make_strategy(fed, 2, RoundTracker(tmp_path, 1, {}))
+
+
+# -- through the real runner ----------------------------------------------------------------------
+
+VARIANTS = {
+    "fedprox-share-all": "{strategy: fedprox, proximal_mu: 0.1, share: all, rounds: 2, min_sites: 2}",
+    "fedadam-fedema": "{strategy: fedadam, local_update: fedema, rounds: 2, min_sites: 2}",
+}
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def variant(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    text = TINY.replace("federation: {rounds: 2, min_sites: 2}", f"federation: {VARIANTS[request.param]}")
+    assert text != TINY
+    (folder / "tiny.yaml").write_text(text)
+    result = run_scenario(folder / "tiny.yaml", folder / "run", timeout=600, echo=lambda line: None)
+    rounds = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    return request.param, result.run_dir, rounds, load_scenario(result.run_dir / "scenario.yaml")
+
+
+def test_variant_trains_the_global_encoder(variant):
+    _, run_dir, rounds, scenario = variant
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and r["sites"] == 2 for r in rounds)
+    assert 0.0 <= rounds[1]["probe_macro_auroc"] <= 1.0
+    initial = build_objective(scenario).encoder.state_dict()
+    final = torch.load(run_dir / "encoder.pt", weights_only=True)
+    assert final.keys() == initial.keys() and all(final[k].dtype == initial[k].dtype for k in initial)
+    assert any(not torch.equal(final[k], initial[k]) for k in initial)
+
+
+def test_variant_specifics(variant):
+    name, run_dir, rounds, scenario = variant
+    initial = build_objective(scenario)
+    for site in ("north", "south"):
+        assert (run_dir / "sites" / site / HEADS_FILE).is_file()  # persisted in both share modes
+    if name == "fedprox-share-all":
+        assert all(r["proximal"] > 0 for r in rounds)  # the sites drifted and were pulled back
+        global_state = torch.load(run_dir / "global.pt", weights_only=True)
+        assert global_state.keys() == initial.state_dict().keys()  # the heads travelled ...
+        heads = initial.local_state_dict()
+        assert any(not torch.equal(global_state[k], heads[k]) for k in heads)  # ... and were averaged
+        assert not any((run_dir / "sites" / site / FEDEMA_FILE).exists() for site in ("north", "south"))
+    else:
+        assert not (run_dir / "global.pt").exists()
+        assert [r["fedema-mu"] for r in rounds] == [0.0, pytest.approx(scenario.federation.fedema_tau)]
+        previous = torch.load(run_dir / "sites" / "north" / FEDEMA_FILE, weights_only=True)
+        assert previous["state"].keys() == shared_state(initial, "encoder").keys()
+        assert previous["scale"] > 0

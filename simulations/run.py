@@ -121,7 +121,7 @@ def clear_previous_run(run_dir: Path, echo: Echo) -> None:
 
     Site heads left behind would otherwise be picked up by the new run's sites.
     """
-    stale = [run_dir / name for name in ("sites", "checkpoints", "encoder.pt", "metrics.jsonl", "summary.json")]
+    stale = [run_dir / name for name in ("sites", "checkpoints", "encoder.pt", "global.pt", "metrics.jsonl", "summary.json")]
     stale = [path for path in stale if path.exists()]
     for path in stale:
         shutil.rmtree(path) if path.is_dir() else path.unlink()

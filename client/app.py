@@ -7,6 +7,13 @@ never leave the site) or the whole objective. With `federation.local_update: fed
 starts from a blend of the global model and its own previous one; with FedProx (the strategy
 sends `proximal-mu`) the local loss gets a proximal term. Recordings and windows never leave.
 
+With DP-SGD enabled for the site (`sites[i].privacy`, else the scenario's `privacy`), the site
+trains with the privacy ledger of its state folder, reports the epsilon it has spent so far and
+its delta as the metrics `epsilon` and `delta` (`dp-sgd` 1; a site without DP sends `dp-sgd` 0
+and zeros, since every reply must carry the same metric names), and declines a round that would
+take it past its target epsilon: it replies with an Error of code `PRIVACY_BUDGET_CODE` and the fixed reason
+`PRIVACY_BUDGET_REASON` (nothing about its data), and spends nothing.
+
 Run config (`[tool.flwr.app.config]`): `scenario` (YAML path), `run-dir` (run folder).
 Node config: `site` (deployment: the site's name in the scenario; in simulation the site is
 `scenario.sites[partition-id]`), optional `state-folder` (default `<run-dir>/sites/<site>`)
@@ -22,29 +29,50 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
 from flwr.common import log
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from client.state import load_fedema_state, load_local_state, save_fedema_state, save_local_state
+from client.state import (load_fedema_state, load_local_state, load_privacy_ledger, save_fedema_state,
+                          save_local_state)
 from fedssl.config import ConfigError, Scenario, SiteConfig, load_scenario
 from fedssl.data.site import load_site
 from fedssl.federated import fedema_start, shared_state
 from fedssl.objectives import build_objective
+from fedssl.privacy import PrivacyBudgetExceeded, PrivacyLedger
 from fedssl.train import train_local
 
 app = ClientApp()
 
 SITE_ERROR_CODE = 1000  # error replies from this app (Flower reserves small codes)
+PRIVACY_BUDGET_CODE = 1001  # the site declines the round: it would pass its target epsilon
+PRIVACY_BUDGET_REASON = "privacy budget exhausted"  # fixed: says nothing about the site's data
+SITE_INDEX_KEY = "site-index"  # metric: the site's index in `scenario.sites` (server/validation.py)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the received encoder on this site's data; reply with encoder weights + metrics."""
+    """Train the received encoder on this site's data; reply with encoder weights + metrics.
+
+    With central DP clipped at the sites (`federation.central_dp: client`, the server sends a
+    clipping norm), Flower's `fixedclipping_mod` clips the update before it leaves the site.
+    """
+    if KEY_CLIPPING_NORM in msg.content["config"]:
+        return fixedclipping_mod(msg, context, train_round)
+    return train_round(msg, context)
+
+
+def train_round(msg: Message, context: Context) -> Message:
+    """One round's local training; an Error reply if it fails or the site declines it."""
     site_name = "?"
     try:
         scenario = load_scenario(context.run_config["scenario"])
         site = which_site(scenario, context.node_config)
         site_name = site.name
         arrays, metrics = train_site(scenario, site, msg, context)
+    except PrivacyBudgetExceeded as err:
+        log(INFO, "fedssl | site %s declines the round: %s", site_name, err)  # stays in the site's log
+        return Message(Error(code=PRIVACY_BUDGET_CODE, reason=PRIVACY_BUDGET_REASON), reply_to=msg)
     except Exception as err:  # noqa: BLE001 - reported to the server instead of hanging the round
         reason = f"site {site_name}: {type(err).__name__}: {err}"
         log(ERROR, "fedssl | %s\n%s", reason, traceback.format_exc())
@@ -73,9 +101,16 @@ def train_site(scenario: Scenario, site: SiteConfig, msg: Message, context: Cont
     objective.load_state_dict(start, strict=False)
 
     proximal_mu = float(config.get("proximal-mu", 0.0))  # sent by FedProx
+    privacy = scenario.privacy_of(site)
+    ledger = load_privacy_ledger(state_folder, privacy, data) if privacy.enabled else None
     result = train_local(objective, data, scenario.train, steps=scenario.train.local_steps,
                          seed=round_seed(scenario.seed, server_round, site.name),
-                         proximal=(proximal_mu, received) if proximal_mu > 0 else None)
+                         proximal=(proximal_mu, received) if proximal_mu > 0 else None,
+                         privacy=privacy if privacy.enabled else None, ledger=ledger,
+                         planned_steps=fed.rounds * scenario.train.local_steps, round=server_round)
+    # every site sends the same metric names (Flower's aggregation requires it): a site without
+    # DP reports dp-sgd 0 and epsilon = delta = 0.0, which the server does not read as a guarantee
+    extra = {**extra, **privacy_metrics(ledger)}
     save_local_state(objective, state_folder)
     shared = shared_state(objective, fed.share)
     if fed.local_update == "fedema":
@@ -85,8 +120,16 @@ def train_site(scenario: Scenario, site: SiteConfig, msg: Message, context: Cont
         site.name, server_round, result.steps, len(data), result.losses["loss"], result.seconds)
     # FedAvg weights each site by its number of training windows (McMahan et al.'s n_k)
     metrics = MetricRecord({"num-examples": len(data), "examples-seen": int(result.examples),
+                            SITE_INDEX_KEY: scenario.sites.index(site),
                             **{k: float(v) for k, v in result.losses.items()}, **extra})
     return ArrayRecord(shared), metrics
+
+
+def privacy_metrics(ledger: PrivacyLedger | None) -> dict[str, float]:
+    """`dp-sgd` (1/0) and, with DP, the site's epsilon spent so far (all rounds) and its delta."""
+    if ledger is None:
+        return {"dp-sgd": 0, "epsilon": 0.0, "delta": 0.0}
+    return {"dp-sgd": 1, "epsilon": float(ledger.epsilon()), "delta": float(ledger.delta)}
 
 
 def which_site(scenario: Scenario, node_config: dict) -> SiteConfig:

@@ -5,15 +5,21 @@ holds (decoder, projection head, ...) belongs to the site: it is saved to the si
 after each round and loaded again at the start of the next one. With `share: all` the heads are
 still saved (they are what the site trained last) but the next round starts from the server's.
 With `local_update: fedema` the site also keeps what it shared last, to blend into the next round.
+With DP-SGD (`privacy.enabled` for the site) its privacy ledger (`fedssl.privacy.LEDGER_FILE`)
+lives here too: the epsilon it has spent survives SuperNode restarts.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from fedssl.config import PrivacyConfig
+from fedssl.data.windows import WindowSet
 from fedssl.objectives import Objective
+from fedssl.privacy import PrivacyLedger, privacy_units
 from fedssl.storage import atomic_torch_save
 
 HEADS_FILE = "local_heads.pt"
@@ -48,3 +54,9 @@ def load_fedema_state(folder: Path) -> tuple[dict[str, torch.Tensor] | None, flo
 
 def save_fedema_state(folder: Path, state: dict[str, torch.Tensor], scale: float | None) -> Path:
     return atomic_torch_save({"state": state, "scale": scale}, Path(folder) / FEDEMA_FILE)
+
+
+def load_privacy_ledger(folder: Path, privacy: PrivacyConfig, data: WindowSet) -> PrivacyLedger:
+    """The site's privacy ledger in `folder`; a new one (delta from the site's units) at first."""
+    units = len(np.unique(privacy_units(data, privacy.unit)))
+    return PrivacyLedger.load(Path(folder), privacy, units)

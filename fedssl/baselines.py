@@ -1,8 +1,10 @@
-"""What a federated encoder is compared against: random init and each site training alone.
+"""What a federated encoder is compared against: random init, each site alone, all sites pooled.
 
 Every encoder is trained by the same loop with the same budget: a local-only site takes as many
 optimizer steps as it took in the whole federation (rounds x local steps), so any gain of the
-federated encoder comes from the other sites' data, not from more training.
+federated encoder comes from the other sites' data, not from more training. Centralized training
+on the pooled sites (the upper bound federation aims for) takes as many steps of the same batch
+size as all sites together took (sites x rounds x local steps): the same number of samples seen.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 
 from fedssl.config import Scenario
 from fedssl.data.site import load_site
+from fedssl.data.windows import WindowSet
 from fedssl.evaluate import linear_probe, probe_data
 from fedssl.objectives import build_objective
 from fedssl.train import TrainResult, train_local
@@ -31,6 +34,23 @@ def local_only_state(scenario: Scenario, site_index: int, workdir: Path) -> tupl
     data = load_site(site, scenario.data, workdir, scenario.seed)
     steps = scenario.federation.rounds * scenario.train.local_steps
     result = train_local(objective, data, scenario.train, steps=steps, seed=scenario.seed + 1000 * (site_index + 1))
+    return objective.encoder.state_dict(), result
+
+
+def centralized_steps(scenario: Scenario) -> int:
+    """Optimizer steps of centralized training: the federation's, summed over its sites."""
+    return len(scenario.sites) * scenario.federation.rounds * scenario.train.local_steps
+
+
+def centralized_state(scenario: Scenario, workdir: Path) -> tuple[dict[str, torch.Tensor], TrainResult]:
+    """Encoder weights trained on the pooled windows of every site with the federation's budget."""
+    if not scenario.sites:
+        raise ValueError("the scenario has no sites to pool")
+    pooled = WindowSet.concat([load_site(site, scenario.data, workdir, scenario.seed) for site in scenario.sites])
+    objective = build_objective(scenario)
+    steps = centralized_steps(scenario)
+    log.info("centralized: %d windows of %d sites, %d steps ...", len(pooled), len(scenario.sites), steps)
+    result = train_local(objective, pooled, scenario.train, steps=steps, seed=scenario.seed)
     return objective.encoder.state_dict(), result
 
 

@@ -1,4 +1,5 @@
-"""The `fedssl` command: simulate a federation, check a site's data, write synthetic hospitals."""
+"""The `fedssl` command: simulate a federation, pretrain centrally, evaluate an encoder, check a
+site's data, write synthetic hospitals."""
 
 from __future__ import annotations
 
@@ -8,12 +9,16 @@ import logging
 import sys
 from pathlib import Path
 
+from fedssl import deploy
 from fedssl.config import ConfigError, DataConfig, SyntheticSiteConfig, load_scenario
 from fedssl.data.site import SiteDataError, build_site
 
 
 def _simulate(args: argparse.Namespace) -> None:
-    from simulations.run import FederationError, run_scenario  # the runner drives Flower's CLI
+    from simulations.run import (  # the runner drives Flower's CLI
+        FederationError,
+        run_scenario,
+    )
 
     try:
         run_scenario(Path(args.scenario), out_dir=Path(args.out) if args.out else None, verbose=args.verbose)
@@ -40,6 +45,68 @@ def _synthesize(args: argparse.Namespace) -> None:
     print(f"wrote {len(names)} synthetic WFDB records to {args.folder}")
 
 
+def _pretrain(args: argparse.Namespace) -> None:
+    """Centralized pretraining on the pooled sites with the federation's budget in samples seen."""
+    import torch
+
+    from fedssl.baselines import centralized_state
+    from fedssl.config import save_scenario
+    from fedssl.storage import atomic_torch_save
+
+    scenario = load_scenario(args.scenario)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(scenario.train.threads)
+    state, result = centralized_state(scenario, Path(args.data) if args.data else out / "data")
+    atomic_torch_save(state, out / "encoder.pt")
+    save_scenario(scenario, out / "scenario.yaml")
+    summary = {"scenario": str(args.scenario), "sites": len(scenario.sites), "steps": result.steps,
+               "samples_seen": result.examples, "batch_size": scenario.train.batch_size,
+               "losses": result.losses, "seconds": round(result.seconds, 1), "encoder": str(out / "encoder.pt")}
+    (out / "pretrain.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions, got {text!r}") from None
+    if not values or not all(0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"fractions must be in (0, 1], got {text!r}")
+    return values
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    """Linear probe (and fine-tuning) of a saved encoder with label efficiency over seeds."""
+    import torch
+
+    from fedssl.evaluate import label_efficiency, probe_data, results_table
+    from fedssl.objectives import build_objective
+
+    scenario = load_scenario(args.scenario)
+    torch.set_num_threads(scenario.train.threads)
+    encoder = build_objective(scenario).encoder
+    try:
+        encoder.load_state_dict(torch.load(args.encoder, map_location="cpu", weights_only=True))
+    except (RuntimeError, KeyError) as err:  # wrong architecture for this scenario
+        raise ConfigError(f"encoder {args.encoder} does not fit the scenario's model: {err}") from None
+    out = Path(args.out) if args.out else Path(args.encoder).parent
+    out.mkdir(parents=True, exist_ok=True)
+    train, test = probe_data(scenario, Path(args.data) if args.data else out / "data")
+    try:
+        results = label_efficiency(encoder, train, test, fractions=args.label_fractions, seeds=args.seeds,
+                                   finetune=args.finetune, l2=scenario.evaluation.probe_l2, seed=scenario.seed,
+                                   finetune_kwargs={"epochs": args.epochs})
+    except ValueError as err:
+        raise RuntimeError(err) from None
+    report = {"scenario": str(args.scenario), "encoder": str(args.encoder), "seeds": args.seeds, **results}
+    path = out / "evaluation.json"
+    path.write_text(json.dumps(report, indent=2))
+    print(results_table(results))
+    print(f"per-class AUROC and every seed's result in {path}")
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="fedssl", description=__doc__)
     top.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -51,6 +118,31 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("scenario", help="scenario YAML, e.g. simulations/quickstart.yaml")
     p.add_argument("--out", help="run folder (default: runs/<scenario>-<time>)")
     p.set_defaults(run=_simulate)
+
+    p = sub.add_parser("pretrain", help="centralized pretraining on a scenario's pooled sites",
+                       description="Train the scenario's objective on all sites' windows pooled, with the "
+                                   "federation's budget (sites x rounds x local_steps steps of the same "
+                                   "batch size), and save the encoder as OUT/encoder.pt.")
+    p.add_argument("scenario", help="scenario YAML")
+    p.add_argument("--out", required=True, help="output folder (encoder.pt, pretrain.json)")
+    p.add_argument("--data", help="folder for materialised sites and caches (default: OUT/data)")
+    p.set_defaults(run=_pretrain)
+
+    p = sub.add_parser("evaluate", help="linear probe / fine-tuning of an encoder with label efficiency",
+                       description="Linear probe (and with --finetune, end-to-end fine-tuning) of a saved "
+                                   "encoder on the scenario's held-out labelled set: macro and per-class "
+                                   "AUROC on 1/10/100%% of the labelled records, mean ± std over seeds. "
+                                   "Prints a table and writes evaluation.json.")
+    p.add_argument("scenario", help="scenario YAML (model and evaluation settings)")
+    p.add_argument("--encoder", required=True, help="encoder state dict, e.g. RUN/encoder.pt")
+    p.add_argument("--seeds", type=int, default=3, help="repetitions with different label subsets (default 3)")
+    p.add_argument("--label-fractions", type=_fractions, default=(0.01, 0.1, 1.0),
+                   help="comma-separated fractions of labelled records (default 0.01,0.1,1.0)")
+    p.add_argument("--finetune", action="store_true", help="also fine-tune encoder + linear head end to end")
+    p.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs (default 5)")
+    p.add_argument("--out", help="folder for evaluation.json (default: the encoder's folder)")
+    p.add_argument("--data", help="folder for the materialised evaluation set (default: OUT/data)")
+    p.set_defaults(run=_evaluate)
 
     p = sub.add_parser("check-site", help="read a folder of WFDB records and report what would be used",
                        description="Build a site's window cache and print its data report "
@@ -68,6 +160,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mains-hz", type=float, default=50.0)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_synthesize)
+    deploy.register(sub)  # fedssl certs, fedssl node-key
     return top
 
 

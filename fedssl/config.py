@@ -59,7 +59,8 @@ class ModelConfig:
 class ObjectiveConfig:
     """Self-supervised objective; hybrid with either weight at zero is the pure form.
 
-    Names: generative (ST-MEM), contrastive or simclr (SimCLR), cmsc (CLOCS), byol, hybrid (CREMA).
+    Names: generative (ST-MEM), contrastive or simclr (SimCLR), cmsc (CLOCS), byol, hybrid (CREMA),
+    hybrid_byol (CREMA with BYOL's agreement instead of NT-Xent: per-sample, DP-safe).
     """
 
     name: str = "hybrid"
@@ -108,6 +109,9 @@ class SiteConfig:
     name: str
     folder: str | None = None
     synthetic: SyntheticSiteConfig | None = None
+    # this site's DP-SGD setting, replacing the scenario's `privacy` section for this site only
+    # (null: the scenario's); see `Scenario.privacy_of`
+    privacy: PrivacyConfig | None = None
 
     def __post_init__(self) -> None:
         if (self.folder is None) == (self.synthetic is None):
@@ -141,6 +145,12 @@ class FederationConfig:
     malicious_sites: int = 0  # krum/multikrum: Byzantine sites f tolerated (f > 0 needs >= 2f + 3 sites)
     krum_select: int = 0  # multikrum: number of updates averaged (0: sites - malicious_sites)
     max_update_ratio: float = 5.0  # reject an update whose norm exceeds this x the round median; 0: off
+    # site-level central DP (Flower's DifferentialPrivacy{Server,Client}SideFixedClipping around the
+    # strategy): none | server (the server clips each update) | client (the sites clip theirs);
+    # Gaussian noise of std noise_multiplier x clipping_norm / sampled sites on the mean update
+    central_dp: str = "none"
+    central_noise_multiplier: float = 1.0
+    central_clipping_norm: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -206,6 +216,10 @@ class Scenario:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     sites: tuple[SiteConfig, ...] = ()
+
+    def privacy_of(self, site: SiteConfig) -> PrivacyConfig:
+        """The DP setting of `site`: its own `privacy` section, else the scenario's."""
+        return site.privacy if site.privacy is not None else self.privacy
 
     def site(self, name: str) -> SiteConfig:
         for site in self.sites:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,3 +83,124 @@ def probe_data(scenario: Scenario, workdir: Path) -> tuple[WindowSet, WindowSet]
                           synthetic=None if scenario.evaluation.folder else scenario.evaluation.synthetic)
     data = load_site(held_out, scenario.data, workdir, scenario.seed)
     return data.split_by_record(scenario.evaluation.test_fraction, scenario.seed)
+
+
+def label_subset(train: WindowSet, classes: list[str] | tuple[str, ...], fraction: float, seed: int) -> WindowSet:
+    """Windows of a random `fraction` of the labelled records (at least one record).
+
+    Label efficiency is about how many labelled *records* a task needs, so records, not windows,
+    are drawn. Before filling up at random, one positive record of every class that has one is
+    taken (in random class order, reusing a record that covers several classes), so that a 1 %
+    subset can still train every class; this may exceed the fraction when classes outnumber it.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
+    present = np.unique(train.record)
+    if fraction == 1:
+        return train
+    rng = np.random.default_rng(seed)
+    wanted = max(1, int(round(fraction * len(present))))
+    positive = train.targets(classes)
+    chosen: list[int] = []
+    for c in rng.permutation(len(classes)):
+        holders = np.unique(train.record[positive[:, c] > 0])
+        if len(holders) and not np.isin(holders, chosen).any():
+            chosen.append(int(rng.choice(holders)))
+    rest = rng.permutation(np.setdiff1d(present, chosen))
+    chosen += [int(r) for r in rest[: max(0, wanted - len(chosen))]]
+    return train.subset(np.flatnonzero(np.isin(train.record, chosen)))
+
+
+def usable_classes(train: WindowSet, test: WindowSet) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Classes with positive and negative windows on both sides, and their targets."""
+    classes = [c for c in train.classes() if c in test.classes()]
+    y_train, y_test = train.targets(classes), test.targets(classes)
+    usable = [i for i in range(len(classes))
+              if 0 < y_train[:, i].sum() < len(y_train) and 0 < y_test[:, i].sum() < len(y_test)]
+    if not usable:
+        raise ValueError("no class has both positive and negative windows in the train and test sets")
+    return [classes[i] for i in usable], y_train[:, usable], y_test[:, usable]
+
+
+def fine_tune(encoder: nn.Module, train: WindowSet, test: WindowSet, *, epochs: int = 5,
+              learning_rate: float = 1e-4, head_learning_rate: float = 1e-3, batch_size: int = 32,
+              weight_decay: float = 0.01, seed: int = 0) -> tuple[ProbeResult, nn.Module]:
+    """Encoder plus a linear head trained end to end with BCE; AUROC on `test`.
+
+    The encoder is copied (the caller's stays as it was) and trained with a small learning rate,
+    the freshly initialised head with a larger one. Returns the result and the tuned encoder.
+    """
+    classes, y_train, y_test = usable_classes(train, test)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    encoder = copy.deepcopy(encoder)
+    width = embed(encoder, train.subset(np.arange(1))).shape[1]
+    head = nn.Linear(width, len(classes))
+    optimizer = torch.optim.AdamW([{"params": encoder.parameters(), "lr": learning_rate},
+                                   {"params": head.parameters(), "lr": head_learning_rate}],
+                                  weight_decay=weight_decay)
+    windows, mask = torch.from_numpy(train.windows), torch.from_numpy(train.lead_mask)
+    targets = torch.from_numpy(y_train)
+    encoder.train()
+    for _ in range(epochs):
+        order = torch.from_numpy(rng.permutation(len(train)))
+        for i in range(0, len(order), batch_size):
+            index = order[i : i + batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            logits = head(encoder(windows[index], mask[index]))
+            nn.functional.binary_cross_entropy_with_logits(logits, targets[index]).backward()
+            optimizer.step()
+    with torch.no_grad():
+        scores = head(torch.from_numpy(embed(encoder, test))).numpy()
+    per_class = {c: auroc(scores[:, j], y_test[:, j]) for j, c in enumerate(classes)}
+    return ProbeResult(float(np.mean(list(per_class.values()))), per_class), encoder
+
+
+def _summarise(runs: list[ProbeResult], records: list[int]) -> dict:
+    macro = [r.macro_auroc for r in runs]
+    classes = sorted({c for r in runs for c in r.per_class})
+    per_class = {}
+    for c in classes:
+        values = [r.per_class[c] for r in runs if c in r.per_class]
+        per_class[c] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "runs": len(values)}
+    return {"macro_auroc": {"mean": float(np.mean(macro)), "std": float(np.std(macro)), "runs": macro},
+            "per_class": per_class, "labelled_records": records}
+
+
+def label_efficiency(encoder: nn.Module, train: WindowSet, test: WindowSet, *,
+                     fractions: tuple[float, ...] = (0.01, 0.1, 1.0), seeds: int = 3,
+                     finetune: bool = False, l2: float = 1e-3, seed: int = 0,
+                     finetune_kwargs: dict | None = None) -> dict:
+    """Linear probe (and fine-tuning) on 1 %, 10 %, 100 % of the labelled records, over seeds.
+
+    Returns {"linear_probe": {fraction: summary}, "fine_tune": {...}} where a summary holds the
+    mean and std over seeds of macro AUROC, per-class AUROC, and the labelled record counts.
+    The seed changes which records are drawn and, for fine-tuning, the head and the batch order.
+    """
+    methods = ["linear_probe"] + (["fine_tune"] if finetune else [])
+    results: dict[str, dict[str, dict]] = {m: {} for m in methods}
+    classes = train.classes()
+    for fraction in fractions:
+        runs: dict[str, list[ProbeResult]] = {m: [] for m in methods}
+        records = []
+        for s in range(seeds):
+            subset = label_subset(train, classes, fraction, seed + s)
+            records.append(len(np.unique(subset.record)))
+            runs["linear_probe"].append(linear_probe(encoder, subset, test, l2))
+            if finetune:
+                runs["fine_tune"].append(fine_tune(encoder, subset, test, seed=seed + s, **(finetune_kwargs or {}))[0])
+        for m in methods:
+            results[m][str(fraction)] = _summarise(runs[m], records)
+    return results
+
+
+def results_table(results: dict) -> str:
+    """Plain-text table: method x label fraction, macro AUROC mean ± std over seeds."""
+    lines = [f"{'method':<14}{'labels':>8}{'records':>9}  macro AUROC (mean ± std)"]
+    for method, by_fraction in results.items():
+        for fraction, summary in by_fraction.items():
+            auc = summary["macro_auroc"]
+            records = summary["labelled_records"]
+            lines.append(f"{method:<14}{float(fraction):>8.0%}{round(float(np.mean(records))):>9}  "
+                         f"{auc['mean']:.4f} ± {auc['std']:.4f}")
+    return "\n".join(lines)

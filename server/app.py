@@ -3,7 +3,8 @@
 Each round the strategy sends the global model (the encoder, or the whole objective with
 `federation.share: all`) to the sites, aggregates what they return and the ServerApp probes the
 new global encoder on held-out labelled ECGs (linear probe, macro AUROC). Files written under
-`run-dir`: `metrics.jsonl` (one line per round), `checkpoints/encoder_round_<r>.pt`, `encoder.pt`
+`run-dir`: `metrics.jsonl` (one line per round, with each DP site's epsilon and the rounds sites
+declined for their privacy budget), `checkpoints/encoder_round_<r>.pt`, `encoder.pt`
 (latest global encoder) and, with `share: all`, `global.pt` (latest whole global objective).
 
 Run config (`[tool.flwr.app.config]`): `scenario` (YAML path), `run-dir` (run folder).
@@ -19,8 +20,9 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import (FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum,
-                                     MultiKrum, Strategy)
+from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
+                                     DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedAvgM, FedMedian,
+                                     FedProx, FedTrimmedAvg, FedYogi, Krum, MultiKrum, Strategy)
 
 from fedssl.config import ConfigError, FederationConfig, Scenario, load_scenario
 from fedssl.evaluate import linear_probe, probe_data
@@ -46,6 +48,11 @@ STRATEGIES: dict[str, type[FedAvg]] = {
     "multikrum": MultiKrum,
 }
 ADAPTIVE_LEARNING_RATE = 0.01  # default server eta of fedadam/fedyogi (see FederationConfig)
+# federation.central_dp: site-level DP of the aggregate (clip each site's update, noise the mean);
+# "client" needs the sites to clip (client/app.py applies Flower's fixedclipping_mod when asked)
+CENTRAL_DP = {"server": DifferentialPrivacyServerSideFixedClipping,
+              "client": DifferentialPrivacyClientSideFixedClipping}
+ROBUST = ("fedmedian", "fedtrimmedavg", "krum", "multikrum")  # not a mean: central DP's noise does not fit
 
 
 @app.main()
@@ -57,7 +64,7 @@ def main(grid: Grid, context: Context) -> None:
     random.seed(scenario.seed)  # the strategies sample nodes with `random`
 
     initial = shared_state(build_objective(scenario), fed.share)
-    tracker = RoundTracker(run_dir, fed.rounds, initial)
+    tracker = RoundTracker(run_dir, fed.rounds, initial, sites=tuple(s.name for s in scenario.sites))
     strategy = make_strategy(fed, len(scenario.sites), tracker)
     log(INFO, "fedssl | scenario %s: %d sites, %d rounds of %s (share %s, %s), %d local steps",
         scenario.name, len(scenario.sites), fed.rounds, fed.strategy, fed.share, fed.local_update,
@@ -104,6 +111,15 @@ def check_federation(fed: FederationConfig, num_sites: int) -> None:
             raise ConfigError(f"federation.{key} must be positive, got {value}")
     if not (0 <= fed.server_momentum < 1 and fed.proximal_mu >= 0):
         raise ConfigError("federation.server_momentum must be in [0, 1) and proximal_mu >= 0")
+    if fed.central_dp not in ("none", *CENTRAL_DP):
+        raise ConfigError(f"federation.central_dp: expected none, server or client, got {fed.central_dp!r}")
+    if fed.central_dp != "none":
+        if fed.strategy in ROBUST:
+            raise ConfigError(f"federation.central_dp: {fed.strategy} does not average the updates, so the "
+                              f"noise calibrated for a mean does not protect it; use fedavg, fedavgm, fedprox, "
+                              f"fedadam or fedyogi")
+        if not (fed.central_noise_multiplier >= 0 and fed.central_clipping_norm > 0):
+            raise ConfigError("federation.central_noise_multiplier must be >= 0 and central_clipping_norm > 0")
 
 
 def make_strategy(fed: FederationConfig, num_sites: int, tracker: RoundTracker) -> Strategy:
@@ -119,8 +135,13 @@ def make_strategy(fed: FederationConfig, num_sites: int, tracker: RoundTracker) 
         **strategy_options(fed),
         **robust_options(fed, num_sites),
     )
+    if fed.central_dp != "none":  # validation stays outermost: it sees the sites' own updates
+        sampled = max(int(num_sites * fed.fraction_train), fed.min_sites)
+        strategy = CENTRAL_DP[fed.central_dp](strategy, noise_multiplier=fed.central_noise_multiplier,
+                                              clipping_norm=fed.central_clipping_norm, num_sampled_clients=sampled)
     return ValidatedStrategy(strategy, ArrayRecord(tracker.reference), max_norm_ratio=fed.max_update_ratio,
-                             on_reject=tracker.record_rejection)
+                             sites=tracker.sites, on_reject=tracker.record_rejection,
+                             on_replies=tracker.observe_replies)
 
 
 def strategy_options(fed: FederationConfig) -> dict:

@@ -4,6 +4,12 @@ The strategy tells the tracker about each round twice: when the training replies
 (`aggregate_train_metrics`, passed to the strategy as `train_metrics_aggr_fn`) and when the new
 global model is evaluated (`finish_round`, called from the strategy's `evaluate_fn`). The global
 model is the shared state (`fedssl.federated.shared_state`); checkpoints hold its encoder.
+
+Per-site metrics are kept out of the weighted means: `site-index` names the replying site, and
+`dp-sgd`/`epsilon`/`delta` (client/app.py) give each DP site's privacy spent so far, written to
+`metrics.jsonl` as `epsilon` / `delta` {site: value} (sites training without DP are left out).
+Error replies are recorded too: `declined` lists the sites that declined the round because it
+would pass their privacy budget (error code `PRIVACY_BUDGET_CODE`), `errors` any other failure.
 """
 
 from __future__ import annotations
@@ -16,13 +22,16 @@ from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedssl.federated import encoder_state
 from fedssl.storage import atomic_torch_save
-from server.validation import Rejection
+from server.validation import SITE_INDEX_KEY, Rejection
+
+PRIVACY_BUDGET_CODE = 1001  # client/app.py's error code of a round declined for the privacy budget
+PER_SITE_METRICS = (SITE_INDEX_KEY, "dp-sgd", "epsilon", "delta")  # not averaged over sites
 
 
 class NoSiteReplied(RuntimeError):
@@ -34,10 +43,13 @@ class RoundTracker:
     run_dir: Path
     rounds: int
     reference: dict[str, torch.Tensor]  # the initial shared state: names, shapes and dtypes
+    sites: tuple[str, ...] = ()  # site names by index (replies name theirs with `site-index`)
     _round: int = 1  # the round whose training replies come next
     _started: float = field(default_factory=time.perf_counter)
     _train: dict[int, dict] = field(default_factory=dict)
     _rejected: dict[int, list[dict]] = field(default_factory=dict)  # round -> updates left out
+    _errors: dict[int, list[dict]] = field(default_factory=dict)  # round -> error replies
+    _nodes: dict[int, str] = field(default_factory=dict)  # node id -> site name, from its replies
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -56,8 +68,18 @@ class RoundTracker:
         """Weighted mean of the sites' loss terms (the strategy's `train_metrics_aggr_fn`)."""
         aggregated = aggregate_metricrecords(replies, weight_key)
         examples = sum(int(next(iter(r.metric_records.values()))[weight_key]) for r in replies)
+        epsilon, delta = {}, {}
+        for i, reply in enumerate(replies):
+            metrics = next(iter(reply.metric_records.values()))
+            if metrics.get("dp-sgd"):
+                site = self.site_name(metrics.get(SITE_INDEX_KEY), f"reply-{i}")
+                epsilon[site], delta[site] = float(metrics["epsilon"]), float(metrics["delta"])
+        for key in PER_SITE_METRICS:
+            aggregated.pop(key, None)
         self._train[self._round] = {
             "losses": {k: float(v) for k, v in aggregated.items()},
+            "epsilon": epsilon,
+            "delta": delta,
             "sites": len(replies),
             "examples": examples,
             "seconds": time.perf_counter() - self._started,
@@ -68,10 +90,32 @@ class RoundTracker:
         """Remember an update left out of its round's aggregate (`ValidatedStrategy.on_reject`)."""
         self._rejected.setdefault(rejection.round, []).append(rejection.as_dict())
 
+    def site_name(self, index, default: str) -> str:
+        if isinstance(index, (int, float)) and float(index).is_integer() and 0 <= int(index) < len(self.sites):
+            return self.sites[int(index)]
+        return default if index is None else str(index)
+
+    def observe_replies(self, server_round: int, replies: list[Message]) -> None:
+        """Remember the round's error replies (a declined round or a failure) and which node is
+        which site (`ValidatedStrategy.on_replies`)."""
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if not msg.has_error():
+                index = site_index(msg)
+                if index is not None:
+                    self._nodes[node] = self.site_name(index, str(index))
+                continue
+            self._errors.setdefault(server_round, []).append(
+                {"node_id": node, "site": self._nodes.get(node), "code": msg.error.code,
+                 "reason": msg.error.reason})
+
     def require_update(self, server_round: int) -> None:
         """Stop the run if no site returned an update this round (their errors are logged above)."""
         if server_round not in self._train:
-            raise NoSiteReplied(f"round {server_round}: no site returned an update; "
+            errors = self._errors.get(server_round, [])
+            hint = (f" ({len(errors)} error repl{'y' if len(errors) == 1 else 'ies'}; with federation.central_dp, "
+                    "Flower's DP wrappers skip a round in which any site fails or declines)") if errors else ""
+            raise NoSiteReplied(f"round {server_round}: no site returned an update{hint}; "
                                 "see the site errors above")
 
     def finish_round(self, server_round: int, arrays: ArrayRecord, probe_auroc: float | None,
@@ -89,6 +133,7 @@ class RoundTracker:
         atomic_torch_save(state, self.run_dir / "encoder.pt")
         if len(state) < len(shared):
             atomic_torch_save(shared, self.run_dir / "global.pt")
+        errors = self._errors.pop(server_round, [])
         record = {
             "round": server_round,
             **train["losses"],
@@ -98,6 +143,10 @@ class RoundTracker:
             "sites": train["sites"],
             "examples": train["examples"],
             "rejected": self._rejected.pop(server_round, []),
+            "epsilon": train.get("epsilon", {}),
+            "delta": train.get("delta", {}),
+            "declined": [e for e in errors if e["code"] == PRIVACY_BUDGET_CODE],
+            "errors": [e for e in errors if e["code"] != PRIVACY_BUDGET_CODE],
         }
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
@@ -118,6 +167,13 @@ class RoundTracker:
             raise ValueError(f"aggregated arrays do not match the shared model: "
                              f"{sorted(set(received) ^ set(self.reference))[:5]}")
         return {k: received[k].to(self.reference[k].dtype).clone() for k in self.reference}
+
+
+def site_index(msg: Message):
+    """The `site-index` metric of a well-formed reply, else None."""
+    if len(msg.content.metric_records) != 1:
+        return None
+    return next(iter(msg.content.metric_records.values())).get(SITE_INDEX_KEY)
 
 
 def progress_line(record: dict, rounds: int) -> str:

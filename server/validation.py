@@ -14,7 +14,9 @@ reply that
 
 Each rejection is logged with the node id, the site name when the reply carries a `site-index`
 metric, and the reason, and is handed to `on_reject` (the run's metrics file records them).
-Error replies pass through untouched for the wrapped strategy to log.
+Error replies pass through untouched for the wrapped strategy to log. `on_replies` sees every
+reply of a round before validation (the tracker records error replies, e.g. a site declining a
+round whose DP-SGD would pass its privacy budget).
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ class ValidatedStrategy(Strategy):
 
     def __init__(self, strategy: Strategy, reference: ArrayRecord, *, max_norm_ratio: float = 5.0,
                  weight_key: str = "num-examples", sites: Sequence[str] = (),
-                 on_reject: Callable[[Rejection], None] | None = None) -> None:
+                 on_reject: Callable[[Rejection], None] | None = None,
+                 on_replies: Callable[[int, list[Message]], None] | None = None) -> None:
         if max_norm_ratio != 0 and max_norm_ratio < 1:
             raise ValueError(f"max_norm_ratio must be 0 (off) or at least 1, got {max_norm_ratio}")
         self.strategy = strategy
@@ -67,6 +70,7 @@ class ValidatedStrategy(Strategy):
         self.weight_key = weight_key
         self.sites = tuple(sites)
         self.on_reject = on_reject
+        self.on_replies = on_replies
         self._global: dict[str, np.ndarray] = {}
 
     def summary(self) -> None:
@@ -85,7 +89,10 @@ class ValidatedStrategy(Strategy):
         """Delegate the aggregation of the replies that pass validation."""
         if not self._global:
             raise RuntimeError("aggregate_train before configure_train: no global encoder to compare with")
-        kept, rejected = validate_replies(server_round, list(replies), self._global, self.spec,
+        replies = list(replies)
+        if self.on_replies:
+            self.on_replies(server_round, replies)
+        kept, rejected = validate_replies(server_round, replies, self._global, self.spec,
                                           self.max_norm_ratio, self.weight_key, self.sites)
         for rejection in rejected:
             site = f"site {rejection.site} (node {rejection.node_id})" if rejection.site else f"node {rejection.node_id}"

@@ -26,7 +26,6 @@ import queue
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -38,9 +37,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
+from simulations.processes import TOKEN_VARIABLE, free_port, marked_processes, pid_alive  # noqa: F401
+from simulations.processes import send_signal as _signal
+from simulations.processes import terminate as _terminate
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONNECTION = "fedssl-local"  # the SuperLink connection written to the run's FLWR_HOME
-TOKEN_VARIABLE = "FEDSSL_FLOWER_RUN"  # marks every process this runner starts, down to Ray workers
 PROGRESS_MARK = "fedssl |"  # log lines of the fedssl ServerApp/ClientApp shown to the user
 DONE_MARK = "fedssl | done:"  # the ServerApp's last line
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -107,6 +109,9 @@ def run_scenario(path: str | Path, out_dir: str | Path | None = None, *, verbose
         "baseline_seconds": round(time.perf_counter() - federation_done, 1),
         "final_loss": rounds[-1].get("loss"),
         "probe_macro_auroc_by_round": [r.get("probe_macro_auroc") for r in rounds],
+        # DP sites' epsilon spent after each round (null: the site sent no update that round)
+        "epsilon_by_site": epsilon_by_site(rounds),
+        "declined_by_round": [[d.get("site") or d.get("node_id") for d in r.get("declined", [])] for r in rounds],
         "encoders": {name: {"macro_auroc": result_auroc(result), **_extra(result)}
                      for name, result in encoders.items()},
         "flower_run_id": run_id,
@@ -373,50 +378,6 @@ def stage_app(target: Path) -> Path:
 
 # -- processes ----------------------------------------------------------------------------------
 
-def marked_processes(token: str) -> list[int]:
-    """Pids of live processes whose environment carries this runner's token (Linux /proc)."""
-    needle = f"{TOKEN_VARIABLE}={token}".encode()
-    pids = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                pids.append(int(entry.name))
-        except OSError:  # gone, or not ours
-            continue
-    return [p for p in pids if p != os.getpid()]
-
-
-def pid_alive(pid: int) -> bool:
-    """True if `pid` runs (a zombie, dead but not yet reaped, counts as gone)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")
-    except (OSError, IndexError):
-        if not Path("/proc").is_dir():
-            try:
-                os.kill(pid, 0)
-                return True
-            except OSError:
-                return False
-        return False
-
-
-def _terminate(process: subprocess.Popen, grace: float) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)
-
-
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except OSError:
-        pass
-
-
 def _raise_on_sigterm():
     """Turn SIGTERM into KeyboardInterrupt so that cleanup runs (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
@@ -441,13 +402,13 @@ def _usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # -- results ------------------------------------------------------------------------------------
+
+def epsilon_by_site(rounds: list[dict]) -> dict[str, list[float | None]]:
+    """{site: [epsilon after round 1, 2, ...]} of the sites that trained with DP-SGD."""
+    sites = sorted({site for r in rounds for site in r.get("epsilon", {})})
+    return {site: [r.get("epsilon", {}).get(site) for r in rounds] for site in sites}
+
 
 def read_metrics(path: Path) -> list[dict]:
     if not path.exists():

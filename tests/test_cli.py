@@ -4,7 +4,7 @@ import pytest
 
 from fedssl.cli import main, parser
 
-SUBCOMMANDS = ["simulate", "check-site", "synthesize"]
+SUBCOMMANDS = ["simulate", "pretrain", "evaluate", "check-site", "synthesize", "certs", "node-key"]
 
 
 @pytest.mark.parametrize("command", [[], *([c] for c in SUBCOMMANDS)])

@@ -13,11 +13,12 @@ from fedssl.objectives.cmsc import CMSC, MultiPositiveInfoNCE
 from fedssl.objectives.contrastive import NTXentLoss, ProjectionHead, SimCLR
 from fedssl.objectives.generative import MaskedModeling, MaskedReconstruction
 from fedssl.objectives.hybrid import CREMA
+from fedssl.objectives.hybrid_byol import MaskedBYOL
 
-__all__ = ["Objective", "BYOL", "CMSC", "CREMA", "MaskedModeling", "SimCLR", "build_objective"]
+__all__ = ["BYOL", "CMSC", "CREMA", "MaskedBYOL", "MaskedModeling", "Objective", "SimCLR", "build_objective"]
 
-NAMES = ("generative", "contrastive", "simclr", "cmsc", "byol", "hybrid")
-MASKED = ("generative", "hybrid")  # need an encoder with patch tokens
+NAMES = ("generative", "contrastive", "simclr", "cmsc", "byol", "hybrid", "hybrid_byol")
+MASKED = ("generative", "hybrid", "hybrid_byol")  # need an encoder with patch tokens
 
 
 def build_objective(scenario: Scenario) -> Objective:
@@ -30,7 +31,7 @@ def build_objective(scenario: Scenario) -> Objective:
     name = "contrastive" if cfg.name == "simclr" else cfg.name
     if name not in NAMES:
         raise ConfigError(f"objective.name: unknown objective {name!r}; known: {list(NAMES)}")
-    if name == "hybrid" and cfg.contrastive_weight == 0:
+    if name in ("hybrid", "hybrid_byol") and cfg.contrastive_weight == 0:
         name = "generative"
     elif name == "hybrid" and cfg.generative_weight == 0:
         name = "contrastive"
@@ -60,5 +61,9 @@ def build_objective(scenario: Scenario) -> Objective:
     reconstruction = MaskedReconstruction(encoder, cfg.mask_ratio, cfg.decoder_width, cfg.decoder_depth)
     if name == "generative":
         return MaskedModeling(encoder, reconstruction)
+    if name == "hybrid_byol":  # per-sample (DP-safe): contrastive_weight weighs BYOL's agreement
+        prediction = ProjectionHead(cfg.projection_dim, cfg.projection_dim, hidden=encoder.width)
+        return MaskedBYOL(encoder, augment, reconstruction, projection(), prediction, cfg.target_momentum,
+                          cfg.generative_weight, cfg.contrastive_weight)
     return CREMA(encoder, augment, reconstruction, projection(), NTXentLoss(cfg.temperature),
                  cfg.generative_weight, cfg.contrastive_weight)

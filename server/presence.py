@@ -1,0 +1,109 @@
+"""Bounded waiting for sites: the ServerApp never waits without end for SuperNodes to connect.
+
+Flower's strategies wait for `min_available_nodes` by polling `grid.get_node_ids()` once a second,
+for ever. `PatientGrid` wraps the run's grid: when fewer than `min_sites` SuperNodes are online for
+longer than `timeout` seconds (at the start or in any later round), `get_node_ids` raises
+`SitesMissing`, which fails the run with a message naming the sites that are missing.
+
+Sites are named by the name their key was registered with at the SuperLink
+(`flwr supernode register <site>.key.pub <connection> --name <site>`, deployment); in simulation
+the nodes have no names and the message gives counts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from logging import INFO
+
+from flwr.app import Message
+from flwr.common import log
+from flwr.serverapp import Grid
+
+
+class SitesMissing(RuntimeError):
+    """Too few sites were online for longer than the connect timeout."""
+
+
+def missing_sites_message(expected: Sequence[str], online: Sequence[tuple[int, str]], min_sites: int,
+                          waited: float) -> str:
+    """What to tell the coordinator: who is online, who is missing, what to check."""
+    names = [name for _, name in online if name]
+    missing = [site for site in expected if site not in names]
+    unknown = sorted(set(names) - set(expected))
+    unnamed = [node_id for node_id, name in online if not name]
+    text = (f"only {len(online)} of the {min_sites} sites needed (federation.min_sites) were online "
+            f"after {waited:.0f} s")
+    if names:
+        text += f"; online: {', '.join(sorted(names))}"
+    if names or not unnamed:
+        text += f"; missing: {', '.join(missing) or '-'}"
+    if unknown:
+        text += f"; online under names not in the scenario: {', '.join(unknown)}"
+    if unnamed:
+        text += (f"; {len(unnamed)} online SuperNode(s) without a name (ids {', '.join(map(str, unnamed))}: "
+                 "register each key with `flwr supernode register KEY.pub <connection> --name <site>` so that "
+                 "missing sites can be named)")
+    return text + ". Check that their SuperNodes run, reach the SuperLink and are registered (`flwr supernode ls`)."
+
+
+class PatientGrid(Grid):
+    """A grid whose `get_node_ids` gives up after `timeout` s with fewer than `min_sites` nodes online."""
+
+    def __init__(self, grid: Grid, expected_sites: Sequence[str], min_sites: int, timeout: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if timeout <= 0:
+            raise ValueError(f"timeout must be positive, got {timeout}")
+        self._grid, self.expected, self.min_sites, self.timeout = grid, list(expected_sites), min_sites, timeout
+        self._clock = clock
+        self._short_since: float | None = None
+        self._last_report = float("-inf")
+
+    def online(self) -> list[tuple[int, str]]:
+        """(node id, registered name) of every online SuperNode of this run."""
+        return [(int(node.node_id), str(getattr(node, "name", "") or "")) for node in self._grid.get_nodes()]
+
+    def get_node_ids(self) -> Iterable[int]:
+        online = self.online()
+        if len(online) >= self.min_sites:
+            self._short_since = None
+            return [node_id for node_id, _ in online]
+        now = self._clock()
+        if self._short_since is None:
+            self._short_since = now
+        waited = now - self._short_since
+        if waited > self.timeout:
+            raise SitesMissing(missing_sites_message(self.expected, online, self.min_sites, waited))
+        if now - self._last_report >= 30:  # a progress line every 30 s, not every poll
+            self._last_report = now
+            names = [name for _, name in online if name]
+            log(INFO, "fedssl | waiting for sites: %d of %d online%s (gives up in %.0f s)", len(online),
+                self.min_sites, f" ({', '.join(sorted(names))})" if names else "", self.timeout - waited)
+        return [node_id for node_id, _ in online]
+
+    # -- everything else is the wrapped grid's ----------------------------------------------------
+
+    def get_nodes(self):
+        return self._grid.get_nodes()
+
+    def set_run(self, run) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self):
+        return self._grid.run
+
+    def create_message(self, *args, **kwargs) -> Message:
+        return self._grid.create_message(*args, **kwargs)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+    def __getattr__(self, name: str):  # anything newer Grids add
+        return getattr(self._grid, name)

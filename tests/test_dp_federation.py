@@ -1,0 +1,180 @@
+"""DP-SGD in the federation: each site's epsilon per round, its ledger on disk, declined rounds.
+
+One federation through Flower's simulation engine (two synthetic sites, three rounds, masked
+reconstruction): `north` takes the scenario's privacy section (noise calibrated so that the three
+rounds spend its target epsilon), `south` overrides it with a fixed noise and a small budget that
+round 1 fits and round 2 would pass, so it declines rounds 2 and 3 while the run goes on with
+`north`. Plus fast checks of the server's bookkeeping that need no simulation engine.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+from flwr.supercore.task_identity import TaskIdentity
+
+from client import app as client_app
+from client.app import PRIVACY_BUDGET_CODE, PRIVACY_BUDGET_REASON, privacy_metrics
+from fedssl.config import ConfigError, FederationConfig, load_scenario
+from fedssl.privacy import LEDGER_FILE, PrivacyLedger, compute_epsilon
+from server import metrics as server_metrics
+from server.app import CENTRAL_DP, check_federation, make_strategy
+from server.metrics import RoundTracker
+from server.validation import validate_replies
+from simulations.run import run_scenario
+
+DP_FEDERATION = """
+name: dp-federation
+seed: 5
+data: {window_seconds: 2.0}
+model: {size: tiny}
+objective: {name: generative}
+train: {batch_size: 4, local_steps: 3, threads: 1}
+federation: {rounds: 3, min_sites: 2}
+privacy: {enabled: true, target_epsilon: 8.0}
+evaluation:
+  synthetic: {records: 24, sample_rate: 250, duration_seconds: 4.0}
+  every_round: false
+  local_baselines: false
+sites:
+  - name: north
+    synthetic: {records: 6, sample_rate: 250, duration_seconds: 4.0}
+  - name: south
+    synthetic: {records: 6, sample_rate: 250, duration_seconds: 4.0}
+    # 3 steps at q = 4/6, sigma 2: epsilon ~3.05 after round 1, ~4.33 after round 2 > 4.0
+    privacy: {enabled: true, target_epsilon: 4.0, noise_multiplier: 2.0}
+"""
+
+
+@pytest.fixture(scope="module")
+def dp_federation(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dp-federation")
+    (folder / "dp.yaml").write_text(DP_FEDERATION)
+    result = run_scenario(folder / "dp.yaml", folder / "run", timeout=600, echo=lambda line: None)
+    rounds = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    return result, rounds
+
+
+def test_south_budget_fits_one_round_only():
+    # the scenario's numbers: round 1 fits south's budget, round 2 would not
+    q = 4 / 6
+    assert compute_epsilon([(2.0, q, 3)], 1e-5) < 4.0 < compute_epsilon([(2.0, q, 6)], 1e-5)
+
+
+def test_epsilon_grows_every_round_and_persists_in_the_ledger(dp_federation):
+    result, rounds = dp_federation
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    north = [r["epsilon"]["north"] for r in rounds]
+    assert 0 < north[0] < north[1] < north[2] <= 8.0 + 1e-6, north
+    ledger = PrivacyLedger.load(result.run_dir / "sites" / "north")  # reload from disk
+    assert [e["round"] for e in ledger.entries] == [1, 2, 3]
+    assert ledger.epsilon() == pytest.approx(north[-1], rel=1e-9)
+    assert rounds[-1]["delta"]["north"] == pytest.approx(ledger.delta)
+    assert result.summary["epsilon_by_site"]["north"] == north
+    assert "loss" in rounds[0] and "epsilon" not in result.summary  # losses stay the weighted means
+
+
+def test_a_site_past_its_budget_declines_and_the_run_goes_on(dp_federation):
+    result, rounds = dp_federation
+    assert rounds[0]["sites"] == 2 and rounds[0]["declined"] == []
+    south_epsilon = rounds[0]["epsilon"]["south"]
+    assert 0 < south_epsilon < 4.0
+    for r in rounds[1:]:
+        assert r["sites"] == 1 and "south" not in r["epsilon"]
+        assert [(d["site"], d["code"], d["reason"]) for d in r["declined"]] == [
+            ("south", PRIVACY_BUDGET_CODE, PRIVACY_BUDGET_REASON)]
+        assert r["errors"] == []
+    ledger = PrivacyLedger.load(result.run_dir / "sites" / "south")
+    assert [e["round"] for e in ledger.entries] == [1]  # declined rounds spend nothing
+    assert ledger.epsilon() == pytest.approx(south_epsilon, rel=1e-9)
+    assert json.loads((result.run_dir / "sites" / "south" / LEDGER_FILE).read_text())["target_epsilon"] == 4.0
+    assert result.summary["epsilon_by_site"]["south"] == [south_epsilon, None, None]
+    assert result.summary["declined_by_round"] == [[], ["south"], ["south"]]
+    assert (result.run_dir / "encoder.pt").is_file()
+
+
+def test_sites_clip_their_updates_when_the_server_sends_a_clipping_norm(monkeypatch):
+    for attribute in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attribute, 1)
+    sent = {"encoder.w": torch.zeros(4)}
+    trained = {"encoder.w": torch.full((4,), 3.0)}  # update norm 6
+
+    def train_round(msg, context):
+        return Message(RecordDict({"arrays": ArrayRecord(trained), "metrics": MetricRecord({"num-examples": 1})}),
+                       reply_to=msg)
+
+    monkeypatch.setattr(client_app, "train_round", train_round)
+    for config, norm in (({}, 6.0), ({KEY_CLIPPING_NORM: 2.0}, 2.0)):
+        msg = Message(RecordDict({"arrays": ArrayRecord(sent), "config": ConfigRecord({"server-round": 1, **config})}),
+                      dst_node_id=1, message_type="train")
+        out = client_app.train(msg, None)
+        update = out.content["arrays"].to_torch_state_dict()["encoder.w"]
+        assert update.norm().item() == pytest.approx(norm, rel=1e-5) and update.dtype == torch.float32
+
+
+def test_central_dp_wraps_the_strategy_inside_validation(tmp_path):
+    reference = {"encoder.w": torch.zeros(3)}
+    tracker = RoundTracker(tmp_path, 1, reference)
+    for mode, wrapper in CENTRAL_DP.items():
+        strategy = make_strategy(FederationConfig(central_dp=mode, central_noise_multiplier=0.5,
+                                                  central_clipping_norm=2.0), 2, tracker)
+        assert isinstance(strategy.strategy, wrapper) and strategy.strategy.clipping_norm == 2.0
+    with pytest.raises(ConfigError, match="central_dp"):
+        check_federation(FederationConfig(central_dp="both"), 2)
+    with pytest.raises(ConfigError, match="does not average"):
+        check_federation(FederationConfig(central_dp="server", strategy="fedmedian"), 2)
+
+
+def test_scenario_keeps_the_site_privacy_override(dp_federation):
+    result, _ = dp_federation
+    scenario = load_scenario(result.run_dir / "scenario.yaml")
+    north, south = scenario.sites
+    assert north.privacy is None and scenario.privacy_of(north).target_epsilon == 8.0
+    assert scenario.privacy_of(south).noise_multiplier == 2.0
+
+
+# -- the server's bookkeeping without a simulation engine -----------------------------------------
+
+def reply(node: int, metrics: dict | None, arrays: dict | None = None) -> Message:
+    if metrics is None:
+        content = Error(code=PRIVACY_BUDGET_CODE, reason=PRIVACY_BUDGET_REASON)
+    else:
+        content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)})
+    instruction = Message(RecordDict(), dst_node_id=node, message_type="train")
+    return Message(content, reply_to=instruction)  # as node `node` replies
+
+
+def test_mixed_dp_and_plain_sites_pass_validation_and_are_recorded_per_site(tmp_path, monkeypatch):
+    # flwr 1.41 stamps every new Message with the run of the process it runs in
+    for attribute in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attribute, 1)
+    reference = {"encoder.w": torch.zeros(3)}
+    arrays = {"encoder.w": torch.ones(3)}
+    ledger = PrivacyLedger(tmp_path / LEDGER_FILE, delta=1e-5, unit="record", accountant="rdp", target_epsilon=8.0)
+    ledger.record(3, 0.5, 1.5, round=1)
+    dp = {"num-examples": 10, "loss": 1.0, "site-index": 0, **privacy_metrics(ledger)}
+    plain = {"num-examples": 30, "loss": 2.0, "site-index": 1, **privacy_metrics(None)}
+    replies = [reply(11, dp, arrays), reply(22, plain, arrays)]
+    kept, rejected = validate_replies(1, replies, {"encoder.w": torch.zeros(3).numpy()},
+                                      {"encoder.w": ((3,), torch.zeros(3).numpy().dtype)}, 5.0, "num-examples")
+    assert rejected == [] and len(kept) == 2  # same metric names: no site is rejected
+
+    tracker = RoundTracker(tmp_path / "run", 2, reference, sites=("north", "south"))
+    tracker.observe_replies(1, replies)
+    aggregated = tracker.aggregate_train_metrics([m.content for m in replies], "num-examples")
+    assert set(aggregated) == {"loss"}  # per-site metrics are not averaged
+    tracker.finish_round(1, ArrayRecord(arrays), None, 0.0, expected=2)
+    tracker.observe_replies(2, [reply(11, None), reply(22, plain, arrays)])
+    tracker.aggregate_train_metrics([replies[1].content], "num-examples")
+    tracker.finish_round(2, ArrayRecord(arrays), None, 0.0, expected=2)
+    lines = [json.loads(line) for line in tracker.metrics_path.read_text().splitlines()]
+    assert lines[0]["epsilon"] == {"north": pytest.approx(ledger.epsilon())}  # plain sites are left out
+    assert lines[0]["loss"] == pytest.approx(1.75) and "epsilon" not in aggregated
+    assert lines[1]["epsilon"] == {} and lines[1]["sites"] == 1
+    assert lines[1]["declined"] == [{"node_id": 11, "site": "north", "code": PRIVACY_BUDGET_CODE,
+                                     "reason": PRIVACY_BUDGET_REASON}]
+    assert server_metrics.PRIVACY_BUDGET_CODE == PRIVACY_BUDGET_CODE

@@ -126,6 +126,8 @@ class FederationConfig:
     strategy: str = "fedavg"  # fedavg, fedavgm, fedadam, fedyogi, fedprox; robust: fedmedian, fedtrimmedavg, krum, multikrum
     fraction_train: float = 1.0
     min_sites: int = 2
+    connect_timeout: float = 600.0  # s with fewer than min_sites online before the run fails, naming who is missing
+    round_timeout: float = 3600.0  # s a round waits for the sites' replies
     # encoder: heads, decoders and predictors stay at the site; all: the whole objective travels
     share: str = "encoder"
     # replace: a site starts each round from the global model; fedema: it blends in its own

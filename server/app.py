@@ -29,6 +29,7 @@ from fedssl.evaluate import linear_probe, probe_data
 from fedssl.federated import LOCAL_UPDATES, SHARE_MODES, encoder_state, shared_state
 from fedssl.objectives import build_objective
 from server.metrics import RoundTracker
+from server.presence import PatientGrid
 from server.robust import robust_options
 from server.validation import ValidatedStrategy
 
@@ -83,8 +84,11 @@ def main(grid: Grid, context: Context) -> None:
         tracker.finish_round(server_round, arrays, auroc, seconds, expected=sampled)
         return None if auroc is None else MetricRecord({"probe-macro-auroc": auroc})
 
+    # never wait without end: fail naming the missing sites after connect_timeout
+    grid = PatientGrid(grid, [s.name for s in scenario.sites], fed.min_sites, timeout=fed.connect_timeout)
     strategy.start(
         grid=grid,
+        timeout=fed.round_timeout,  # seconds a round waits for the sites' replies
         initial_arrays=ArrayRecord(initial),
         num_rounds=fed.rounds,
         train_config=ConfigRecord({"num-rounds": fed.rounds}),  # FedAvg adds "server-round"
@@ -104,7 +108,8 @@ def check_federation(fed: FederationConfig, num_sites: int) -> None:
     for key, value, known in (("share", fed.share, SHARE_MODES), ("local_update", fed.local_update, LOCAL_UPDATES)):
         if value not in known:
             raise ConfigError(f"federation.{key}: unknown value {value!r}; known: {list(known)}")
-    positive = {"fedema_tau": fed.fedema_tau, "fedema_lambda": fed.fedema_lambda,
+    positive = {"connect_timeout": fed.connect_timeout, "round_timeout": fed.round_timeout,
+                "fedema_tau": fed.fedema_tau, "fedema_lambda": fed.fedema_lambda,
                 "server_learning_rate": fed.server_learning_rate, "server_tau": fed.server_tau}
     for key, value in positive.items():
         if value is not None and value <= 0:

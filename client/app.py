@@ -74,8 +74,9 @@ def train_round(msg: Message, context: Context) -> Message:
         log(INFO, "fedssl | site %s declines the round: %s", site_name, err)  # stays in the site's log
         return Message(Error(code=PRIVACY_BUDGET_CODE, reason=PRIVACY_BUDGET_REASON), reply_to=msg)
     except Exception as err:  # noqa: BLE001 - reported to the server instead of hanging the round
-        reason = f"site {site_name}: {type(err).__name__}: {err}"
-        log(ERROR, "fedssl | %s\n%s", reason, traceback.format_exc())
+        # the details (paths, record ids) stay in the site's own log; the server learns only the kind
+        log(ERROR, "fedssl | site %s: %s: %s\n%s", site_name, type(err).__name__, err, traceback.format_exc())
+        reason = f"site {site_name}: {type(err).__name__} (details in the site's log)"
         return Message(Error(code=SITE_ERROR_CODE, reason=reason), reply_to=msg)
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 

@@ -106,3 +106,19 @@ def test_sites_trained_the_encoder(run):
     for reply in replies:
         received = reply.content["arrays"].to_torch_state_dict()
         assert any(not np.array_equal(received[k].numpy(), initial[k].numpy()) for k in initial)
+
+
+def test_an_error_reply_names_the_kind_of_failure_but_no_path(tmp_path, monkeypatch):
+    for attribute in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attribute, 1)
+    hidden = tmp_path / "ward-7" / "patient-0042"
+    (tmp_path / "scenario.yaml").write_text(f"sites: [{{name: north, folder: {hidden}}}, {{name: south, folder: {hidden}}}]\n")
+    scenario = load_scenario(tmp_path / "scenario.yaml")
+    initial = shared_state(build_objective(scenario), scenario.federation.share)
+    strategy = FedAvg(fraction_evaluate=0.0)
+    (msg, *_) = strategy.configure_train(1, ArrayRecord(initial), ConfigRecord({"num-rounds": 1}), _Grid())
+    reply = client_app(msg, Context(run_id=1, node_id=21, state=RecordDict(),
+                                    node_config={"partition-id": 0, "num-partitions": 2},
+                                    run_config={"scenario": str(tmp_path / "scenario.yaml"), "run-dir": str(tmp_path / "run")}))
+    assert reply.has_error()
+    assert "SiteDataError" in reply.error.reason and "patient-0042" not in reply.error.reason

@@ -31,8 +31,8 @@ from fedssl.objectives.base import Objective
 from fedssl.storage import atomic_write
 
 LEDGER_FILE = "privacy_ledger.json"
-DP_SAFE = ("masked reconstruction (objective.name: generative, or hybrid with contrastive_weight: 0) "
-           "or BYOL (objective.name: byol)")
+DP_SAFE = ("masked reconstruction (objective.name: generative, or hybrid with contrastive_weight: 0), "
+           "BYOL (objective.name: byol) or the per-sample hybrid (objective.name: hybrid_byol)")
 
 
 class PrivacyError(ValueError):

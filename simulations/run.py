@@ -37,8 +37,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
-from simulations.processes import TOKEN_VARIABLE, free_port, marked_processes, pid_alive  # noqa: F401
-from simulations.processes import send_signal as _signal
+from simulations.processes import TOKEN_VARIABLE, free_port, marked_processes, pid_alive, stop_pids  # noqa: F401
 from simulations.processes import terminate as _terminate
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -252,16 +251,7 @@ class LocalSimulation:
         left = marked_processes(self.token)
         if left:  # e.g. flwr-simulation or Ray processes orphaned by a crash
             self.seen_pids |= set(left)
-            for pid in left:
-                _signal(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 5
-            while (left := [p for p in left if pid_alive(p)]) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            for pid in left:
-                _signal(pid, signal.SIGKILL)
-            deadline = time.monotonic() + 2
-            while (left := [p for p in left if pid_alive(p)]) and time.monotonic() < deadline:
-                time.sleep(0.1)
+            stop_pids(left)
         marked = set(marked_processes(self.token))
         survivors = sorted(p for p in self.seen_pids if p in marked and pid_alive(p))
         if survivors:

@@ -50,10 +50,15 @@ class BYOL(Objective):
         loss = self.loss(online[0], target[1]) + self.loss(online[1], target[0])  # symmetrised
         return {"loss": loss, "byol": loss}
 
-    @torch.no_grad()
     def after_step(self) -> None:
-        """target <- momentum * target + (1 - momentum) * online."""
-        pairs = ((self.encoder, self.target_encoder), (self.projection, self.target_projection))
-        for online, target in pairs:
-            for o, t in zip(online.parameters(), target.parameters(), strict=True):
-                t.lerp_(o, 1 - self.momentum)
+        ema_update(self, self.momentum)
+
+
+@torch.no_grad()
+def ema_update(objective: nn.Module, momentum: float) -> None:
+    """BYOL's target update, target <- momentum * target + (1 - momentum) * online, for an objective
+    with `encoder`/`target_encoder` and `projection`/`target_projection`."""
+    pairs = ((objective.encoder, objective.target_encoder), (objective.projection, objective.target_projection))
+    for online, target in pairs:
+        for o, t in zip(online.parameters(), target.parameters(), strict=True):
+            t.lerp_(o, 1 - momentum)

@@ -22,7 +22,7 @@ import torch
 from fedssl.data.augment import Augment
 from fedssl.models import ECGTransformer
 from fedssl.objectives.base import Objective
-from fedssl.objectives.byol import BYOLLoss
+from fedssl.objectives.byol import BYOLLoss, ema_update
 from fedssl.objectives.contrastive import ProjectionHead
 from fedssl.objectives.generative import MaskedReconstruction, random_masking
 
@@ -65,10 +65,5 @@ class MaskedBYOL(Objective):
         loss = self.generative_weight * generative + self.agreement_weight * agreement
         return {"loss": loss, "generative": generative, "agreement": agreement}
 
-    @torch.no_grad()
     def after_step(self) -> None:
-        """target <- momentum * target + (1 - momentum) * online."""
-        pairs = ((self.encoder, self.target_encoder), (self.projection, self.target_projection))
-        for online, target in pairs:
-            for o, t in zip(online.parameters(), target.parameters(), strict=True):
-                t.lerp_(o, 1 - self.momentum)
+        ema_update(self, self.momentum)

@@ -1,21 +1,12 @@
-import dataclasses
 
 import torch
 
 from fedssl.baselines import compare, local_only_state
-from fedssl.config import EvaluationConfig, FederationConfig, SiteConfig, SyntheticSiteConfig, TrainConfig
-from tests.conftest import small_scenario
+from tests.conftest import two_site_scenario
 
 
 def tiny_scenario():
-    site = SyntheticSiteConfig(records=12, duration_seconds=4.0, sample_rate=250)
-    return dataclasses.replace(
-        small_scenario("hybrid"),
-        train=TrainConfig(batch_size=4, local_steps=2),
-        federation=FederationConfig(rounds=2, min_sites=2),
-        evaluation=EvaluationConfig(synthetic=dataclasses.replace(site, records=40)),
-        sites=(SiteConfig("a", synthetic=site), SiteConfig("b", synthetic=dataclasses.replace(site, mains_hz=60.0))),
-    )
+    return two_site_scenario("hybrid", records=12)
 
 
 def test_local_only_training_has_the_federation_budget_and_is_seeded(tmp_path):

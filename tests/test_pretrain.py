@@ -1,6 +1,5 @@
 """Centralized pretraining and the evaluation protocol (probe, fine-tuning, label efficiency)."""
 
-import dataclasses
 import json
 
 import numpy as np
@@ -9,28 +8,16 @@ import torch
 from fedssl.baselines import centralized_state, local_only_state
 from fedssl.cli import main
 from fedssl.config import (
-    EvaluationConfig,
-    FederationConfig,
     ModelConfig,
-    SiteConfig,
-    SyntheticSiteConfig,
-    TrainConfig,
     save_scenario,
 )
 from fedssl.evaluate import fine_tune, label_efficiency, label_subset
-from tests.conftest import small_scenario
+from tests.conftest import two_site_scenario
 from tests.test_evaluate import labelled
 
 
 def tiny_scenario():
-    site = SyntheticSiteConfig(records=8, duration_seconds=4.0, sample_rate=250)
-    return dataclasses.replace(
-        small_scenario("contrastive"), model=ModelConfig(encoder="resnet1d"),
-        train=TrainConfig(batch_size=4, local_steps=2),
-        federation=FederationConfig(rounds=2, min_sites=2),
-        evaluation=EvaluationConfig(synthetic=dataclasses.replace(site, records=40)),
-        sites=(SiteConfig("a", synthetic=site), SiteConfig("b", synthetic=dataclasses.replace(site, mains_hz=60.0))),
-    )
+    return two_site_scenario("contrastive", records=8, model=ModelConfig(encoder="resnet1d"))
 
 
 def test_pretraining_sees_as_many_samples_as_the_federation(tmp_path):

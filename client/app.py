@@ -37,7 +37,9 @@ from client.state import (load_fedema_state, load_local_state, load_privacy_ledg
                           save_local_state)
 from fedssl.config import ConfigError, Scenario, SiteConfig, load_scenario
 from fedssl.data.site import load_site
-from fedssl.federated import fedema_start, shared_state
+from fedssl.data.windows import WindowSet
+from fedssl.evaluate import linear_probe
+from fedssl.federated import encoder_state, fedema_start, shared_state
 from fedssl.objectives import build_objective
 from fedssl.privacy import PrivacyBudgetExceeded, PrivacyLedger
 from fedssl.train import train_local
@@ -64,12 +66,25 @@ def train(msg: Message, context: Context) -> Message:
 
 def train_round(msg: Message, context: Context) -> Message:
     """One round's local training; an Error reply if it fails or the site declines it."""
+    return answer(msg, context, train_site)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Federated evaluation (`evaluation.federated`): probe the global encoder on this site's
+    own labelled windows; the reply holds scalars only (AUROC and window counts)."""
+    return answer(msg, context, evaluate_site)
+
+
+def answer(msg: Message, context: Context, work) -> Message:
+    """Reply with `work(scenario, site, msg, context)`'s records, or an Error reply that says
+    nothing about the site's data if it fails or the site declines the round."""
     site_name = "?"
     try:
         scenario = load_scenario(context.run_config["scenario"])
         site = which_site(scenario, context.node_config)
         site_name = site.name
-        arrays, metrics = train_site(scenario, site, msg, context)
+        content = RecordDict(work(scenario, site, msg, context))
     except PrivacyBudgetExceeded as err:
         log(INFO, "fedssl | site %s declines the round: %s", site_name, err)  # stays in the site's log
         return Message(Error(code=PRIVACY_BUDGET_CODE, reason=PRIVACY_BUDGET_REASON), reply_to=msg)
@@ -78,18 +93,17 @@ def train_round(msg: Message, context: Context) -> Message:
         log(ERROR, "fedssl | site %s: %s: %s\n%s", site_name, type(err).__name__, err, traceback.format_exc())
         reason = f"site {site_name}: {type(err).__name__} (details in the site's log)"
         return Message(Error(code=SITE_ERROR_CODE, reason=reason), reply_to=msg)
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    return Message(content, reply_to=msg)
 
 
-def train_site(scenario: Scenario, site: SiteConfig, msg: Message, context: Context) -> tuple[ArrayRecord, MetricRecord]:
+def train_site(scenario: Scenario, site: SiteConfig, msg: Message, context: Context) -> dict:
     """The round's local work at `site`: load heads + global model, train, save heads."""
     run_dir = Path(str(context.run_config["run-dir"]))
     state_folder = Path(str(context.node_config.get("state-folder", run_dir / "sites" / site.name)))
-    data_folder = Path(str(context.node_config.get("data-folder", run_dir / "data")))
     config, fed = msg.content["config"], scenario.federation
     server_round = int(config["server-round"])
 
-    data = load_site(site, scenario.data, data_folder, scenario.seed)
+    data = site_windows(scenario, site, context)
     objective = build_objective(scenario)
     if fed.share == "encoder":
         load_local_state(objective, state_folder)
@@ -123,7 +137,32 @@ def train_site(scenario: Scenario, site: SiteConfig, msg: Message, context: Cont
     metrics = MetricRecord({"num-examples": len(data), "examples-seen": int(result.examples),
                             SITE_INDEX_KEY: scenario.sites.index(site),
                             **{k: float(v) for k, v in result.losses.items()}, **extra})
-    return ArrayRecord(shared), metrics
+    return {"arrays": ArrayRecord(shared), "metrics": metrics}
+
+
+def evaluate_site(scenario: Scenario, site: SiteConfig, msg: Message, context: Context) -> dict:
+    """Linear-probe macro AUROC of the received encoder on the site's labelled windows, split by
+    record (and patient) as the central probe is. A site whose labels cannot be probed (no class
+    with positives and negatives on both sides) replies with `num-examples` 0, which the server
+    leaves out of the mean, instead of failing the round."""
+    encoder = build_objective(scenario).encoder
+    encoder.load_state_dict(encoder_state(msg.content["arrays"].to_torch_state_dict()))
+    evaluation = scenario.evaluation
+    train, test = site_windows(scenario, site, context).split_by_record(evaluation.test_fraction, scenario.seed)
+    try:
+        auroc, windows = linear_probe(encoder, train, test, evaluation.probe_l2).macro_auroc, len(test)
+    except ValueError as err:  # no usable class at this site
+        log(INFO, "fedssl | site %s: no federated probe: %s", site.name, err)
+        auroc, windows = 0.0, 0
+    return {"metrics": MetricRecord({"num-examples": windows, "probe-macro-auroc": auroc,
+                                     SITE_INDEX_KEY: scenario.sites.index(site)})}
+
+
+def site_windows(scenario: Scenario, site: SiteConfig, context: Context) -> WindowSet:
+    """The site's windows (built once from its records, then read from its cache)."""
+    run_dir = Path(str(context.run_config["run-dir"]))
+    data_folder = Path(str(context.node_config.get("data-folder", run_dir / "data")))
+    return load_site(site, scenario.data, data_folder, scenario.seed)
 
 
 def privacy_metrics(ledger: PrivacyLedger | None) -> dict[str, float]:

@@ -130,6 +130,9 @@ class FederationConfig:
     round_timeout: float = 3600.0  # s a round waits for the sites' replies
     # encoder: heads, decoders and predictors stay at the site; all: the whole objective travels
     share: str = "encoder"
+    # dtype of the shared weights on the wire, both ways: float16 halves the bytes; the server
+    # casts updates back to float32 before validation and aggregation (server/validation.py)
+    transfer_dtype: str = "float32"
     # replace: a site starts each round from the global model; fedema: it blends in its own
     # previous model, the more the farther it has drifted (Zhuang et al., ICLR 2022)
     local_update: str = "replace"
@@ -167,6 +170,9 @@ class EvaluationConfig:
     probe_l2: float = 1e-3
     every_round: bool = True
     local_baselines: bool = True
+    # each site also probes the global encoder on its own labelled windows (split by record, test_fraction)
+    # after every round; the server logs the test-window-weighted mean AUROC (only scalars leave a site)
+    federated: bool = False
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
 
 from fedssl.config import ConfigError, FederationConfig, Scenario, load_scenario
 from fedssl.evaluate import linear_probe, probe_data
-from fedssl.federated import LOCAL_UPDATES, SHARE_MODES, encoder_state, shared_state
+from fedssl.federated import LOCAL_UPDATES, SHARE_MODES, TRANSFER_DTYPES, encoder_state, shared_state
 from fedssl.objectives import build_objective
 from server.metrics import RoundTracker
 from server.presence import PatientGrid
@@ -66,7 +66,7 @@ def main(grid: Grid, context: Context) -> None:
 
     initial = shared_state(build_objective(scenario), fed.share)
     tracker = RoundTracker(run_dir, fed.rounds, initial, sites=tuple(s.name for s in scenario.sites))
-    strategy = make_strategy(fed, len(scenario.sites), tracker)
+    strategy = make_strategy(fed, len(scenario.sites), tracker, scenario.evaluation.federated)
     log(INFO, "fedssl | scenario %s: %d sites, %d rounds of %s (share %s, %s), %d local steps",
         scenario.name, len(scenario.sites), fed.rounds, fed.strategy, fed.share, fed.local_update,
         scenario.train.local_steps)
@@ -105,7 +105,8 @@ def check_federation(fed: FederationConfig, num_sites: int) -> None:
     if not 1 <= fed.min_sites <= num_sites:
         raise ConfigError(f"federation.min_sites must be between 1 and the number of sites ({num_sites}), "
                           f"got {fed.min_sites}")
-    for key, value, known in (("share", fed.share, SHARE_MODES), ("local_update", fed.local_update, LOCAL_UPDATES)):
+    for key, value, known in (("share", fed.share, SHARE_MODES), ("local_update", fed.local_update, LOCAL_UPDATES),
+                              ("transfer_dtype", fed.transfer_dtype, tuple(TRANSFER_DTYPES))):
         if value not in known:
             raise ConfigError(f"federation.{key}: unknown value {value!r}; known: {list(known)}")
     positive = {"connect_timeout": fed.connect_timeout, "round_timeout": fed.round_timeout,
@@ -127,16 +128,19 @@ def check_federation(fed: FederationConfig, num_sites: int) -> None:
             raise ConfigError("federation.central_noise_multiplier must be >= 0 and central_clipping_norm > 0")
 
 
-def make_strategy(fed: FederationConfig, num_sites: int, tracker: RoundTracker) -> Strategy:
-    """The scenario's strategy behind update validation, training on sites only (no client-side
-    evaluation rounds)."""
+def make_strategy(fed: FederationConfig, num_sites: int, tracker: RoundTracker,
+                  federated_evaluation: bool = False) -> Strategy:
+    """The scenario's strategy behind update validation; with `federated_evaluation` every site
+    also probes each round's global encoder on its own labelled windows."""
     check_federation(fed, num_sites)
     strategy = STRATEGIES[fed.strategy](
         fraction_train=fed.fraction_train,
-        fraction_evaluate=0.0,
+        fraction_evaluate=1.0 if federated_evaluation else 0.0,
         min_train_nodes=fed.min_sites,
+        min_evaluate_nodes=fed.min_sites,
         min_available_nodes=fed.min_sites,
         train_metrics_aggr_fn=tracker.aggregate_train_metrics,
+        evaluate_metrics_aggr_fn=tracker.aggregate_evaluate_metrics,
         **strategy_options(fed),
         **robust_options(fed, num_sites),
     )
@@ -145,6 +149,7 @@ def make_strategy(fed: FederationConfig, num_sites: int, tracker: RoundTracker) 
         strategy = CENTRAL_DP[fed.central_dp](strategy, noise_multiplier=fed.central_noise_multiplier,
                                               clipping_norm=fed.central_clipping_norm, num_sampled_clients=sampled)
     return ValidatedStrategy(strategy, ArrayRecord(tracker.reference), max_norm_ratio=fed.max_update_ratio,
+                             transfer_dtype=fed.transfer_dtype,
                              sites=tracker.sites, on_reject=tracker.record_rejection,
                              on_replies=tracker.observe_replies)
 

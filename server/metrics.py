@@ -50,6 +50,7 @@ class RoundTracker:
     _rejected: dict[int, list[dict]] = field(default_factory=dict)  # round -> updates left out
     _errors: dict[int, list[dict]] = field(default_factory=dict)  # round -> error replies
     _nodes: dict[int, str] = field(default_factory=dict)  # node id -> site name, from its replies
+    _site_probes: dict[int, dict] = field(default_factory=dict)  # round -> federated evaluation
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -85,6 +86,20 @@ class RoundTracker:
             "seconds": time.perf_counter() - self._started,
         }
         return aggregated
+
+    def aggregate_evaluate_metrics(self, replies: list[RecordDict], weight_key: str) -> MetricRecord:
+        """Federated evaluation (`evaluation.federated`): each site's own probe AUROC and their mean
+        weighted by probe-test windows (the strategy's `evaluate_metrics_aggr_fn`). Sites that could
+        not probe (weight 0) are left out; with none left the mean is absent, not zero."""
+        by_site, weights = {}, {}
+        for i, reply in enumerate(replies):
+            metrics = next(iter(reply.metric_records.values()))
+            if metrics.get(weight_key, 0) > 0:
+                site = self.site_name(metrics.get(SITE_INDEX_KEY), f"reply-{i}")
+                by_site[site], weights[site] = float(metrics["probe-macro-auroc"]), int(metrics[weight_key])
+        mean = sum(by_site[s] * weights[s] for s in by_site) / sum(weights.values()) if by_site else None
+        self._site_probes[self._round] = {"site_probe_macro_auroc": by_site, "federated_macro_auroc": mean}
+        return MetricRecord({} if mean is None else {"federated-macro-auroc": mean})
 
     def record_rejection(self, rejection: Rejection) -> None:
         """Remember an update left out of its round's aggregate (`ValidatedStrategy.on_reject`)."""
@@ -138,6 +153,7 @@ class RoundTracker:
             "round": server_round,
             **train["losses"],
             "probe_macro_auroc": probe_auroc,
+            **self._site_probes.pop(server_round, {}),
             "seconds": round(train["seconds"], 3),
             "probe_seconds": round(probe_seconds, 3),
             "sites": train["sites"],
@@ -183,6 +199,7 @@ def progress_line(record: dict, rounds: int) -> str:
         f"round {record['round']}/{rounds}",
         f"loss {record['loss']:.4f}" if isinstance(record.get("loss"), float) else "loss ?",
         f"probe AUROC {auroc:.3f}" if auroc is not None and math.isfinite(auroc) else "probe AUROC -",
+        *([f"site probes {record['federated_macro_auroc']:.3f}"] if record.get("federated_macro_auroc") else []),
         f"{record['seconds']:.1f}s" + (f" + {record['probe_seconds']:.1f}s probe" if record["probe_seconds"] else ""),
         f"{record['sites']} site" + ("" if record["sites"] == 1 else "s"),
     ]

@@ -1,8 +1,9 @@
 """Federated variants: what travels (`share`), FedProx, FedEMA and the server optimisers.
 
 Flower-free checks of the math in `fedssl.federated` and of the strategy options first, then two
-short federations through the real runner that together cover FedProx, FedAdam, `share: all` and
-`local_update: fedema` (~1 min on two cores, most of it Flower and Ray starting up).
+short federations through the real runner that together cover FedProx, FedAdam, `share: all`,
+`local_update: fedema` and federated evaluation (~1 min on two cores, most of it Flower and Ray
+starting up).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
@@ -132,6 +133,20 @@ def test_bad_federation_options_are_clear_errors(change, message, tmp_path):
         make_strategy(fed, 2, RoundTracker(tmp_path, 1, {}))
 
 
+def _evaluate_reply(site_index: int, windows: int, auroc: float) -> RecordDict:
+    return RecordDict({"metrics": MetricRecord({"num-examples": windows, "probe-macro-auroc": auroc,
+                                                "site-index": site_index})})
+
+
+def test_federated_evaluation_weights_sites_by_probe_windows(tmp_path):
+    tracker = RoundTracker(tmp_path, 1, {}, sites=("a", "b", "c"))
+    replies = [_evaluate_reply(0, 30, 0.9), _evaluate_reply(1, 10, 0.5), _evaluate_reply(2, 0, 0.0)]
+    mean = tracker.aggregate_evaluate_metrics(replies, "num-examples")["federated-macro-auroc"]
+    assert mean == pytest.approx((30 * 0.9 + 10 * 0.5) / 40)  # site c could not probe: left out
+    assert tracker._site_probes[1]["site_probe_macro_auroc"] == {"a": 0.9, "b": 0.5}
+    assert "federated-macro-auroc" not in tracker.aggregate_evaluate_metrics(replies[2:], "num-examples")
+
+
 # -- through the real runner ----------------------------------------------------------------------
 
 VARIANTS = {
@@ -144,7 +159,9 @@ VARIANTS = {
 def variant(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     text = TINY.replace("federation: {rounds: 2, min_sites: 2}", f"federation: {VARIANTS[request.param]}")
-    assert text != TINY
+    if request.param == "fedprox-share-all":  # the sites probe the whole objective's encoder part
+        text = text.replace("every_round: false", "every_round: false\n  federated: true")
+    assert text != TINY and ("federated: true" in text) == (request.param == "fedprox-share-all")
     (folder / "tiny.yaml").write_text(text)
     result = run_scenario(folder / "tiny.yaml", folder / "run", timeout=600, echo=lambda line: None)
     rounds = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -174,7 +191,13 @@ def test_variant_specifics(variant):
         heads = initial.local_state_dict()
         assert any(not torch.equal(global_state[k], heads[k]) for k in heads)  # ... and were averaged
         assert not any((run_dir / "sites" / site / FEDEMA_FILE).exists() for site in ("north", "south"))
+        for r in rounds:  # federated evaluation: each site's own probe, and their weighted mean
+            by_site = r["site_probe_macro_auroc"]
+            assert by_site and set(by_site) <= {"north", "south"}
+            assert all(0.0 <= v <= 1.0 for v in by_site.values())
+            assert min(by_site.values()) <= r["federated_macro_auroc"] <= max(by_site.values())
     else:
+        assert "site_probe_macro_auroc" not in rounds[0]  # federated evaluation is off by default
         assert not (run_dir / "global.pt").exists()
         assert [r["fedema-mu"] for r in rounds] == [0.0, pytest.approx(scenario.federation.fedema_tau)]
         previous = torch.load(run_dir / "sites" / "north" / FEDEMA_FILE, weights_only=True)

@@ -2,7 +2,8 @@
 
 Flower-free checks of the math in `fedssl.federated` and of the strategy options first, then two
 short federations through the real runner that together cover FedProx, FedAdam, `share: all`,
-`local_update: fedema` and federated evaluation (~1 min on two cores, most of it Flower and Ray
+`local_update: fedema`, federated evaluation, and switching the objective (CMSC, BYOL, SimCLR),
+the encoder (ResNet1D) and the strategy in YAML (~3 min on two cores, mostly Flower and Ray
 starting up).
 """
 
@@ -149,23 +150,49 @@ def test_federated_evaluation_weights_sites_by_probe_windows(tmp_path):
 
 # -- through the real runner ----------------------------------------------------------------------
 
+# each variant switches what its name says in TINY (hybrid objective, st_mem encoder, FedAvg, share: encoder)
 VARIANTS = {
-    "fedprox-share-all": "{strategy: fedprox, proximal_mu: 0.1, share: all, rounds: 2, min_sites: 2}",
-    "fedadam-fedema": "{strategy: fedadam, local_update: fedema, rounds: 2, min_sites: 2}",
+    "fedprox-share-all": {"federation": "{strategy: fedprox, proximal_mu: 0.1, share: all, rounds: 2, min_sites: 2}",
+                          "evaluation": "federated: true"},
+    "fedadam-fedema": {"federation": "{strategy: fedadam, local_update: fedema, rounds: 2, min_sites: 2}"},
+    "cmsc-resnet1d-fedavgm": {"objective": "{name: cmsc}", "model": "{encoder: resnet1d, size: tiny}",
+                              "federation": "{strategy: fedavgm, rounds: 2, min_sites: 2}"},
+    "byol-fedyogi-share-all": {"objective": "{name: byol}",
+                               "federation": "{strategy: fedyogi, share: all, rounds: 2, min_sites: 2}"},
+    "simclr-fedmedian": {"objective": "{name: simclr}", "federation": "{strategy: fedmedian, rounds: 2, min_sites: 2}"},
 }
+
+
+def variant_text(changes: dict[str, str]) -> str:
+    """TINY with its `model` and `federation` lines replaced, an `objective` line and evaluation keys added."""
+    text = TINY.replace("model: {size: tiny}", f"model: {changes.get('model', '{size: tiny}')}")
+    text = text.replace("federation: {rounds: 2, min_sites: 2}", f"federation: {changes['federation']}")
+    if "objective" in changes:
+        text = text.replace("model:", f"objective: {changes['objective']}\nmodel:", 1)
+    if "evaluation" in changes:
+        text = text.replace("  every_round: false", f"  every_round: false\n  {changes['evaluation']}")
+    return text
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def variant(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
-    text = TINY.replace("federation: {rounds: 2, min_sites: 2}", f"federation: {VARIANTS[request.param]}")
-    if request.param == "fedprox-share-all":  # the sites probe the whole objective's encoder part
-        text = text.replace("every_round: false", "every_round: false\n  federated: true")
-    assert text != TINY and ("federated: true" in text) == (request.param == "fedprox-share-all")
-    (folder / "tiny.yaml").write_text(text)
+    (folder / "tiny.yaml").write_text(variant_text(VARIANTS[request.param]))
     result = run_scenario(folder / "tiny.yaml", folder / "run", timeout=600, echo=lambda line: None)
     rounds = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     return request.param, result.run_dir, rounds, load_scenario(result.run_dir / "scenario.yaml")
+
+
+def test_variant_scenario_has_the_switches(variant):
+    name, _, _, scenario = variant
+    expected = {"fedprox-share-all": ("hybrid", "st_mem", "fedprox", "all"),
+                "fedadam-fedema": ("hybrid", "st_mem", "fedadam", "encoder"),
+                "cmsc-resnet1d-fedavgm": ("cmsc", "resnet1d", "fedavgm", "encoder"),
+                "byol-fedyogi-share-all": ("byol", "st_mem", "fedyogi", "all"),
+                "simclr-fedmedian": ("simclr", "st_mem", "fedmedian", "encoder")}[name]
+    fed = scenario.federation
+    assert (scenario.objective.name, scenario.model.encoder, fed.strategy, fed.share) == expected
+    assert scenario.evaluation.federated == (name == "fedprox-share-all")
 
 
 def test_variant_trains_the_global_encoder(variant):
@@ -184,6 +211,8 @@ def test_variant_specifics(variant):
     initial = build_objective(scenario)
     for site in ("north", "south"):
         assert (run_dir / "sites" / site / HEADS_FILE).is_file()  # persisted in both share modes
+    if name == "byol-fedyogi-share-all":  # the BYOL target network travelled and was averaged too
+        assert any(k.startswith("target") for k in torch.load(run_dir / "global.pt", weights_only=True))
     if name == "fedprox-share-all":
         assert all(r["proximal"] > 0 for r in rounds)  # the sites drifted and were pulled back
         global_state = torch.load(run_dir / "global.pt", weights_only=True)
@@ -196,7 +225,7 @@ def test_variant_specifics(variant):
             assert by_site and set(by_site) <= {"north", "south"}
             assert all(0.0 <= v <= 1.0 for v in by_site.values())
             assert min(by_site.values()) <= r["federated_macro_auroc"] <= max(by_site.values())
-    else:
+    elif name == "fedadam-fedema":
         assert "site_probe_macro_auroc" not in rounds[0]  # federated evaluation is off by default
         assert not (run_dir / "global.pt").exists()
         assert [r["fedema-mu"] for r in rounds] == [0.0, pytest.approx(scenario.federation.fedema_tau)]

@@ -1,5 +1,5 @@
 """The `fedssl` command: simulate a federation, pretrain centrally, evaluate an encoder, check a
-site's data, write synthetic hospitals."""
+site's data, write synthetic hospitals, report on a run, export its encoder and embed records."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 from fedssl import deploy
 from fedssl.config import ConfigError, DataConfig, SyntheticSiteConfig, load_scenario
 from fedssl.data.site import SiteDataError, build_site
+from fedssl.report import RunFolderError
 
 
 def _simulate(args: argparse.Namespace) -> None:
@@ -21,7 +22,8 @@ def _simulate(args: argparse.Namespace) -> None:
     )
 
     try:
-        run_scenario(Path(args.scenario), out_dir=Path(args.out) if args.out else None, verbose=args.verbose)
+        run_scenario(Path(args.scenario), out_dir=Path(args.out) if args.out else None, verbose=args.verbose,
+                     resume=args.resume)
     except FederationError as err:
         raise RuntimeError(err) from None
 
@@ -107,6 +109,32 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(f"per-class AUROC and every seed's result in {path}")
 
 
+def _report(args: argparse.Namespace) -> None:
+    from fedssl.report import write_report
+
+    print(f"report: {write_report(Path(args.run_dir))}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from fedssl.export import CARD, export_run
+
+    out = export_run(Path(args.run_dir), Path(args.out))
+    print(f"exported the encoder of {args.run_dir} to {out} (model card: {out / CARD})")
+
+
+def _embed(args: argparse.Namespace) -> None:
+    from fedssl.export import embed_folder, skipped_summary
+
+    result = embed_folder(Path(args.model_dir), Path(args.records_dir), progress=not args.quiet)
+    path = result.save(Path(args.out))
+    records = len(set(result.record_ids))
+    print(f"embedded {len(result.windows)} windows of {records} records ({result.windows.shape[1]} dimensions) "
+          f"into {path}")
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} unusable records ({skipped_summary(result.skipped)}); "
+              "their ids and reasons are in skipped_records / skipped_reasons")
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="fedssl", description=__doc__)
     top.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -117,6 +145,8 @@ def parser() -> argparse.ArgumentParser:
                                    "compare the federated encoder with random init and local-only training.")
     p.add_argument("scenario", help="scenario YAML, e.g. simulations/quickstart.yaml")
     p.add_argument("--out", help="run folder (default: runs/<scenario>-<time>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out after its last completed round (after a crash or kill)")
     p.set_defaults(run=_simulate)
 
     p = sub.add_parser("pretrain", help="centralized pretraining on a scenario's pooled sites",
@@ -160,6 +190,30 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mains-hz", type=float, default=50.0)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_synthesize)
+
+    p = sub.add_parser("report", help="write a run folder's report (report.md with plots) again",
+                       description="Regenerate RUN_DIR/report.md and its PNG plots (loss terms, probe AUROC, "
+                                   "epsilon per site, round wall time, participation) from the run's files.")
+    p.add_argument("run_dir", help="run folder (scenario.yaml, metrics.jsonl, ...)")
+    p.set_defaults(run=_report)
+
+    p = sub.add_parser("export", help="export a run's encoder as safetensors with a model card",
+                       description="Write the run's final global encoder as OUT/encoder.safetensors, the "
+                                   "config that rebuilds it (encoder_config.json) and OUT/MODEL_CARD.md.")
+    p.add_argument("run_dir", help="run folder (scenario.yaml, metrics.jsonl, encoder.pt)")
+    p.add_argument("--out", required=True, help="export folder")
+    p.set_defaults(run=_export)
+
+    p = sub.add_parser("embed", help="embed a folder of WFDB records with an exported encoder",
+                       description="Read every WFDB record under RECORDS_DIR with the encoder's training "
+                                   "preprocessing and write each window's embedding, its record id and window "
+                                   "index, each record's mean embedding and the skipped records with reasons "
+                                   "to an .npz file.")
+    p.add_argument("model_dir", help="folder written by `fedssl export`")
+    p.add_argument("records_dir", help="folder of WFDB records (.hea with .dat or .mat)")
+    p.add_argument("--out", default="embeddings.npz", help="output .npz file (default embeddings.npz)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_embed)
     deploy.register(sub)  # fedssl certs, fedssl node-key
     return top
 
@@ -172,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         args.run(args)
     except KeyboardInterrupt:
         return 130
-    except (ConfigError, SiteDataError, OSError, RuntimeError) as err:
+    except (ConfigError, SiteDataError, RunFolderError, OSError, RuntimeError) as err:
         print(f"fedssl {args.command}: {err}", file=sys.stderr)
         return 2
     return 0

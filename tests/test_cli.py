@@ -4,7 +4,8 @@ import pytest
 
 from fedssl.cli import main, parser
 
-SUBCOMMANDS = ["simulate", "pretrain", "evaluate", "check-site", "synthesize", "certs", "node-key"]
+SUBCOMMANDS = ["simulate", "pretrain", "evaluate", "check-site", "synthesize", "report", "export", "embed", "certs",
+               "node-key"]
 
 
 @pytest.mark.parametrize("command", [[], *([c] for c in SUBCOMMANDS)])

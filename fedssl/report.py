@@ -1,0 +1,314 @@
+"""The run report: `report.md` with PNG plots, made only from the files of a run folder.
+
+Reading files (not the live server) lets the deployed ServerApp, the simulation runner and
+`fedssl report RUN_DIR` write the same report, and lets it be regenerated anywhere later. A run
+folder holds `scenario.yaml` (the configuration used), `metrics.jsonl` (one line per round, see
+server/metrics.py), the encoder checkpoints and, from the simulation runner, `summary.json` (the
+comparison with the baselines). Plots are drawn with matplotlib's object API on its Agg canvas,
+so no display and no global pyplot state is involved.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedssl.config import Scenario, load_scenario, save_scenario
+
+REPORT = "report.md"
+# metrics.jsonl keys that are bookkeeping, not loss terms (the rest of a line are the loss terms,
+# the sites' weighted means)
+NOT_LOSS_TERMS = frozenset({
+    "round", "probe_macro_auroc", "site_probe_macro_auroc", "federated_macro_auroc", "seconds", "probe_seconds",
+    "sites", "site_windows", "examples", "rejected", "epsilon", "delta", "declined", "errors",
+    "examples-seen", "fedema-mu",
+})
+# participation of a site in a round, as the report's table writes it
+TRAINED, DECLINED, REJECTED, FAILED, ABSENT = "trained", "declined", "rejected", "error", "-"
+
+
+class RunFolderError(ValueError):
+    """A folder that is not a (complete enough) fedssl run folder; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """What a run folder records."""
+
+    folder: Path
+    scenario: Scenario
+    rounds: list[dict]  # the lines of metrics.jsonl
+    summary: dict | None  # summary.json of a simulated run
+
+    @property
+    def sites(self) -> list[str]:
+        return [s.name for s in self.scenario.sites]
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rounds of a `metrics.jsonl` ([] when there is none yet)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def epsilon_by_site(rounds: list[dict]) -> dict[str, list[float | None]]:
+    """{site: [epsilon after round 1, 2, ...]} of the sites that trained with DP-SGD."""
+    sites = sorted({site for r in rounds for site in r.get("epsilon", {})})
+    return {site: [r.get("epsilon", {}).get(site) for r in rounds] for site in sites}
+
+
+def save_run_config(scenario: Scenario, source: str | Path, folder: str | Path) -> None:
+    """Keep the scenario as resolved in the run folder (`scenario.yaml`), unless it is read from there
+    (the simulation runner saves it before the sites start reading it)."""
+    target = Path(folder) / "scenario.yaml"
+    if Path(source).resolve() != target.resolve():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        save_scenario(scenario, target)
+
+
+def load_run(folder: str | Path) -> Run:
+    folder = Path(folder)
+    if not (folder / "scenario.yaml").is_file():
+        raise RunFolderError(f"{folder} is not a fedssl run folder: no scenario.yaml")
+    try:
+        scenario = load_scenario(folder / "scenario.yaml")
+        rounds = read_metrics(folder / "metrics.jsonl")
+        summary_path = folder / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    except ValueError as err:  # a bad scenario (ConfigError) or a damaged JSON file
+        raise RunFolderError(f"run folder {folder}: {err}") from None
+    if not rounds:
+        raise RunFolderError(f"run folder {folder}: no round recorded in metrics.jsonl")
+    return Run(folder, scenario, rounds, summary)
+
+
+def loss_terms(rounds: list[dict]) -> list[str]:
+    """The loss terms of the run, "loss" (the one minimised) first."""
+    terms = {k for r in rounds for k, v in r.items() if k not in NOT_LOSS_TERMS and isinstance(v, (int, float))}
+    return sorted(terms, key=lambda k: (k != "loss", k))
+
+
+def participation(run: Run) -> list[dict[str, str]]:
+    """Per round, each site's part: trained (its update was aggregated), declined (privacy budget),
+    rejected (update failed validation), error, or - (not sampled, or no reply in time). Replies
+    that named no site of the scenario count in the round's totals only."""
+    table = []
+    for r in run.rounds:
+        row = dict.fromkeys(run.sites, ABSENT)
+        for state, sites in ((FAILED, [e.get("site") for e in r.get("errors", [])]),
+                             (REJECTED, [e.get("site") for e in r.get("rejected", [])]),
+                             (DECLINED, [e.get("site") for e in r.get("declined", [])]),
+                             (TRAINED, list(r.get("site_windows", {})))):
+            row.update({site: state for site in sites if site in row})
+        table.append(row)
+    return table
+
+
+def write_report(folder: str | Path) -> Path:
+    """Write `report.md` and its plots into the run folder; return the report's path."""
+    run = load_run(folder)
+    plots = draw_plots(run)
+    path = run.folder / REPORT
+    path.write_text(render(run, plots))
+    return path
+
+
+def render(run: Run, plots: dict[str, str]) -> str:
+    """The markdown of the report; `plots` maps each plot's name to its PNG file name."""
+    s = run.scenario
+    last = run.rounds[-1]
+    probes = [r["probe_macro_auroc"] for r in run.rounds if r.get("probe_macro_auroc") is not None]
+    lines = [
+        f"# Run report: {s.name}",
+        "",
+        (f"Run folder `{run.folder}`: configuration [scenario.yaml](scenario.yaml), per-round metrics "
+         "[metrics.jsonl](metrics.jsonl), final global encoder `encoder.pt` (each round's in `checkpoints/`)."),
+        "",
+        "| | |",
+        "|---|---|",
+        f"| sites | {len(run.sites)}: {', '.join(run.sites)} |",
+        (f"| rounds | {len(run.rounds)} of {s.federation.rounds} planned; {s.federation.strategy}, "
+         f"share {s.federation.share}, {s.train.local_steps} local steps of batch {s.train.batch_size} |"),
+        f"| objective | {s.objective.name} |",
+        f"| encoder | {s.model.encoder} {s.model.size} |",
+        f"| privacy | {privacy_text(s)} |",
+        f"| final loss | {_number(last.get('loss'), '.4f')} |",
+        f"| final probe macro AUROC | {_number(probes[-1] if probes else None, '.3f')} |",
+        f"| wall time of the rounds | {sum(r.get('seconds', 0) + r.get('probe_seconds', 0) for r in run.rounds):.1f} s |",
+        "",
+        "## Loss terms per round",
+        "",
+        "Weighted mean over the sites that trained (weights: their training windows).",
+        "",
+        f"![loss terms]({plots['losses']})",
+        "",
+        "## Linear-probe macro AUROC per round",
+        "",
+    ]
+    lines += ([f"![probe AUROC]({plots['auroc']})"] if "auroc" in plots
+              else ["No probe was recorded (`evaluation.every_round` off and no final probe)."])
+    lines += ["", "## Privacy: epsilon per site", ""]
+    eps = epsilon_by_site(run.rounds)
+    if eps:
+        lines += [f"![epsilon per site]({plots['epsilon']})", "", "| site | epsilon spent | delta | unit | target |",
+                  "|---|---|---|---|---|"]
+        for site, values in eps.items():
+            spent = [v for v in values if v is not None]
+            privacy = s.privacy_of(s.site(site)) if site in run.sites else None
+            delta = next(r["delta"][site] for r in reversed(run.rounds) if site in r.get("delta", {}))
+            lines.append(f"| {site} | {spent[-1]:.3f} | {delta:.2g} | {privacy.unit if privacy else '?'} | "
+                         f"{_number(privacy.target_epsilon if privacy else None, 'g')} |")
+    else:
+        lines.append("No DP: no site trained with DP-SGD, so there is no epsilon to plot.")
+    lines += ["", "## Round wall time", "", f"![round wall time]({plots['seconds']})", "",
+              "## Participation", "", participation_table(run)]
+    if run.summary and run.summary.get("encoders"):
+        lines += ["", "## Comparison with baselines", "",
+                  "Linear-probe macro AUROC of each encoder on the held-out labelled set (`summary.json`).", "",
+                  "| encoder | macro AUROC |", "|---|---|"]
+        lines += [f"| {name} | {_number(e.get('macro_auroc'), '.3f')} |" for name, e in run.summary["encoders"].items()]
+    problems = [(r["round"], kind, e) for r in run.rounds for kind in ("rejected", "errors") for e in r.get(kind, [])]
+    if problems:
+        lines += ["", "## Rejected updates and errors", "", "| round | site | what | reason |", "|---|---|---|---|"]
+        lines += [f"| {rnd} | {e.get('site') or e.get('node_id')} | {kind} | {e.get('reason', '')} |"
+                  for rnd, kind, e in problems]
+    return "\n".join(lines) + "\n"
+
+
+def privacy_text(s: Scenario) -> str:
+    """Which sites train with DP-SGD (and their target epsilon and unit), and central DP if on."""
+    dp = {site.name: s.privacy_of(site) for site in s.sites if s.privacy_of(site).enabled}
+    parts = [f"DP-SGD at {name} (target epsilon {p.target_epsilon:g} per {p.unit})" for name, p in dp.items()]
+    plain = [site.name for site in s.sites if site.name not in dp]
+    if plain:
+        parts.append(f"no DP at {', '.join(plain)}")
+    if s.federation.central_dp != "none":
+        parts.append(f"central DP ({s.federation.central_dp}-side clipping at {s.federation.central_clipping_norm:g}, "
+                     f"noise multiplier {s.federation.central_noise_multiplier:g}; no epsilon accounted)")
+    return "; ".join(parts)
+
+
+def participation_table(run: Run) -> str:
+    rows = participation(run)
+    lines = ["| round | " + " | ".join(run.sites) + " | windows aggregated |", "|---" * (len(run.sites) + 2) + "|"]
+    for r, row in zip(run.rounds, rows):
+        lines.append(f"| {r['round']} | " + " | ".join(row.values()) + f" | {r.get('examples', '')} |")
+    lines += ["", (f"{TRAINED}: its update was aggregated; {DECLINED}: it declined the round (privacy budget); "
+                   f"{REJECTED}: its update failed validation; {FAILED}: it replied with an error; "
+                   f"{ABSENT}: not sampled or no reply in time.")]
+    return "\n".join(lines)
+
+
+def _number(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+# -- plots ----------------------------------------------------------------------------------------
+
+def draw_plots(run: Run) -> dict[str, str]:
+    """Render the plots as PNGs into the run folder; {name: file name}."""
+    plots = {"losses": _loss_figure(run), "seconds": _seconds_figure(run)}
+    if any(r.get("probe_macro_auroc") is not None or r.get("federated_macro_auroc") is not None
+           for r in run.rounds):
+        plots["auroc"] = _auroc_figure(run)
+    if epsilon_by_site(run.rounds):
+        plots["epsilon"] = _epsilon_figure(run)
+    files = {}
+    for name, figure in plots.items():
+        files[name] = f"report_{name}.png"
+        figure.savefig(run.folder / files[name], dpi=110, bbox_inches="tight")
+    return files
+
+
+def _figure(width: float = 6.4, height: float = 3.6, ncols: int = 1, nrows: int = 1):
+    # a Figure without pyplot draws on the Agg canvas; imported here to keep `fedssl` start-up fast
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), layout="constrained")
+    return figure, figure.subplots(nrows, ncols, squeeze=False).ravel()
+
+
+def _round_axis(ax, rounds: list[int]) -> None:
+    ax.set_xlabel("round")
+    ax.set_xticks(rounds)
+    ax.grid(alpha=0.3)
+
+
+def _loss_figure(run: Run):
+    terms = loss_terms(run.rounds)
+    rounds = [r["round"] for r in run.rounds]
+    # a component equal to "loss" in every round (a pure objective) gets no panel of its own
+    same = [t for t in terms[1:] if all(r.get(t) == r.get("loss") for r in run.rounds)]
+    shown = [t for t in terms if t not in same]
+    ncols = min(3, len(shown))
+    nrows = -(-len(shown) // ncols)
+    figure, axes = _figure(max(6.4, 3.4 * ncols), 2.8 * nrows + 0.6, ncols, nrows)
+    for ax, term in zip(axes, shown):
+        ax.plot(rounds, [r.get(term) for r in run.rounds], marker="o")
+        ax.set_title(term + (f" (= {', '.join(same)})" if term == "loss" and same else ""))
+        _round_axis(ax, rounds)
+    for ax in axes[len(shown):]:
+        ax.set_visible(False)
+    figure.suptitle("loss terms per round (mean over the sites that trained)")
+    return figure
+
+
+def _auroc_figure(run: Run):
+    rounds = [r["round"] for r in run.rounds]
+    figure, (ax,) = _figure()
+    ax.plot(rounds, [r.get("probe_macro_auroc") for r in run.rounds], marker="o", label="global encoder")
+    if any(r.get("federated_macro_auroc") is not None for r in run.rounds):
+        ax.plot(rounds, [r.get("federated_macro_auroc") for r in run.rounds], marker="s",
+                label="federated evaluation (sites' mean)")
+    baselines = (run.summary or {}).get("encoders", {})
+    for i, (name, result) in enumerate((n, e) for n, e in baselines.items() if n != "federated"):
+        if result.get("macro_auroc") is not None:
+            ax.axhline(result["macro_auroc"], linestyle=":", color=f"C{i + 2}", label=f"{name} (end of run)")
+    ax.set_ylabel("macro AUROC")
+    ax.set_title("linear-probe macro AUROC of the global encoder")
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
+    _round_axis(ax, rounds)
+    return figure
+
+
+def _epsilon_figure(run: Run):
+    rounds = [r["round"] for r in run.rounds]
+    figure, (ax,) = _figure()
+    declined = {(r["round"], d.get("site")) for r in run.rounds for d in r.get("declined", [])}
+    for i, (site, values) in enumerate(epsilon_by_site(run.rounds).items()):
+        color = f"C{i}"
+        ax.plot(rounds, values, marker="o", color=color, label=site)
+        if site in run.sites:
+            ax.axhline(run.scenario.privacy_of(run.scenario.site(site)).target_epsilon, color=color,
+                       linestyle="--", linewidth=0.8, label=f"{site} budget")
+        spent = [v for v in values if v is not None]
+        off = [rnd for rnd in rounds if (rnd, site) in declined]
+        if off and spent:
+            ax.plot(off, [spent[-1]] * len(off), "x", color=color, markersize=9, label=f"{site} declined")
+    ax.set_ylabel("epsilon spent so far")
+    ax.set_ylim(bottom=0)
+    ax.set_title("privacy spent per DP site (cumulative)")
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
+    _round_axis(ax, rounds)
+    return figure
+
+
+def _seconds_figure(run: Run):
+    rounds = [r["round"] for r in run.rounds]
+    training = [r.get("seconds", 0.0) for r in run.rounds]
+    figure, (ax,) = _figure()
+    ax.bar(rounds, training, label="round (send, train, aggregate)")
+    probe = ax.bar(rounds, [r.get("probe_seconds", 0.0) for r in run.rounds], bottom=training, label="server probe")
+    ax.bar_label(probe, labels=[f"{t + r.get('probe_seconds', 0.0):.1f}s" for t, r in zip(training, run.rounds)],
+                 fontsize="small")  # a slow first round must not hide the others' numbers
+    if any(r.get("compute_seconds") for r in run.rounds):  # each site's training loop alone (server/metrics.py)
+        ax.plot(rounds, [max(r["compute_seconds"].values()) if r.get("compute_seconds") else None
+                         for r in run.rounds], "k_", markersize=22, markeredgewidth=2,
+                label="slowest site's training")
+    ax.set_ylabel("seconds")
+    ax.set_title("wall time per round (round 1 includes the sites' start-up)")
+    ax.legend(fontsize="small")
+    _round_axis(ax, rounds)
+    return figure

@@ -1,0 +1,151 @@
+"""The run report: built from a hand-made run folder (no federation), so every case is exact and fast."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from matplotlib.image import imread
+
+from fedssl.cli import main
+from fedssl.config import PrivacyConfig, SiteConfig, load_scenario, save_scenario
+from fedssl.report import (ABSENT, DECLINED, FAILED, REJECTED, TRAINED, RunFolderError, load_run, loss_terms,
+                           participation, participation_table, save_run_config, write_report)
+from server.metrics import RoundTracker
+from tests.conftest import two_site_scenario
+
+
+def dp_scenario():
+    """Three sites: a (DP-SGD, target 4 per patient), b and c (no DP)."""
+    base = two_site_scenario("hybrid", records=4)
+    a, b = base.sites
+    return dataclasses.replace(base, name="hand-made", sites=(
+        dataclasses.replace(a, privacy=PrivacyConfig(enabled=True, target_epsilon=4.0, unit="patient")),
+        b, SiteConfig("c", synthetic=b.synthetic)))
+
+
+def round_line(r: int, **extra) -> dict:
+    line = {"round": r, "examples-seen": 8.0, "loss": 2.0 / r, "generative": 1.5 / r, "contrastive": 1.0 / r,
+            "probe_macro_auroc": 0.6 + 0.05 * r, "seconds": 3.0 + r, "probe_seconds": 0.5, "sites": 3,
+            "site_windows": {"a": 10, "b": 12, "c": 8}, "examples": 30, "rejected": [], "epsilon": {"a": 1.0 * r},
+            "delta": {"a": 1e-5}, "declined": [], "errors": []}
+    return line | extra
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    save_scenario(dp_scenario(), tmp_path / "scenario.yaml")
+    rounds = [
+        round_line(1),
+        round_line(2, sites=2, site_windows={"a": 10, "b": 12}, examples=22,
+                   rejected=[{"round": 2, "node_id": 7, "site": "c", "reason": "norm 9.1 > 5 x median"}]),
+        round_line(3, sites=2, site_windows={"b": 12, "c": 8}, examples=20, epsilon={},
+                   declined=[{"node_id": 5, "site": "a", "code": 1001, "reason": "privacy budget exhausted"}]),
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
+    encoders = {"random_init": {"macro_auroc": 0.61}, "federated": {"macro_auroc": 0.75},
+                "local_only/a": {"macro_auroc": 0.66}}
+    (tmp_path / "summary.json").write_text(json.dumps({"encoders": encoders}))
+    return tmp_path
+
+
+def test_report_has_every_section_and_readable_plots(run_dir):
+    path = write_report(run_dir)
+    text = path.read_text()
+    for plot in ("report_losses.png", "report_auroc.png", "report_epsilon.png", "report_seconds.png"):
+        assert f"]({plot})" in text
+        image = imread(run_dir / plot)
+        assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 300
+        assert np.ptp(image[..., :3]) > 0.5  # something is drawn, not a blank canvas
+    assert "| final probe macro AUROC | 0.750 |" in text
+    assert "| rounds | 3 of 2 planned;" in text  # the scenario's rounds, not the metrics', are the plan
+    assert "| a | 2.000 | 1e-05 | patient | 4 |" in text  # epsilon spent by the last round a trained
+    assert "DP-SGD at a (target epsilon 4 per patient); no DP at b, c" in text
+    assert "| local_only/a | 0.660 |" in text
+    assert "| 2 | c | rejected | norm 9.1 > 5 x median |" in text
+    assert write_report(run_dir).read_text() == text  # regenerating gives the same report
+
+
+def test_participation_says_who_trained_declined_or_was_rejected(run_dir):
+    run = load_run(run_dir)
+    assert participation(run) == [
+        {"a": TRAINED, "b": TRAINED, "c": TRAINED},
+        {"a": TRAINED, "b": TRAINED, "c": REJECTED},
+        {"a": DECLINED, "b": TRAINED, "c": TRAINED},
+    ]
+    assert "| 3 | declined | trained | trained | 20 |" in participation_table(run)
+
+
+def test_error_and_silent_sites(run_dir):
+    run = load_run(run_dir)
+    run.rounds[0].update(site_windows={"b": 12}, errors=[{"node_id": 3, "site": "a", "code": 0, "reason": "boom"}])
+    assert participation(run)[0] == {"a": FAILED, "b": TRAINED, "c": ABSENT}
+
+
+def test_the_server_records_who_trained_with_how_many_windows(tmp_path):
+    scenario = dp_scenario()
+    save_scenario(scenario, tmp_path / "scenario.yaml")
+    weights = {"encoder.w": torch.ones(3)}
+    tracker = RoundTracker(tmp_path, 2, weights, sites=tuple(s.name for s in scenario.sites))
+
+    def replies(*sites: int) -> list[RecordDict]:
+        return [RecordDict({"metrics": MetricRecord({"num-examples": 10 + i, "site-index": i, "loss": 1.0,
+                                                     "dp-sgd": 0, "epsilon": 0.0, "delta": 0.0})}) for i in sites]
+
+    for server_round, sites in ((1, (0, 1, 2)), (2, (2,))):
+        tracker.aggregate_train_metrics(replies(*sites), "num-examples")
+        tracker.finish_round(server_round, ArrayRecord(weights), None, 0.0, expected=3)
+    run = load_run(tmp_path)
+    assert run.rounds[0]["site_windows"] == {"a": 10, "b": 11, "c": 12}
+    assert participation(run) == [dict.fromkeys("abc", TRAINED), {"a": ABSENT, "b": ABSENT, "c": TRAINED}]
+
+
+def test_loss_terms_leave_out_bookkeeping_and_put_loss_first(run_dir):
+    assert loss_terms(load_run(run_dir).rounds) == ["loss", "contrastive", "generative"]
+
+
+def test_without_dp_the_report_says_so_and_draws_no_epsilon(run_dir):
+    scenario = dataclasses.replace(dp_scenario(), sites=tuple(dataclasses.replace(s, privacy=None)
+                                                              for s in dp_scenario().sites))
+    save_scenario(scenario, run_dir / "scenario.yaml")
+    rounds = [round_line(r, epsilon={}, delta={}) for r in (1, 2)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
+    (run_dir / "summary.json").unlink()
+    text = write_report(run_dir).read_text()
+    assert "No DP: no site trained with DP-SGD" in text
+    assert "report_epsilon.png" not in text and "Comparison with baselines" not in text
+
+
+def test_not_a_run_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(RunFolderError, match="no scenario.yaml"):
+        load_run(tmp_path)
+    save_scenario(dp_scenario(), tmp_path / "scenario.yaml")
+    with pytest.raises(RunFolderError, match="no round recorded"):
+        load_run(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text("{not json\n")
+    with pytest.raises(RunFolderError, match="run folder"):
+        load_run(tmp_path)
+
+
+def test_run_config_is_saved_unless_read_from_the_run_folder(tmp_path):
+    scenario = dp_scenario()
+    source = tmp_path / "elsewhere.yaml"
+    save_scenario(scenario, source)
+    save_run_config(scenario, source, tmp_path / "run")  # a deployed run: the YAML lives elsewhere
+    assert load_scenario(tmp_path / "run" / "scenario.yaml") == load_scenario(source)
+    in_run = tmp_path / "run" / "scenario.yaml"
+    in_run.write_text("# as the runner wrote it\n" + in_run.read_text())
+    save_run_config(scenario, in_run, tmp_path / "run")  # simulated: the runner's own copy is kept as is
+    assert in_run.read_text().startswith("# as the runner wrote it")
+
+
+def test_cli_report(run_dir, tmp_path, capsys):
+    assert main(["report", str(run_dir)]) == 0
+    assert str(run_dir / "report.md") in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedssl report:") and "no scenario.yaml" in err and "Traceback" not in err

@@ -15,6 +15,7 @@ from fedssl.objectives.base import Objective
 
 SHARE_MODES = ("encoder", "all")
 LOCAL_UPDATES = ("replace", "fedema")
+TRANSFER_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 ENCODER_PREFIX = "encoder."
 
 State = dict[str, torch.Tensor]
@@ -26,6 +27,13 @@ def shared_state(objective: Objective, share: str) -> State:
     if share == "all":
         return state
     return {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
+
+
+def cast_floating(state: State, dtype: str) -> State:
+    """`state` with its floating-point entries in `dtype` (a TRANSFER_DTYPES name) and the rest
+    as they are: the shared weights on the wire with `federation.transfer_dtype`."""
+    target = TRANSFER_DTYPES[dtype]
+    return {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
 
 
 def encoder_state(shared: State) -> State:

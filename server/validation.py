@@ -17,6 +17,10 @@ metric, and the reason, and is handed to `on_reject` (the run's metrics file rec
 Error replies pass through untouched for the wrapped strategy to log. `on_replies` sees every
 reply of a round before validation (the tracker records error replies, e.g. a site declining a
 round whose DP-SGD would pass its privacy budget).
+
+With `transfer_dtype` float16 (`federation.transfer_dtype`) the global model goes out in float16
+and the sites' float16 arrays are cast back to float32 here, before validation: the strategy
+keeps and aggregates the global model in float32.
 """
 
 from __future__ import annotations
@@ -29,10 +33,13 @@ from dataclasses import dataclass
 from logging import INFO, WARNING
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+
+from fedssl.federated import cast_floating
 
 SITE_INDEX_KEY = "site-index"  # optional metric: the replying site's index in `sites`
 
@@ -59,7 +66,7 @@ class ValidatedStrategy(Strategy):
     """
 
     def __init__(self, strategy: Strategy, reference: ArrayRecord, *, max_norm_ratio: float = 5.0,
-                 weight_key: str = "num-examples", sites: Sequence[str] = (),
+                 weight_key: str = "num-examples", sites: Sequence[str] = (), transfer_dtype: str = "float32",
                  on_reject: Callable[[Rejection], None] | None = None,
                  on_replies: Callable[[int, list[Message]], None] | None = None) -> None:
         if max_norm_ratio != 0 and max_norm_ratio < 1:
@@ -69,6 +76,7 @@ class ValidatedStrategy(Strategy):
         self.max_norm_ratio = max_norm_ratio
         self.weight_key = weight_key
         self.sites = tuple(sites)
+        self.transfer_dtype = transfer_dtype
         self.on_reject = on_reject
         self.on_replies = on_replies
         self._global: dict[str, np.ndarray] = {}
@@ -82,7 +90,7 @@ class ValidatedStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         """Remember the global encoder the updates of `server_round` start from, then delegate."""
         self._global = {k: a.numpy() for k, a in arrays.items()}
-        return self.strategy.configure_train(server_round, arrays, config, grid)
+        return self.on_wire(self.strategy.configure_train(server_round, arrays, config, grid))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -92,6 +100,9 @@ class ValidatedStrategy(Strategy):
         replies = list(replies)
         if self.on_replies:
             self.on_replies(server_round, replies)
+        if self.transfer_dtype == "float16":
+            for msg in replies:
+                widen_float16(msg)
         kept, rejected = validate_replies(server_round, replies, self._global, self.spec,
                                           self.max_norm_ratio, self.weight_key, self.sites)
         for rejection in rejected:
@@ -103,10 +114,33 @@ class ValidatedStrategy(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+        return self.on_wire(self.strategy.configure_evaluate(server_round, arrays, config, grid))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def on_wire(self, messages: Iterable[Message]) -> list[Message]:
+        """The strategy's messages with the global model in the transfer dtype; the strategy's own
+        copy (what it aggregates into) stays float32."""
+        messages = list(messages)
+        if self.transfer_dtype != "float32":
+            for content in {id(m.content): m.content for m in messages}.values():  # often one shared RecordDict
+                for name, record in list(content.array_records.items()):
+                    content[name] = ArrayRecord(cast_floating(record.to_torch_state_dict(), self.transfer_dtype))
+        return messages
+
+
+def widen_float16(msg: Message) -> None:
+    """Cast the float16 arrays of a reply to float32, in place. Only float16: any other dtype stays
+    for validation to judge, and an undecodable record is left for validation to reject."""
+    if msg.has_error():
+        return
+    for name, record in list(msg.content.array_records.items()):
+        try:
+            state = record.to_torch_state_dict()
+        except (TypeError, ValueError, OSError):
+            continue
+        msg.content[name] = ArrayRecord({k: v.float() if v.dtype == torch.float16 else v for k, v in state.items()})
 
 
 def validate_replies(server_round: int, replies: list[Message], global_arrays: dict[str, np.ndarray],

@@ -12,13 +12,15 @@ import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
-import wfdb
 
 from fedssl.data.leads import LeadLayout, lead_layout
 from fedssl.data.windows import STANDARD_LEADS, RecordInfo
+
+if TYPE_CHECKING:  # wfdb (and pandas) are imported when a record is read: ClientApps start faster
+    import wfdb
 
 UNITS_IN_MV = {"mv": 1.0, "uv": 1e-3, "\u00b5v": 1e-3, "\u03bcv": 1e-3, "v": 1e3}
 
@@ -88,6 +90,8 @@ def read_record(header: Path, record_id: str | None = None,
     record_line = _record_line(header)
     if "/" in record_line.split()[0]:
         raise RecordError("unsupported record: multi-segment (its segments are read as records)")
+    import wfdb
+
     name = str(header.with_suffix(""))
     try:
         rec = wfdb.rdrecord(name, physical=False)
@@ -144,6 +148,8 @@ def read_ptbxl_catalogue(path: Path) -> dict[str, CatalogueEntry]:
 def _explain(header: Path, name: str, err: Exception) -> RecordError:
     """Why wfdb could not read a record, in terms of the header and its files where possible
     (the header is parsed again only here: wfdb's parser is the slow part of reading)."""
+    import wfdb
+
     try:
         head = wfdb.rdheader(name)
     except Exception as header_err:  # as above

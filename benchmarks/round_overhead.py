@@ -1,0 +1,295 @@
+"""Flower's round overhead: (round wall time - slowest site's compute) / slowest site's compute.
+
+    .venv/bin/python benchmarks/round_overhead.py [--sizes tiny small]
+        [--engines simulation deployment deployment-flower-defaults]
+        [--sites 2] [--rounds 3] [--local-steps 30] [--batch-size 16]
+
+Runs the same small federation (synthetic sites, hybrid objective, st_mem encoder of each size)
+on Flower's simulation engine (`flower-superlink --simulation`, the sites in Ray actors) and on
+the deployment engine on loopback (a plain `flower-superlink` and one real `flower-supernode`
+per site, insecure: TLS is not what is measured) with fedssl's `FAST_POLLING_ENV`, and
+(`deployment-flower-defaults`) the same with Flower's default SuperExec poll of 1 s. A round's
+wall time is the ServerApp's `seconds` in metrics.jsonl (sending the global model, the sites'
+work, the replies, validation and aggregation; the probe is not in it) and each site's compute
+is its `compute_seconds` (its training loop alone), so the overhead is everything else:
+process start-up, imports, site set-up, (de)serialisation and polling. Round 1 also pays
+one-off costs (app install, Ray start-up), so the summary is the median over the later rounds.
+
+The same run measures where the overhead goes: the phases of each deployed round from the
+SuperNodes' time-stamped logs, a fresh ClientApp process's imports, the site's set-up before
+training (scenario, cached windows, objective, received weights) and (de)serialising the shared
+weights in a warm process, and the mean waits that the polling intervals imply. Prints JSON.
+Start it with few other processes running: the sites need one core each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fedssl.deploy import FAST_POLLING_ENV
+from server.presence import REPLY_POLL_SECONDS
+from simulations.processes import free_port
+from simulations.run import LocalSimulation, materialise_data, read_metrics
+
+# What fedssl recommends (FAST_POLLING_ENV); Flower's other intervals (a SuperNode polls the
+# SuperLink every 3 s when idle and its ClientApp's reply every 0.5 s) are constants, not settings.
+TUNED_ENV = FAST_POLLING_ENV
+FLOWER_DEFAULT_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"}
+SUPERNODE_IDLE_POLL, CLIENTAPP_REPLY_POLL, SUPEREXEC_DEFAULT_POLL, GRID_DEFAULT_POLL = 3.0, 0.5, 1.0, 3.0  # Flower 1.41
+
+SCENARIO = """
+name: round-overhead-{size}
+seed: 0
+model: {{encoder: st_mem, size: {size}}}
+objective: {{name: hybrid, mask_ratio: 0.5}}
+train: {{batch_size: {batch_size}, local_steps: {local_steps}, threads: 1}}
+federation: {{rounds: {rounds}, min_sites: {sites}, connect_timeout: 300}}
+evaluation:
+  synthetic: {{records: 40, sample_rate: 250}}
+  every_round: false
+  local_baselines: false
+sites:
+{site_list}
+"""
+
+
+class LoopbackDeployment(LocalSimulation):
+    """The deployment engine on loopback: a SuperLink without `--simulation` and one insecure
+    `flower-supernode` per site, each with its own FLWR_HOME, all carrying the run's marker."""
+
+    superlink_options = ()
+
+    def __init__(self, run_dir: Path, sites: list[str], **kwargs) -> None:
+        super().__init__(run_dir, **kwargs)
+        self.sites = sites
+
+    def start(self) -> None:
+        super().start()
+        for site in self.sites:
+            home = self.run_dir / "hospitals" / site
+            home.mkdir(parents=True, exist_ok=True)
+            command = [self.executable("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+                       "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", f"site='{site}'"]
+            node = subprocess.Popen(command, env={**self.env, "FLWR_HOME": str(home / "flwr-home")}, cwd=home,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, text=True, errors="replace")
+            self.seen_pids.add(node.pid)
+            threading.Thread(target=stamp_lines, args=(node.stdout, self.site_log(site)), daemon=True).start()
+
+    def site_log(self, site: str) -> Path:
+        return self.run_dir / "logs" / f"supernode-{site}.log"
+
+    def federation_options(self, num_sites: int) -> list[str]:
+        return []  # the SuperNodes are real processes: no simulation settings
+
+
+def stamp_lines(stream, path: Path) -> None:
+    """Copy a SuperNode's output (its SuperExec's and ClientApps' too) to `path`, each line prefixed
+    with the wall-clock time it arrived: Flower's log lines carry no time."""
+    with path.open("a") as log_file:
+        for line in stream:
+            log_file.write(f"{time.time():.3f} {line}")
+            log_file.flush()
+
+
+def site_phases(log_path: Path) -> dict[int, dict[str, float]]:
+    """{round: times} of one site, from its time-stamped SuperNode log: when its SuperNode got the
+    train message and when it had downloaded its weights, when its ClientApp process logged its
+    start (after SuperExec's poll, the process spawn and Flower's imports), when training started
+    (app, torch and data loaded, model built) and ended, when the SuperNode began sending the
+    reply and when it had uploaded it."""
+    rounds: dict[int, dict[str, float]] = {}
+    current: dict[str, float] = {}
+    for line in log_path.read_text(errors="replace").splitlines():
+        stamp, _, text = line.partition(" ")
+        if "Receiving: train message" in text:
+            current = {"received": float(stamp)}
+        elif "Received successfully" in text and current:
+            current["downloaded"] = float(stamp)
+        elif "Start `flwr-clientapp` process" in text and current:
+            current["clientapp_started"] = float(stamp)
+        elif (match := re.search(r"fedssl \| site \S+ round (\d+): .*\(([\d.]+)s[,)]", text)) and current:
+            current["trained"], current["round"] = float(stamp), int(match.group(1))
+            current["training_started"] = current["trained"] - float(match.group(2))
+        elif "Sending: train message" in text and "round" in current:
+            current["sending"] = float(stamp)
+        elif "Sent successfully" in text and "round" in current:
+            current["sent"] = float(stamp)
+            rounds[int(current.pop("round"))] = current
+            current = {}
+    return rounds
+
+
+def deployment_breakdown(run_dir: Path, sites: list[str], rounds: list[dict]) -> dict:
+    """Median seconds per phase over the rounds after the first, for the site that replied last;
+    the phases follow each other except the download, which overlaps the ClientApp's start.
+    `server_and_polling` is the rest of the round (the SuperNode noticing the message, the
+    ServerApp noticing the reply, (de)serialisation and aggregation at the server)."""
+    phases = {site: site_phases(run_dir / "logs" / f"supernode-{site}.log") for site in sites}
+    rows = []
+    for r in rounds[1:] or rounds:
+        marks = [phases[site][r["round"]] for site in sites if r["round"] in phases[site]]
+        if not marks:
+            continue
+        last = max(marks, key=lambda m: m["sent"])
+        rows.append({
+            "download_weights": last["downloaded"] - last["received"],  # SuperExec starts the ClientApp meanwhile
+            "clientapp_process_start": last["clientapp_started"] - last["received"],
+            "clientapp_setup": last["training_started"] - last["clientapp_started"],
+            "reply_to_supernode": last["sending"] - last["trained"],
+            "upload_reply": last["sent"] - last["sending"],
+            "server_and_polling": r["seconds"] - (last["sent"] - min(m["received"] for m in marks)),
+        })
+    return {phase: round(statistics.median(row[phase] for row in rows), 3) for phase in rows[0]} if rows else {}
+
+
+def write_scenario(folder: Path, size: str, args: argparse.Namespace) -> Path:
+    sites = "\n".join(f"  - name: site_{i}\n    synthetic: {{records: 30, sample_rate: 250}}" for i in range(args.sites))
+    path = folder / f"{size}.yaml"
+    path.write_text(SCENARIO.format(size=size, batch_size=args.batch_size, local_steps=args.local_steps,
+                                    rounds=args.rounds, sites=args.sites, site_list=sites))
+    return path
+
+
+def run_federation(engine: str, scenario_path: Path, run_dir: Path, flower_env: dict[str, str]) -> list[dict]:
+    """Run the scenario on `engine` with `flower_env` in every Flower process; its metrics.jsonl lines."""
+    from fedssl.config import load_scenario, save_scenario
+
+    scenario = load_scenario(scenario_path)
+    run_dir.mkdir(parents=True)
+    saved = run_dir / "scenario.yaml"
+    save_scenario(scenario, saved)
+    materialise_data(scenario, run_dir / "data", echo=lambda line: None)  # warm caches, as `fedssl simulate`
+    if engine == "simulation":
+        federation = LocalSimulation(run_dir, echo=lambda line: None)
+    else:
+        federation = LoopbackDeployment(run_dir, [s.name for s in scenario.sites], echo=lambda line: None)
+    federation.env.update(flower_env)
+    with federation:
+        federation.run(saved, num_sites=len(scenario.sites), timeout=1800)
+    rounds = read_metrics(run_dir / "metrics.jsonl")
+    if len(rounds) != scenario.federation.rounds:
+        raise RuntimeError(f"{engine}: {len(rounds)} of {scenario.federation.rounds} rounds; see {run_dir / 'logs'}")
+    return rounds
+
+
+def overhead(rounds: list[dict]) -> dict:
+    """Per round: wall time, slowest site's compute, overhead seconds and ratio; medians after round 1."""
+    rows = []
+    for r in rounds:
+        compute = max(r["compute_seconds"].values())
+        rows.append({"round": r["round"], "wall_seconds": r["seconds"], "slowest_compute_seconds": compute,
+                     "overhead_seconds": round(r["seconds"] - compute, 3),
+                     "overhead_ratio": round((r["seconds"] - compute) / compute, 3)})
+    later = rows[1:] or rows
+    return {"rounds": rows,
+            "median_overhead_seconds": round(statistics.median(r["overhead_seconds"] for r in later), 3),
+            "median_overhead_ratio": round(statistics.median(r["overhead_ratio"] for r in later), 3),
+            "median_compute_seconds": round(statistics.median(r["slowest_compute_seconds"] for r in later), 3)}
+
+
+def import_seconds(repeats: int = 2) -> float:
+    """Wall time of a fresh Python process that imports the ClientApp (what every round pays in deployment)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import client.app"], check=True)
+        times.append(time.perf_counter() - start)
+    return round(min(times), 3)
+
+
+def site_work_seconds(scenario_path: Path, data_dir: Path) -> dict:
+    """What a ClientApp does around its training loop, timed in this (warm) process: set-up (scenario,
+    cached windows, objective, received weights) and (de)serialising the shared weights."""
+    from flwr.app import ArrayRecord, RecordDict
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    from fedssl.config import load_scenario
+    from fedssl.data.site import load_site
+    from fedssl.federated import shared_state
+    from fedssl.objectives import build_objective
+
+    start = time.perf_counter()
+    scenario = load_scenario(scenario_path)
+    site = scenario.sites[0]
+    load_site(site, scenario.data, data_dir, scenario.seed)
+    objective = build_objective(scenario)
+    state = shared_state(objective, scenario.federation.share)
+    objective.load_state_dict(state, strict=False)
+    setup = time.perf_counter() - start
+
+    start = time.perf_counter()
+    content = RecordDict({"arrays": ArrayRecord(state)})  # what a train message carries
+    payload = sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
+    content["arrays"].to_torch_state_dict()
+    serialise = time.perf_counter() - start
+    return {"site_setup_seconds": round(setup, 3), "serialise_seconds": round(serialise, 3),
+            "parameters": sum(v.numel() for v in state.values()), "message_bytes": payload}
+
+
+def expected_polling_seconds(task_poll: float, reply_poll: float) -> dict:
+    """Mean waits per round implied by the polling intervals (a uniform phase in each)."""
+    waits = {"supernode_pulls_message": SUPERNODE_IDLE_POLL / 2, "superexec_starts_clientapp": task_poll / 2,
+             "supernode_collects_reply": CLIENTAPP_REPLY_POLL / 2, "serverapp_collects_replies": reply_poll / 2}
+    return {**waits, "total": sum(waits.values())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=["tiny", "small", "base"])
+    parser.add_argument("--engines", nargs="+", default=["simulation", "deployment", "deployment-flower-defaults"],
+                        choices=["simulation", "deployment", "deployment-flower-defaults"])
+    parser.add_argument("--sites", type=int, default=2, help="sites (one core each; this machine has 2)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--local-steps", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--out", help="folder for the run folders (default: a temporary one)")
+    args = parser.parse_args()
+    if args.rounds < 2 or args.sites < 1 or args.local_steps < 1:
+        parser.error("--rounds must be >= 2 (round 1 is a warm-up), --sites and --local-steps >= 1")
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="fedssl-round-overhead-"))
+    out.mkdir(parents=True, exist_ok=True)
+
+    result = {"sites": args.sites, "rounds": args.rounds, "local_steps": args.local_steps,
+              "batch_size": args.batch_size, "tuned_env": TUNED_ENV,
+              "clientapp_import_seconds": import_seconds(),
+              # fedssl: FAST_POLLING_ENV and PatientGrid's reply polling; Flower alone: 1 s and its Grid's 3 s
+              "expected_polling_seconds": {
+                  "fedssl": expected_polling_seconds(float(TUNED_ENV["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"]),
+                                                     REPLY_POLL_SECONDS),
+                  "flower_alone": expected_polling_seconds(SUPEREXEC_DEFAULT_POLL, GRID_DEFAULT_POLL)},
+              "sizes": {}}
+    for size in args.sizes:
+        scenario_path = write_scenario(out, size, args)
+        entry = {}
+        for engine in args.engines:
+            flower_env = FLOWER_DEFAULT_ENV if engine.endswith("flower-defaults") else TUNED_ENV
+            started = time.perf_counter()
+            run_dir = out / f"{size}-{engine}"
+            rounds = run_federation(engine.split("-")[0], scenario_path, run_dir, flower_env)
+            entry[engine] = {**overhead(rounds), "federation_seconds": round(time.perf_counter() - started, 1)}
+            if engine.startswith("deployment"):
+                sites = [f"site_{i}" for i in range(args.sites)]
+                entry[engine]["median_phase_seconds"] = deployment_breakdown(run_dir, sites, rounds)
+            print(f"{size} {engine}: overhead ratio {entry[engine]['median_overhead_ratio']} "
+                  f"({entry[engine]['median_overhead_seconds']} s per round)", file=sys.stderr)
+        entry["site_work"] = site_work_seconds(scenario_path, out / f"{size}-{args.engines[0]}" / "data")
+        result["sizes"][size] = entry
+    result["target_deployment_ratio"] = 0.10
+    result["out"] = str(out)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -16,12 +16,14 @@ take it past its target epsilon: it replies with an Error of code `PRIVACY_BUDGE
 
 Run config (`[tool.flwr.app.config]`): `scenario` (YAML path), `run-dir` (run folder).
 Node config: `site` (deployment: the site's name in the scenario; in simulation the site is
-`scenario.sites[partition-id]`), optional `state-folder` (default `<run-dir>/sites/<site>`)
-and `data-folder` (default `<run-dir>/data`).
+`scenario.sites[partition-id]`), optional `state-folder` (default `<run-dir>/sites/<site>`),
+`data-folder` (window cache, default `<run-dir>/data`) and `records-folder` (the site's WFDB
+records on this machine, replacing the scenario's folder for this site).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import traceback
 import zlib
 from logging import ERROR, INFO
@@ -33,13 +35,13 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.common import log
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from client.state import (load_fedema_state, load_local_state, load_privacy_ledger, save_fedema_state,
-                          save_local_state)
+from client.state import (load_fedema_state, load_local_state, load_privacy_ledger,
+                          save_fedema_state, save_local_state)
 from fedssl.config import ConfigError, Scenario, SiteConfig, load_scenario
 from fedssl.data.site import load_site
 from fedssl.data.windows import WindowSet
 from fedssl.evaluate import linear_probe
-from fedssl.federated import encoder_state, fedema_start, shared_state
+from fedssl.federated import cast_floating, encoder_state, fedema_start, shared_state
 from fedssl.objectives import build_objective
 from fedssl.privacy import PrivacyBudgetExceeded, PrivacyLedger
 from fedssl.train import train_local
@@ -105,9 +107,9 @@ def train_site(scenario: Scenario, site: SiteConfig, msg: Message, context: Cont
 
     data = site_windows(scenario, site, context)
     objective = build_objective(scenario)
-    if fed.share == "encoder":
-        load_local_state(objective, state_folder)
-    received = msg.content["arrays"].to_torch_state_dict()
+    # new-heads 1: the site had no heads of its own to continue (its first round, or a lost state folder)
+    new_heads = fed.share == "encoder" and not load_local_state(objective, state_folder)
+    received = cast_floating(msg.content["arrays"].to_torch_state_dict(), "float32")  # float16 on the wire
     start, extra = received, {}
     if fed.local_update == "fedema":
         previous, scale = load_fedema_state(state_folder)
@@ -131,13 +133,16 @@ def train_site(scenario: Scenario, site: SiteConfig, msg: Message, context: Cont
     if fed.local_update == "fedema":
         save_fedema_state(state_folder, shared, scale)
 
-    log(INFO, "fedssl | site %s round %d: %d steps on %d windows, loss %.4f (%.1fs)",
-        site.name, server_round, result.steps, len(data), result.losses["loss"], result.seconds)
+    log(INFO, "fedssl | site %s round %d: %d steps on %d windows, loss %.4f (%.1fs, %s)",
+        site.name, server_round, result.steps, len(data), result.losses["loss"], result.seconds,
+        "new heads" if new_heads else "its own heads")
     # FedAvg weights each site by its number of training windows (McMahan et al.'s n_k)
+    # compute-seconds: the training loop alone, so the server can tell Flower's round overhead apart
     metrics = MetricRecord({"num-examples": len(data), "examples-seen": int(result.examples),
-                            SITE_INDEX_KEY: scenario.sites.index(site),
+                            SITE_INDEX_KEY: scenario.sites.index(site), "compute-seconds": float(result.seconds),
+                            "new-heads": int(new_heads),
                             **{k: float(v) for k, v in result.losses.items()}, **extra})
-    return {"arrays": ArrayRecord(shared), "metrics": metrics}
+    return {"arrays": ArrayRecord(cast_floating(shared, fed.transfer_dtype)), "metrics": metrics}
 
 
 def evaluate_site(scenario: Scenario, site: SiteConfig, msg: Message, context: Context) -> dict:
@@ -159,9 +164,16 @@ def evaluate_site(scenario: Scenario, site: SiteConfig, msg: Message, context: C
 
 
 def site_windows(scenario: Scenario, site: SiteConfig, context: Context) -> WindowSet:
-    """The site's windows (built once from its records, then read from its cache)."""
+    """The site's windows (built once from its records, then read from its cache).
+
+    Node config `records-folder` (deployment) is the site's WFDB folder on this hospital's machine:
+    it replaces the scenario's `folder` (or `synthetic`) for this site, so one scenario file serves
+    every hospital whatever its paths.
+    """
     run_dir = Path(str(context.run_config["run-dir"]))
     data_folder = Path(str(context.node_config.get("data-folder", run_dir / "data")))
+    if "records-folder" in context.node_config:
+        site = dataclasses.replace(site, folder=str(context.node_config["records-folder"]), synthetic=None)
     return load_site(site, scenario.data, data_folder, scenario.seed)
 
 

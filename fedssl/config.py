@@ -128,6 +128,9 @@ class FederationConfig:
     min_sites: int = 2
     connect_timeout: float = 600.0  # s with fewer than min_sites online before the run fails, naming who is missing
     round_timeout: float = 3600.0  # s a round waits for the sites' replies
+    # s a round waits for the other sites once min_sites have replied without error; None: wait for
+    # every sampled site (a dead one is noticed by Flower's heartbeat) or the round timeout
+    straggler_timeout: float | None = None
     # encoder: heads, decoders and predictors stay at the site; all: the whole objective travels
     share: str = "encoder"
     # dtype of the shared weights on the wire, both ways: float16 halves the bytes; the server
@@ -152,10 +155,13 @@ class FederationConfig:
     max_update_ratio: float = 5.0  # reject an update whose norm exceeds this x the round median; 0: off
     # site-level central DP (Flower's DifferentialPrivacy{Server,Client}SideFixedClipping around the
     # strategy): none | server (the server clips each update) | client (the sites clip theirs);
-    # Gaussian noise of std noise_multiplier x clipping_norm / sampled sites on the mean update
+    # Gaussian noise of std noise_multiplier x clipping_norm / sampled sites on the unweighted mean
+    # update (a site without an update counts as zero); site-level epsilon at central_delta per
+    # round in metrics.jsonl (server/central_dp.py)
     central_dp: str = "none"
     central_noise_multiplier: float = 1.0
     central_clipping_norm: float = 1.0
+    central_delta: float = 1e-5
 
 
 @dataclass(frozen=True)
@@ -193,15 +199,16 @@ class PrivacyConfig:
     noise_multiplier: float | None = None
     unit: str = "record"  # record | patient
     accountant: str = "rdp"  # rdp | prv
-    grad_sample_mode: str = "hooks"  # hooks | functorch | ghost
+    grad_sample_mode: str = "bookkeeping"  # bookkeeping | hooks | functorch | ghost (docs/privacy.md)
 
     def __post_init__(self) -> None:
         if self.unit not in ("record", "patient"):
             raise ConfigError(f"privacy.unit: expected 'record' or 'patient', got {self.unit!r}")
         if self.accountant not in ("rdp", "prv"):
             raise ConfigError(f"privacy.accountant: expected 'rdp' or 'prv', got {self.accountant!r}")
-        if self.grad_sample_mode not in ("hooks", "functorch", "ghost"):
-            raise ConfigError(f"privacy.grad_sample_mode: expected hooks, functorch or ghost, got {self.grad_sample_mode!r}")
+        if self.grad_sample_mode not in ("bookkeeping", "hooks", "functorch", "ghost"):
+            raise ConfigError(f"privacy.grad_sample_mode: expected bookkeeping, hooks, functorch or ghost, "
+                              f"got {self.grad_sample_mode!r}")
         if not self.target_epsilon > 0:
             raise ConfigError(f"privacy.target_epsilon: must be > 0, got {self.target_epsilon}")
         if self.delta is not None and not 0 < self.delta < 1:

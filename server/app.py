@@ -5,9 +5,13 @@ Each round the strategy sends the global model (the encoder, or the whole object
 new global encoder on held-out labelled ECGs (linear probe, macro AUROC). Files written under
 `run-dir`: `metrics.jsonl` (one line per round, with each DP site's epsilon and the rounds sites
 declined for their privacy budget), `checkpoints/encoder_round_<r>.pt`, `encoder.pt`
-(latest global encoder) and, with `share: all`, `global.pt` (latest whole global objective).
+(latest global encoder) and, with `share: all`, `global.pt` (latest whole global objective); also
+`scenario.yaml` (the configuration used) and, at the end, `report.md` with plots (fedssl/report.py).
 
-Run config (`[tool.flwr.app.config]`): `scenario` (YAML path), `run-dir` (run folder).
+`checkpoints/server.pt` holds what a resumed run needs (server/checkpoint.py).
+
+Run config (`[tool.flwr.app.config]`): `scenario` (YAML path), `run-dir` (run folder), `resume`
+(true: continue after the run folder's last completed round instead of starting afresh).
 """
 
 from __future__ import annotations
@@ -20,14 +24,16 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
-                                     DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedAvgM, FedMedian,
+from flwr.serverapp.strategy import (FedAdam, FedAvg, FedAvgM, FedMedian,
                                      FedProx, FedTrimmedAvg, FedYogi, Krum, MultiKrum, Strategy)
 
 from fedssl.config import ConfigError, FederationConfig, Scenario, load_scenario
 from fedssl.evaluate import linear_probe, probe_data
 from fedssl.federated import LOCAL_UPDATES, SHARE_MODES, TRANSFER_DTYPES, encoder_state, shared_state
 from fedssl.objectives import build_objective
+from fedssl.report import save_run_config, write_report
+from server.central_dp import CENTRAL_DP, SITE_WEIGHT_KEY, central_dp, no_metrics
+from server.checkpoint import ContinuedStrategy, ServerCheckpoint, optimizer_state, resume_point
 from server.metrics import RoundTracker
 from server.presence import PatientGrid
 from server.robust import robust_options
@@ -49,10 +55,8 @@ STRATEGIES: dict[str, type[FedAvg]] = {
     "multikrum": MultiKrum,
 }
 ADAPTIVE_LEARNING_RATE = 0.01  # default server eta of fedadam/fedyogi (see FederationConfig)
-# federation.central_dp: site-level DP of the aggregate (clip each site's update, noise the mean);
-# "client" needs the sites to clip (client/app.py applies Flower's fixedclipping_mod when asked)
-CENTRAL_DP = {"server": DifferentialPrivacyServerSideFixedClipping,
-              "client": DifferentialPrivacyClientSideFixedClipping}
+# federation.central_dp: site-level DP of the aggregate (server/central_dp.py: clip each site's update, noise
+# the mean); "client" needs the sites to clip (client/app.py applies Flower's fixedclipping_mod when asked)
 ROBUST = ("fedmedian", "fedtrimmedavg", "krum", "multikrum")  # not a mean: central DP's noise does not fit
 
 
@@ -61,20 +65,28 @@ def main(grid: Grid, context: Context) -> None:
     """Run `federation.rounds` rounds of the scenario's strategy and probe each global encoder."""
     scenario = load_scenario(context.run_config["scenario"])
     run_dir = Path(str(context.run_config["run-dir"]))
+    save_run_config(scenario, context.run_config["scenario"], run_dir)  # deployed runs record their config too
     fed = scenario.federation
     random.seed(scenario.seed)  # the strategies sample nodes with `random`
 
     initial = shared_state(build_objective(scenario), fed.share)
-    tracker = RoundTracker(run_dir, fed.rounds, initial, sites=tuple(s.name for s in scenario.sites))
+    # run config `resume`: continue after the run folder's last checkpoint (server/checkpoint.py)
+    checkpoint = resume_point(run_dir, fed.strategy, fed.rounds, initial) if context.run_config.get("resume") else None
+    done = checkpoint.round if checkpoint else 0
+    tracker = RoundTracker(run_dir, fed.rounds, initial, sites=tuple(s.name for s in scenario.sites),
+                           resume_after=done)
     strategy = make_strategy(fed, len(scenario.sites), tracker, scenario.evaluation.federated)
+    if checkpoint:
+        checkpoint.restore(strategy)
+        tracker.epsilon.update(checkpoint.epsilon)
     log(INFO, "fedssl | scenario %s: %d sites, %d rounds of %s (share %s, %s), %d local steps",
         scenario.name, len(scenario.sites), fed.rounds, fed.strategy, fed.share, fed.local_update,
         scenario.train.local_steps)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Checkpoint and probe the global encoder after `server_round` (0: before round 1)."""
-        if server_round == 0:  # the initial encoder is the random-init baseline of the summary
-            tracker.start_round(1)
+        """Checkpoint and probe the global encoder after `server_round` (`done`: before the first)."""
+        if server_round == done:  # the initial encoder is the random-init baseline of the summary
+            tracker.start_round(done + 1)
             return None
         tracker.require_update(server_round)
         auroc, seconds = None, 0.0
@@ -82,18 +94,24 @@ def main(grid: Grid, context: Context) -> None:
             auroc, seconds = probe(scenario, run_dir, encoder_state(tracker.state_dict(arrays)))
         sampled = max(int(len(list(grid.get_node_ids())) * fed.fraction_train), fed.min_sites)
         tracker.finish_round(server_round, arrays, auroc, seconds, expected=sampled)
+        ServerCheckpoint(server_round, fed.strategy, {k: a.numpy() for k, a in arrays.items()},
+                         optimizer_state(strategy), random.getstate(), dict(tracker.epsilon)).save(run_dir)
         return None if auroc is None else MetricRecord({"probe-macro-auroc": auroc})
 
     # never wait without end: fail naming the missing sites after connect_timeout
-    grid = PatientGrid(grid, [s.name for s in scenario.sites], fed.min_sites, timeout=fed.connect_timeout)
-    strategy.start(
-        grid=grid,
-        timeout=fed.round_timeout,  # seconds a round waits for the sites' replies
-        initial_arrays=ArrayRecord(initial),
-        num_rounds=fed.rounds,
-        train_config=ConfigRecord({"num-rounds": fed.rounds}),  # FedAvg adds "server-round"
-        evaluate_fn=evaluate,
-    )
+    grid = PatientGrid(grid, [s.name for s in scenario.sites], fed.min_sites, timeout=fed.connect_timeout,
+                       straggler_timeout=fed.straggler_timeout)
+    continued = ContinuedStrategy(strategy, done)  # rounds done+1 .. fed.rounds
+    if done < fed.rounds:
+        continued.start(
+            grid=grid,
+            timeout=fed.round_timeout,  # seconds a round waits for the sites' replies
+            initial_arrays=checkpoint.array_record() if checkpoint else ArrayRecord(initial),
+            num_rounds=fed.rounds - done,
+            train_config=ConfigRecord({"num-rounds": fed.rounds}),  # FedAvg adds "server-round"
+            evaluate_fn=continued.evaluate_fn(evaluate),
+        )
+    log(INFO, "fedssl | report with plots: %s", write_report(run_dir))
     # simulations/run.py recognises a completed run by this line (DONE_MARK)
     log(INFO, "fedssl | done: global encoder in %s", run_dir / "encoder.pt")
 
@@ -110,6 +128,7 @@ def check_federation(fed: FederationConfig, num_sites: int) -> None:
         if value not in known:
             raise ConfigError(f"federation.{key}: unknown value {value!r}; known: {list(known)}")
     positive = {"connect_timeout": fed.connect_timeout, "round_timeout": fed.round_timeout,
+                "straggler_timeout": fed.straggler_timeout,
                 "fedema_tau": fed.fedema_tau, "fedema_lambda": fed.fedema_lambda,
                 "server_learning_rate": fed.server_learning_rate, "server_tau": fed.server_tau}
     for key, value in positive.items():
@@ -124,8 +143,13 @@ def check_federation(fed: FederationConfig, num_sites: int) -> None:
             raise ConfigError(f"federation.central_dp: {fed.strategy} does not average the updates, so the "
                               f"noise calibrated for a mean does not protect it; use fedavg, fedavgm, fedprox, "
                               f"fedadam or fedyogi")
-        if not (fed.central_noise_multiplier >= 0 and fed.central_clipping_norm > 0):
-            raise ConfigError("federation.central_noise_multiplier must be >= 0 and central_clipping_norm > 0")
+        if STRATEGIES[fed.strategy].aggregate_train is not FedAvg.aggregate_train:
+            raise ConfigError(f"federation.central_dp: {fed.strategy} moves the global model by more than the "
+                              f"mean update (server optimiser), which the site-level accountant does not cover; "
+                              f"use fedavg or fedprox")
+        if not (fed.central_noise_multiplier >= 0 and fed.central_clipping_norm > 0 and 0 < fed.central_delta < 1):
+            raise ConfigError("federation.central_noise_multiplier must be >= 0, central_clipping_norm > 0 and "
+                              "central_delta in (0, 1)")
 
 
 def make_strategy(fed: FederationConfig, num_sites: int, tracker: RoundTracker,
@@ -133,21 +157,25 @@ def make_strategy(fed: FederationConfig, num_sites: int, tracker: RoundTracker,
     """The scenario's strategy behind update validation; with `federated_evaluation` every site
     also probes each round's global encoder on its own labelled windows."""
     check_federation(fed, num_sites)
+    central = fed.central_dp != "none"
     strategy = STRATEGIES[fed.strategy](
         fraction_train=fed.fraction_train,
         fraction_evaluate=1.0 if federated_evaluation else 0.0,
         min_train_nodes=fed.min_sites,
         min_evaluate_nodes=fed.min_sites,
         min_available_nodes=fed.min_sites,
-        train_metrics_aggr_fn=tracker.aggregate_train_metrics,
+        # central DP: an unweighted mean; its wrapper hands the sites' metrics to the tracker
+        train_metrics_aggr_fn=no_metrics if central else tracker.aggregate_train_metrics,
+        **({"weighted_by_key": SITE_WEIGHT_KEY} if central else {}),
         evaluate_metrics_aggr_fn=tracker.aggregate_evaluate_metrics,
         **strategy_options(fed),
         **robust_options(fed, num_sites),
     )
-    if fed.central_dp != "none":  # validation stays outermost: it sees the sites' own updates
+    if central:  # validation stays outermost: it sees the sites' own updates
         sampled = max(int(num_sites * fed.fraction_train), fed.min_sites)
-        strategy = CENTRAL_DP[fed.central_dp](strategy, noise_multiplier=fed.central_noise_multiplier,
-                                              clipping_norm=fed.central_clipping_norm, num_sampled_clients=sampled)
+        strategy = central_dp(strategy, fed.central_dp, fed.central_noise_multiplier, fed.central_clipping_norm,
+                              sampled, num_sites, fed.central_delta, tracker.aggregate_train_metrics,
+                              tracker.record_central_dp, released=tracker.resume_after)
     return ValidatedStrategy(strategy, ArrayRecord(tracker.reference), max_norm_ratio=fed.max_update_ratio,
                              transfer_dtype=fed.transfer_dtype,
                              sites=tracker.sites, on_reject=tracker.record_rejection,

@@ -31,7 +31,7 @@ from fedssl.storage import atomic_torch_save
 from server.validation import SITE_INDEX_KEY, Rejection
 
 PRIVACY_BUDGET_CODE = 1001  # client/app.py's error code of a round declined for the privacy budget
-PER_SITE_METRICS = (SITE_INDEX_KEY, "dp-sgd", "epsilon", "delta")  # not averaged over sites
+PER_SITE_METRICS = (SITE_INDEX_KEY, "dp-sgd", "epsilon", "delta", "compute-seconds", "new-heads")  # not averaged over sites
 
 
 class NoSiteReplied(RuntimeError):
@@ -44,6 +44,8 @@ class RoundTracker:
     rounds: int
     reference: dict[str, torch.Tensor]  # the initial shared state: names, shapes and dtypes
     sites: tuple[str, ...] = ()  # site names by index (replies name theirs with `site-index`)
+    resume_after: int = 0  # a resumed run keeps the metrics of rounds 1..resume_after
+    epsilon: dict[str, float] = field(default_factory=dict)  # each DP site's epsilon as last reported
     _round: int = 1  # the round whose training replies come next
     _started: float = field(default_factory=time.perf_counter)
     _train: dict[int, dict] = field(default_factory=dict)
@@ -51,11 +53,17 @@ class RoundTracker:
     _errors: dict[int, list[dict]] = field(default_factory=dict)  # round -> error replies
     _nodes: dict[int, str] = field(default_factory=dict)  # node id -> site name, from its replies
     _site_probes: dict[int, dict] = field(default_factory=dict)  # round -> federated evaluation
+    _central_dp: dict[int, dict] = field(default_factory=dict)  # round -> site-level privacy spent so far
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
         (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        self.metrics_path.unlink(missing_ok=True)  # one file per run: a rerun starts afresh
+        if self.resume_after and self.metrics_path.exists():  # drop lines of rounds after the checkpoint: they run again
+            kept = [line for line in self.metrics_path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["round"] <= self.resume_after]
+            self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        else:
+            self.metrics_path.unlink(missing_ok=True)  # one file per run: a rerun starts afresh
 
     @property
     def metrics_path(self) -> Path:
@@ -69,11 +77,17 @@ class RoundTracker:
         """Weighted mean of the sites' loss terms (the strategy's `train_metrics_aggr_fn`)."""
         aggregated = aggregate_metricrecords(replies, weight_key)
         examples = sum(int(next(iter(r.metric_records.values()))[weight_key]) for r in replies)
-        epsilon, delta = {}, {}
+        epsilon, delta, windows, compute = {}, {}, {}, {}
+        new_heads: list[str] = []
         for i, reply in enumerate(replies):
             metrics = next(iter(reply.metric_records.values()))
+            site = self.site_name(metrics.get(SITE_INDEX_KEY), f"reply-{i}")
+            windows[site] = int(metrics[weight_key])  # the site's training windows (client/app.py)
+            if metrics.get("new-heads"):
+                new_heads.append(site)
+            if "compute-seconds" in metrics:  # its training loop alone: the rest of `seconds` is overhead
+                compute[site] = round(float(metrics["compute-seconds"]), 3)
             if metrics.get("dp-sgd"):
-                site = self.site_name(metrics.get(SITE_INDEX_KEY), f"reply-{i}")
                 epsilon[site], delta[site] = float(metrics["epsilon"]), float(metrics["delta"])
         for key in PER_SITE_METRICS:
             aggregated.pop(key, None)
@@ -81,6 +95,9 @@ class RoundTracker:
             "losses": {k: float(v) for k, v in aggregated.items()},
             "epsilon": epsilon,
             "delta": delta,
+            "site_windows": windows,
+            "new_heads": new_heads,
+            "compute_seconds": compute,
             "sites": len(replies),
             "examples": examples,
             "seconds": time.perf_counter() - self._started,
@@ -100,6 +117,11 @@ class RoundTracker:
         mean = sum(by_site[s] * weights[s] for s in by_site) / sum(weights.values()) if by_site else None
         self._site_probes[self._round] = {"site_probe_macro_auroc": by_site, "federated_macro_auroc": mean}
         return MetricRecord({} if mean is None else {"federated-macro-auroc": mean})
+
+    def record_central_dp(self, server_round: int, spent) -> None:
+        """The site-level (central DP) epsilon and delta spent up to `server_round`, all rounds composed
+        (`server/central_dp.py`; written as `central_epsilon` / `central_delta`)."""
+        self._central_dp[server_round] = {"central_epsilon": float(spent.epsilon), "central_delta": float(spent.delta)}
 
     def record_rejection(self, rejection: Rejection) -> None:
         """Remember an update left out of its round's aggregate (`ValidatedStrategy.on_reject`)."""
@@ -154,18 +176,24 @@ class RoundTracker:
             **train["losses"],
             "probe_macro_auroc": probe_auroc,
             **self._site_probes.pop(server_round, {}),
-            "seconds": round(train["seconds"], 3),
+            "seconds": round(train["seconds"], 3),  # round wall time: sending, site work, replies, aggregation
+            "compute_seconds": train["compute_seconds"],  # {site: seconds in its training loop}
             "probe_seconds": round(probe_seconds, 3),
             "sites": train["sites"],
+            "site_windows": train["site_windows"],  # the sites whose update was aggregated
+            # sites that started from new heads: their first round, or they lost their state folder
+            "new_heads": train["new_heads"],
             "examples": train["examples"],
             "rejected": self._rejected.pop(server_round, []),
             "epsilon": train.get("epsilon", {}),
             "delta": train.get("delta", {}),
             "declined": [e for e in errors if e["code"] == PRIVACY_BUDGET_CODE],
             "errors": [e for e in errors if e["code"] != PRIVACY_BUDGET_CODE],
+            **self._central_dp.pop(server_round, {}),
         }
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        self.epsilon.update(record["epsilon"])
         if train["sites"] < expected:
             log(WARNING, "fedssl | round %d: only %d of %d sites replied", server_round, train["sites"], expected)
         log(INFO, "fedssl | %s", progress_line(record, self.rounds))

@@ -18,9 +18,9 @@ from pathlib import Path
 TOKEN_VARIABLE = "FEDSSL_FLOWER_RUN"  # marks every process a runner starts, down to Ray workers
 
 
-def marked_processes(token: str) -> list[int]:
-    """Pids of live processes whose environment carries this token (Linux /proc)."""
-    needle = f"{TOKEN_VARIABLE}={token}".encode()
+def marked_processes(token: str, variable: str = TOKEN_VARIABLE) -> list[int]:
+    """Pids of live processes whose environment carries `variable=token` (Linux /proc)."""
+    needle = f"{variable}={token}".encode()
     pids = []
     for entry in Path("/proc").glob("[0-9]*"):
         try:

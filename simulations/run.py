@@ -1,6 +1,8 @@
 """Run a scenario end to end on Flower's simulation engine, offline, on this machine.
 
-    python -m simulations simulations/quickstart.yaml [--out RUN_DIR] [--verbose]
+    python -m simulations simulations/quickstart.yaml [--out RUN_DIR] [--verbose] [--resume]
+
+(`--resume`: continue the run in RUN_DIR after its last checkpointed round, e.g. after a crash.)
 
 1. load the scenario, create the run folder and save the scenario used in it;
 2. materialise every site's data and the probe data up front (errors surface before Flower
@@ -14,7 +16,8 @@
 
 Run folder: `scenario.yaml`, `data/` (site records and window caches, probe data),
 `sites/<site>/` (site-local heads), `metrics.jsonl`, `checkpoints/`, `encoder.pt`,
-`summary.json`, `logs/` (Flower's full output) and `flower/` (the FLWR_HOME of the run).
+`summary.json`, `report.md` with `report_*.png` (fedssl/report.py), `logs/` (Flower's full
+output) and `flower/` (the FLWR_HOME of the run).
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
+from fedssl.deploy import FAST_POLLING_ENV
+from fedssl.report import epsilon_by_site, read_metrics, write_report
 from simulations.processes import TOKEN_VARIABLE, free_port, marked_processes, pid_alive, stop_pids  # noqa: F401
 from simulations.processes import terminate as _terminate
 
@@ -62,18 +67,27 @@ class RunResult:
 
 
 def run_scenario(path: str | Path, out_dir: str | Path | None = None, *, verbose: bool = False,
-                 timeout: float | None = None, echo: Echo = print) -> RunResult:
-    """Run the scenario at `path` in `out_dir` (default `runs/<name>-<timestamp>`)."""
+                 timeout: float | None = None, resume: bool = False, echo: Echo = print) -> RunResult:
+    """Run the scenario at `path` in `out_dir` (default `runs/<name>-<timestamp>`).
+
+    With `resume` the results already in `out_dir` are kept and the ServerApp continues after the
+    last round checkpointed there (server/checkpoint.py).
+    """
     from fedssl.baselines import compare
     from fedssl.config import load_scenario, save_scenario
     from server.app import check_federation
 
+    if resume and out_dir is None:
+        raise FederationError("resume needs the run folder to continue (--out RUN_DIR)")
     started = time.perf_counter()
     scenario = load_scenario(path)
     check_federation(scenario.federation, len(scenario.sites))  # fail before any data is generated
     run_dir = Path(out_dir or Path("runs") / f"{scenario.name}-{datetime.now():%Y%m%d-%H%M%S}").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    clear_previous_run(run_dir, echo)
+    if resume:
+        echo(f"resuming the run in {run_dir}")
+    else:
+        clear_previous_run(run_dir, echo)
     scenario_path = run_dir / "scenario.yaml"
     save_scenario(scenario, scenario_path)
     echo(f"run folder: {run_dir}")
@@ -83,7 +97,7 @@ def run_scenario(path: str | Path, out_dir: str | Path | None = None, *, verbose
     data_done = time.perf_counter()
 
     with LocalSimulation(run_dir, echo=echo, verbose=verbose) as simulation:
-        run_id = simulation.run(scenario_path, num_sites=len(scenario.sites), timeout=timeout)
+        run_id = simulation.run(scenario_path, num_sites=len(scenario.sites), timeout=timeout, resume=resume)
     federation_done = time.perf_counter()
 
     rounds = read_metrics(run_dir / "metrics.jsonl")
@@ -110,12 +124,16 @@ def run_scenario(path: str | Path, out_dir: str | Path | None = None, *, verbose
         "probe_macro_auroc_by_round": [r.get("probe_macro_auroc") for r in rounds],
         # DP sites' epsilon spent after each round (null: the site sent no update that round)
         "epsilon_by_site": epsilon_by_site(rounds),
+        # site-level (federation.central_dp) epsilon after each round, all rounds composed
+        **({"central_epsilon_by_round": [r.get("central_epsilon") for r in rounds]}
+           if any("central_epsilon" in r for r in rounds) else {}),
         "declined_by_round": [[d.get("site") or d.get("node_id") for d in r.get("declined", [])] for r in rounds],
         "encoders": {name: {"macro_auroc": result_auroc(result), **_extra(result)}
                      for name, result in encoders.items()},
         "flower_run_id": run_id,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_report(run_dir)  # the ServerApp wrote it already; now with the baseline table of summary.json
     echo(summary_table(summary))
     return RunResult(run_dir, summary, sorted(simulation.seen_pids))
 
@@ -125,7 +143,8 @@ def clear_previous_run(run_dir: Path, echo: Echo) -> None:
 
     Site heads left behind would otherwise be picked up by the new run's sites.
     """
-    stale = [run_dir / name for name in ("sites", "checkpoints", "encoder.pt", "global.pt", "metrics.jsonl", "summary.json")]
+    stale = [run_dir / name for name in ("sites", "checkpoints", "encoder.pt", "global.pt", "metrics.jsonl",
+                                         "summary.json", "report.md")]
     stale = [path for path in stale if path.exists()]
     for path in stale:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -156,6 +175,8 @@ class LocalSimulation:
     so the process tree is found by that mark (via /proc) rather than by parenthood.
     """
 
+    superlink_options: tuple[str, ...] = ("--simulation",)  # the SuperLink runs the SuperNodes itself
+
     def __init__(self, run_dir: Path, *, echo: Echo = print, verbose: bool = False) -> None:
         self.run_dir = Path(run_dir)
         self.home = self.run_dir / "flower"
@@ -177,6 +198,7 @@ class LocalSimulation:
             "FLWR_DISABLE_UPDATE_CHECK": "1",  # offline: no version look-ups
             "FLWR_TELEMETRY_ENABLED": "0",
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            **FAST_POLLING_ENV,  # SuperExec starts the simulation ~0.5 s sooner
             "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_DEDUP_LOGS": "0",  # show every site's line, not "repeated 2x across cluster"
             "PYTHONUNBUFFERED": "1",
@@ -217,7 +239,7 @@ class LocalSimulation:
         command = [
             self.executable("flower-superlink"),
             "--insecure",  # loopback only
-            "--simulation",
+            *self.superlink_options,
             "--disable-runtime-dependency-installation",  # offline: never `uv sync` the app
             "--host", "127.0.0.1",
             "--port", str(self.port),
@@ -274,18 +296,15 @@ class LocalSimulation:
 
     # -- running the app ------------------------------------------------------------------------
 
-    def run(self, scenario_path: Path, *, num_sites: int, timeout: float | None = None) -> int:
+    def run(self, scenario_path: Path, *, num_sites: int, timeout: float | None = None, resume: bool = False) -> int:
         """Submit the app with `flwr run --stream`, forward progress, return the finished run id."""
         overrides = self.run_dir / "flower" / "run_config.toml"
         overrides.write_text(f"scenario = {json.dumps(str(scenario_path))}\n"
-                             f"run-dir = {json.dumps(str(self.run_dir))}\n")
-        cpus = max(1, min(num_sites, _usable_cpus()))
-        federation = (f"num-supernodes={num_sites} client-resources-num-cpus=1 "
-                      f"client-resources-num-gpus=0.0 init-args-num-cpus={cpus}")
+                             f"run-dir = {json.dumps(str(self.run_dir))}\n"
+                             f"resume = {json.dumps(resume)}\n")
         app_dir = stage_app(self.home / "app")
         command = [self.executable("flwr"), "run", str(app_dir), CONNECTION, "--stream",
-                   "--run-config", str(overrides), "--federation-config", federation]
-        self.echo(f"federation: {num_sites} simulated sites on {cpus} CPU(s), Flower log: {self.log_path}")
+                   "--run-config", str(overrides), *self.federation_options(num_sites)]
         run_id, finished = None, False
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.log_path.open("a") as log_file:
@@ -324,6 +343,14 @@ class LocalSimulation:
             status, details = self.status(run_id)
             raise FederationError(f"Flower run {run_id} ended as {status} {details}\n" + tail(self.log_path))
         return run_id
+
+    def federation_options(self, num_sites: int) -> list[str]:
+        """`flwr run` options of the simulation engine: one simulated SuperNode per site."""
+        cpus = max(1, min(num_sites, _usable_cpus()))
+        federation = (f"num-supernodes={num_sites} client-resources-num-cpus=1 "
+                      f"client-resources-num-gpus=0.0 init-args-num-cpus={cpus}")
+        self.echo(f"federation: {num_sites} simulated sites on {cpus} CPU(s), Flower log: {self.log_path}")
+        return ["--federation-config", federation]
 
     def status(self, run_id: int) -> tuple[str, str]:
         """The run's status (e.g. `finished:completed`) and details, as `flwr ls` reports them."""
@@ -394,18 +421,6 @@ def _usable_cpus() -> int:
 
 # -- results ------------------------------------------------------------------------------------
 
-def epsilon_by_site(rounds: list[dict]) -> dict[str, list[float | None]]:
-    """{site: [epsilon after round 1, 2, ...]} of the sites that trained with DP-SGD."""
-    sites = sorted({site for r in rounds for site in r.get("epsilon", {})})
-    return {site: [r.get("epsilon", {}).get(site) for r in rounds] for site in sites}
-
-
-def read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def result_auroc(result) -> float | None:
     if isinstance(result, dict):
         return result.get("macro_auroc")
@@ -440,11 +455,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="run folder (default: runs/<scenario name>-<timestamp>)")
     parser.add_argument("--verbose", action="store_true", help="show Flower's full log")
     parser.add_argument("--timeout", type=float, help="stop the federation after this many seconds")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out after its last checkpoint")
     args = parser.parse_args(argv)
     from fedssl.config import ConfigError
 
     try:
-        run_scenario(args.scenario, args.out, verbose=args.verbose, timeout=args.timeout)
+        run_scenario(args.scenario, args.out, verbose=args.verbose, timeout=args.timeout, resume=args.resume)
     except (FederationError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -31,8 +31,8 @@ from cryptography.x509.verification import VerificationError
 
 from fedssl.config import SyntheticSiteConfig
 from fedssl.data.synthetic import write_synthetic_site
-from fedssl.deploy import (load_node_key, load_node_public_key, make_certificates, make_node_key, register,
-                           verify_server_certificate)
+from fedssl.deploy import (Certificates, NodeKey, load_node_key, load_node_public_key, make_certificates,
+                           make_node_key, register, verify_server_certificate)
 from simulations.processes import TOKEN_VARIABLE, free_port, marked_processes, pid_alive, stop_pids, terminate
 from simulations.run import stage_app
 
@@ -165,6 +165,68 @@ class Deployment:
     def watch(self) -> None:
         self.seen |= set(marked_processes(self.token))
 
+    def configure_cli(self, ca_cert: Path) -> None:
+        """The `flwr` CLI's connection (FLWR_HOME/config.toml) to this deployment's SuperLink."""
+        (self.root / "flwr-home").mkdir(exist_ok=True)
+        (self.root / "flwr-home" / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{ca_cert}"\n')
+
+    def start_superlink(self, certs: Certificates, database: Path, **env: str) -> subprocess.Popen:
+        """`flower-superlink` with TLS, node authentication and a state database; waits until healthy."""
+        superlink = self.start("superlink", [
+            str(BIN / "flower-superlink"),
+            "--ssl-ca-certfile", str(certs.ca_cert),
+            "--ssl-certfile", str(certs.server_cert),
+            "--ssl-keyfile", str(certs.server_key),
+            "--enable-supernode-auth",
+            "--database", str(database),
+            "--disable-runtime-dependency-installation",
+            "--host", "127.0.0.1", "--port", str(self.port),
+        ], cwd=database.parent, **env)
+        deadline = time.monotonic() + 60
+        while not _healthy(self.port, certs.ca_cert):
+            assert superlink.poll() is None, self.log("superlink")
+            assert time.monotonic() < deadline, "SuperLink not healthy within 60 s\n" + self.log("superlink")
+            time.sleep(0.3)
+        self.watch()
+        return superlink
+
+    def register(self, site: str, key: NodeKey) -> int:
+        """`flwr supernode register <site>.key.pub --name <site>`; the node id."""
+        result = self.flwr(f"register-{site}", "supernode", "register", str(key.public_key), CONNECTION,
+                           "--name", site, "--format", "json")
+        assert result.returncode == 0, result.stdout
+        return int(_json(result)["node-id"])
+
+    def supernode(self, *extra: str, key: Path | None, site: str, cwd: Path, node_config: str = "") -> list[str]:
+        """A `flower-supernode` command for `site`, with its window cache and state under `cwd`."""
+        command = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+                   "--port", str(free_port()), "--host", "127.0.0.1", *extra, "--node-config",
+                   f"site='{site}' data-folder='{cwd / 'cache'}' state-folder='{cwd / 'state'}' {node_config}".strip()]
+        return command + (["--auth-supernode-private-key", str(key)] if key else [])
+
+    def start_hospital(self, site: str, key: NodeKey, home: Path, ca_cert: Path, node_config: str = "",
+                       **env: str) -> subprocess.Popen:
+        """The SuperNode of the hospital at `home` (its own FLWR_HOME, cache and state folder)."""
+        command = self.supernode("--root-certificates", str(ca_cert), key=key.private_key, site=site, cwd=home,
+                                 node_config=node_config)
+        return self.start(f"supernode-{site}", command, cwd=home, FLWR_HOME=str(home / "flwr-home"), **env)
+
+    def submit(self, name: str, run_config: dict) -> subprocess.Popen:
+        """Start `flwr run --stream` of a staged copy of the app with `run_config` (logs/<name>.log)."""
+        app = self.root / "coordinator" / "app"
+        if not app.exists():
+            stage_app(app)
+        overrides = self.root / "coordinator" / f"{name}.toml"
+        overrides.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in run_config.items()))
+        return self.start(name, [str(BIN / "flwr"), "run", str(app), CONNECTION, "--stream",
+                                 "--run-config", str(overrides)])
+
+    def flwr_run(self, name: str, run_config: dict, timeout: float) -> subprocess.CompletedProcess:
+        """`flwr run` to its end (killed at `timeout`)."""
+        return self.finish(name, self.submit(name, run_config), timeout)
+
     def stop(self) -> list[int]:
         """Stop every process by pid (SuperNodes first, then the SuperLink); return survivors."""
         self.watch()
@@ -175,6 +237,21 @@ class Deployment:
         self.seen |= set(left)
         stop_pids(left)
         return sorted(p for p in self.seen if pid_alive(p))
+
+
+def hospitals(root: Path, scenario_text: str) -> tuple[dict[str, NodeKey], Path]:
+    """Each site's key pair and WFDB folder under root/hospitals/<site>; the scenario naming them."""
+    keys, sites = {}, []
+    for index, site in enumerate(SITES):
+        home = root / "hospitals" / site
+        keys[site] = make_node_key(home / "keys", site)
+        write_synthetic_site(home / "records", SyntheticSiteConfig(records=6, sample_rate=250 * (index + 1),
+                                                                   duration_seconds=4.0), seed=index)
+        sites.append(f"  - name: {site}\n    folder: {home / 'records'}")
+    scenario_path = root / "coordinator" / "scenario.yaml"
+    scenario_path.parent.mkdir(parents=True, exist_ok=True)
+    scenario_path.write_text(scenario_text.format(sites="\n".join(sites)))
+    return keys, scenario_path
 
 
 def _healthy(port: int, ca: Path) -> bool:
@@ -194,47 +271,16 @@ def deployment(tmp_path_factory):
 
     # coordinator: CA + SuperLink certificate; hospitals: key pairs and WFDB folders
     certs = make_certificates(root / "coordinator" / "certs")
-    keys, sites = {}, []
-    for index, site in enumerate(SITES):
-        home = root / "hospitals" / site
-        keys[site] = make_node_key(home / "keys", site)
-        write_synthetic_site(home / "records", SyntheticSiteConfig(records=6, sample_rate=250 * (index + 1),
-                                                                   duration_seconds=4.0), seed=index)
-        sites.append(f"  - name: {site}\n    folder: {home / 'records'}")
+    keys, scenario_path = hospitals(root, SCENARIO)
     rogue = make_node_key(root / "rogue", "rogue")
-    scenario_path = root / "coordinator" / "scenario.yaml"
-    scenario_path.write_text(SCENARIO.format(sites="\n".join(sites)))
     run_dir = root / "coordinator" / "run"
 
     d = Deployment(root)
-    (root / "flwr-home").mkdir()
-    (root / "flwr-home" / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "127.0.0.1:{d.port}"\nroot-certificates = "{certs.ca_cert}"\n')
+    d.configure_cli(certs.ca_cert)
     outcome: dict = {"root": root, "run_dir": run_dir, "scenario": scenario_path, "database": root / "coordinator" / "state.db"}
     try:
-        superlink = d.start("superlink", [
-            str(BIN / "flower-superlink"),
-            "--ssl-ca-certfile", str(certs.ca_cert),
-            "--ssl-certfile", str(certs.server_cert),
-            "--ssl-keyfile", str(certs.server_key),
-            "--enable-supernode-auth",
-            "--database", str(outcome["database"]),
-            "--disable-runtime-dependency-installation",
-            "--host", "127.0.0.1", "--port", str(d.port),
-        ], cwd=root / "coordinator")
-        deadline = time.monotonic() + 60
-        while not _healthy(d.port, certs.ca_cert):
-            assert superlink.poll() is None, d.log("superlink")
-            assert time.monotonic() < deadline, "SuperLink not healthy within 60 s\n" + d.log("superlink")
-            time.sleep(0.3)
-        d.watch()
-
-        def supernode(*extra: str, key: Path | None, site: str, cwd: Path) -> list[str]:
-            command = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{d.port}",
-                       "--port", str(free_port()), "--host", "127.0.0.1", *extra,
-                       "--node-config", f"site='{site}' data-folder='{cwd / 'cache'}' state-folder='{cwd / 'state'}'"]
-            return command + (["--auth-supernode-private-key", str(key)] if key else [])
+        d.start_superlink(certs, outcome["database"])
+        supernode = d.supernode
 
         # refused (checked after the run; they run alongside it): a key the coordinator never
         # registered, and a plaintext connection to the TLS SuperLink
@@ -247,24 +293,12 @@ def deployment(tmp_path_factory):
                                  FLWR_HOME=str(root / "rogue" / "flwr-home")),
         }
 
-        outcome["registered"] = {}
-        for site in SITES:
-            result = d.flwr(f"register-{site}", "supernode", "register", str(keys[site].public_key), CONNECTION,
-                            "--name", site, "--format", "json")
-            assert result.returncode == 0, result.stdout
-            outcome["registered"][site] = json.loads(result.stdout[result.stdout.index("{"):])["node-id"]
+        outcome["registered"] = {site: d.register(site, keys[site]) for site in SITES}
+        for site in SITES:  # each hospital its own Flower home, cache and state folder
+            d.start_hospital(site, keys[site], root / "hospitals" / site, certs.ca_cert)
 
-        for site in SITES:
-            home = root / "hospitals" / site
-            d.start(f"supernode-{site}", supernode("--root-certificates", str(certs.ca_cert),
-                                                   key=keys[site].private_key, site=site, cwd=home),
-                    cwd=home, FLWR_HOME=str(home / "flwr-home"))  # each hospital its own Flower home
-
-        app = stage_app(root / "coordinator" / "app")
-        overrides = root / "coordinator" / "run_config.toml"
-        overrides.write_text(f"scenario = {json.dumps(str(scenario_path))}\nrun-dir = {json.dumps(str(run_dir))}\n")
-        outcome["flwr_run"] = d.run("flwr-run", [str(BIN / "flwr"), "run", str(app), CONNECTION, "--stream",
-                                                 "--run-config", str(overrides)], timeout=300)
+        outcome["flwr_run"] = d.flwr_run("flwr-run", {"scenario": str(scenario_path), "run-dir": str(run_dir)},
+                                         timeout=300)
         d.watch()
         match = re.search(r"Successfully started run (\d+)", outcome["flwr_run"].stdout)
         assert match, outcome["flwr_run"].stdout[-3000:]

@@ -58,6 +58,9 @@ def test_rounds_logged_with_finite_loss(federation):
     rounds = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]
     assert all(math.isfinite(r["loss"]) and r["sites"] == 2 for r in rounds)
+    # each site's training-loop seconds, apart (not averaged into the loss terms) and within the round's
+    assert all(set(r["compute_seconds"]) == {"north", "south"} and "compute-seconds" not in r
+               and 0 < max(r["compute_seconds"].values()) < r["seconds"] for r in rounds)
     assert rounds[0]["probe_macro_auroc"] is None  # every_round: false probes the last round only
     assert 0.0 <= rounds[1]["probe_macro_auroc"] <= 1.0
     assert any(line.startswith("round 2/2") for line in lines)  # progress reached the user

@@ -12,14 +12,23 @@ SITES = ["hospital_a", "clinic_b", "cardiology_c"]
 
 
 class FakeGrid:
-    def __init__(self, nodes):
-        self.nodes = nodes
+    def __init__(self, nodes, clock=None):
+        self.nodes, self.clock = nodes, clock
 
     def get_nodes(self):
         return [SimpleNamespace(node_id=i, name=n) for i, n in self.nodes]
 
-    def send_and_receive(self, messages, *, timeout=None):
-        return ["reply", timeout]
+    def push_messages(self, messages):
+        return [msg.metadata.message_id for msg in messages]
+
+    def pull_messages(self, message_ids):
+        """One reply per poll (the SuperLink hands out what has arrived), advancing the clock 1 s."""
+        self.polls = getattr(self, "polls", 0) + 1
+        if self.clock is not None:
+            self.clock.now += 1
+        first = sorted(message_ids)[:1]
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i), has_error=lambda: False)
+                for i in first]
 
 
 class Clock:
@@ -33,7 +42,31 @@ class Clock:
 def test_enough_sites_pass_through():
     grid = PatientGrid(FakeGrid([(1, "hospital_a"), (2, "clinic_b"), (3, "cardiology_c")]), SITES, 3, timeout=5)
     assert list(grid.get_node_ids()) == [1, 2, 3]
-    assert grid.send_and_receive([], timeout=7) == ["reply", 7]  # the rest is delegated
+
+
+def test_replies_are_collected_by_polling_until_all_arrived_or_the_timeout():
+    messages = [SimpleNamespace(metadata=SimpleNamespace(message_id=i)) for i in ("a", "b", "c")]
+    clock = Clock()
+    fake = FakeGrid([(1, "hospital_a")], clock)
+    grid = PatientGrid(fake, SITES, 1, timeout=5, clock=clock)
+    replies = grid.send_and_receive(messages, timeout=None)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["a", "b", "c"] and fake.polls == 3
+    clock.now, fake.polls = 0.0, 0
+    replies = grid.send_and_receive(messages, timeout=1.5)  # two polls fit in 1.5 s of the fake clock
+    assert [r.metadata.reply_to_message_id for r in replies] == ["a", "b"] and fake.polls == 2
+
+
+def test_round_waits_only_straggler_timeout_once_min_sites_replied():
+    messages = [SimpleNamespace(metadata=SimpleNamespace(message_id=i)) for i in "abcde"]
+    clock = Clock()
+    fake = FakeGrid([(1, "hospital_a")], clock)  # one reply per 1-s poll
+    grid = PatientGrid(fake, SITES, 2, timeout=5, clock=clock, straggler_timeout=1.5)
+    replies = grid.send_and_receive(messages, timeout=100)
+    # quorum of 2 after the second poll (t = 2 s); 1.5 s more allows one more poll (t = 3 s < 3.5 s)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["a", "b", "c", "d"] and fake.polls == 4
+    clock.now, fake.polls = 0.0, 0
+    grid.straggler_timeout = None  # default: wait for every site (or the round timeout)
+    assert len(grid.send_and_receive(messages, timeout=100)) == 5
 
 
 def test_gives_up_after_the_timeout_naming_the_missing_site():

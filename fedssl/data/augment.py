@@ -109,17 +109,32 @@ def lead_dropout(x: torch.Tensor, lead_mask: torch.Tensor, p: float = 0.2) -> tu
     return x * kept[..., None], kept
 
 
+def sometimes(augmented: torch.Tensor, original: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """`augmented` for the records (first axis) where `chosen` (B,) is True, else `original`."""
+    return torch.where(chosen.view(-1, *[1] * (original.dim() - 1)), augmented, original)
+
+
 @dataclass(frozen=True)
 class Augment:
-    """The view pipeline: crop, time mask, amplitude, then the artefacts, then lead dropout."""
+    """The view pipeline: crop and time mask, then amplitude, the artefacts and lead dropout, each
+    applied to a record with probability `p` (0.5), as SimCLR applies its distortions (Chen et al.
+    2020). Applied all together to every record, they left a 1-D ResNet's two views of a record too
+    little to agree on: SimCLR on eight records did not learn at all (NT-Xent stayed at log(2B - 1)).
+    """
 
     sample_rate: float
+    p: float = 0.5
 
     def __call__(self, x: torch.Tensor, lead_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = time_mask(random_crop(x))
-        x = amplitude_scale(x)
-        x = baseline_wander(x, self.sample_rate)
-        x = mains_interference(x, self.sample_rate)
-        x = muscle_noise(x, self.sample_rate)
-        x = gaussian_noise(x)
-        return lead_dropout(x * lead_mask[..., None], lead_mask)
+        x = time_mask(random_crop(x))  # the time mask has its own probability
+        for transform in (amplitude_scale, lambda v: baseline_wander(v, self.sample_rate),
+                          lambda v: mains_interference(v, self.sample_rate),
+                          lambda v: muscle_noise(v, self.sample_rate), gaussian_noise):
+            x = sometimes(transform(x), x, self._chosen(x))
+        x = x * lead_mask[..., None]
+        dropped, kept = lead_dropout(x, lead_mask)
+        chosen = self._chosen(x)
+        return sometimes(dropped, x, chosen), sometimes(kept, lead_mask, chosen)
+
+    def _chosen(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.rand(x.shape[0]) < self.p

@@ -1,0 +1,194 @@
+"""Site-level (central) DP: Flower's fixed-clipping wrappers, accounted, over a fixed denominator.
+
+`federation.central_dp: server|client`: every sampled site's update is clipped to norm C (by the
+server here, or by the site with Flower's `fixedclipping_mod`) and Flower's
+`DifferentialPrivacyClientSideFixedClipping` adds Gaussian noise of std `sigma * C / n` to the mean
+of the n sampled sites' updates. That is the Gaussian
+mechanism on a sum of n terms of norm <= C, so each round is (epsilon, delta)-DP with respect to
+adding or removing one *site's* whole data; the wrapper's accountant composes one release per
+round (no sampling amplification: every site trains every round).
+
+The bound only holds for an unweighted mean over exactly n updates, so Flower's accounted wrappers
+refuse a round with unequal weights or fewer replies. `FixedDenominator` makes every round such a
+mean (DP-FedAvg with a fixed denominator, McMahan et al., "Learning Differentially Private
+Recurrent Language Models", ICLR 2018): each reply is weighted 1 (`SITE_WEIGHT_KEY`) whatever its
+number of windows, and a sampled site that sent no usable update (it declined for its sample-level
+privacy budget, failed, timed out, or validation rejected its update) counts as a zero update (the
+global model it was sent), so the sum still has n terms of norm <= C and the noise still fits.
+The round's loss means stay the window-weighted means over the sites that really trained. The
+server clips here rather than in Flower's server-side wrapper, whose clipping divides by the
+update's norm and fails on a zero update.
+
+The accountant implements Flower's `PrivacyAccountant` interface with Opacus' RDP analysis (the
+one behind each site's sample-level ledger): Flower's own `RdpAccountant` needs the optional
+`flwr[dp]` dependency (Google's dp-accounting). Without sampling amplification both compute the
+Renyi DP alpha / (2 sigma^2) per release.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from logging import INFO
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    FedAvg,
+    Strategy,
+)
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+from flwr.supercore.privacy_accounting import (
+    GaussianPrivacyEvent,
+    NeighboringRelation,
+    PrivacyConfig,
+    PrivacySpent,
+    SamplingMethod,
+)
+
+CENTRAL_DP = ("server", "client")  # who clips the updates
+SITE_WEIGHT_KEY = "central-dp-weight"  # every update's weight in the mean: 1
+WEIGHT_KEY = "num-examples"  # the sites' windows, which weigh the round's loss means
+
+
+class SiteLevelAccountant:
+    """Flower's `PrivacyAccountant` interface over Opacus' RDP analysis of the Gaussian mechanism:
+    every composed event is a release of the mean of all sites (sampling rate 1)."""
+
+    def __init__(self, config: PrivacyConfig) -> None:
+        self._config = config
+        self._events: list[tuple[float, int]] = []  # (noise multiplier, releases)
+
+    @property
+    def config(self) -> PrivacyConfig:
+        return self._config
+
+    @property
+    def num_releases(self) -> int:
+        return sum(count for _, count in self._events)
+
+    def compose(self, event: GaussianPrivacyEvent, count: int = 1) -> None:
+        self._events.append((float(event.noise_multiplier), int(count)))
+
+    def get_epsilon(self, delta: float, events: list[tuple[float, int]] | None = None) -> float:
+        from fedssl.privacy import compute_epsilon
+
+        return compute_epsilon([(sigma, 1.0, count) for sigma, count in (events or self._events)], delta)
+
+    def get_delta(self, epsilon: float) -> float:
+        raise NotImplementedError("the site-level accountant reports epsilon at a fixed delta")
+
+    def get_privacy_spent(self, delta: float | None = None) -> PrivacySpent:
+        delta = self._config.target_delta if delta is None else delta
+        return PrivacySpent(epsilon=self.get_epsilon(delta), delta=delta, num_releases=self.num_releases,
+                            accounting_method="rdp")
+
+    def would_exceed(self, event: GaussianPrivacyEvent, max_epsilon: float | None = None, count: int = 1) -> bool:
+        limit = self._config.max_epsilon if max_epsilon is None else max_epsilon
+        after = self.get_epsilon(self._config.target_delta, self._events + [(event.noise_multiplier, count)])
+        return limit is not None and after > limit
+
+    def state_dict(self) -> dict[str, object]:
+        return {"events": [list(e) for e in self._events]}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self._events = [(float(sigma), int(count)) for sigma, count in state["events"]]
+
+
+class FixedDenominator(Strategy):
+    """Flower's accounted central-DP wrapper over exactly the n sampled sites, each weighted 1; a
+    site without a usable update counts as a zero update. `on_metrics(contents, WEIGHT_KEY)` gets
+    the real replies (the tracker's window-weighted loss means), `on_release(round, spent)` the
+    accountant's cumulative site-level privacy after each released aggregate."""
+
+    def __init__(self, strategy: DifferentialPrivacyClientSideFixedClipping, clip_at_server: bool,
+                 on_metrics: Callable[[list[RecordDict], str], MetricRecord],
+                 on_release: Callable[[int, PrivacySpent], None] | None = None) -> None:
+        self.strategy, self.clip_at_server = strategy, clip_at_server
+        self.on_metrics, self.on_release = on_metrics, on_release
+        self._sent: list[Message] = []
+        self._global = ArrayRecord()
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> Central DP over a fixed denominator: every sampled site weighs 1, "
+            "a missing update counts as zero")
+        self.strategy.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._sent = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        self._global = arrays
+        if self.clip_at_server:  # the wrapper asks the sites to clip; here the server does
+            for content in {id(m.content): m.content for m in self._sent}.values():
+                del content["config"][KEY_CLIPPING_NORM]
+        return self._sent
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        updates = {m.metadata.src_node_id: m.content for m in replies if not m.has_error()}
+        trained = [updates[m.metadata.dst_node_id] for m in self._sent if m.metadata.dst_node_id in updates]
+        if not trained:  # nothing to release: the tracker reports that no site returned an update
+            return None, None
+        self.on_metrics(trained, WEIGHT_KEY)
+        if len(trained) < len(self._sent):
+            log(INFO, "fedssl | round %d: central DP counts %d of %d sampled sites as a zero update (no usable "
+                "update: declined, failed or rejected)", server_round, len(self._sent) - len(trained), len(self._sent))
+        weight = MetricRecord({SITE_WEIGHT_KEY: 1.0})
+        uniform = []
+        for instruction in self._sent:
+            content = updates.get(instruction.metadata.dst_node_id)
+            arrays = next(iter(content.array_records.values())) if content else self._global  # zero update
+            if content and self.clip_at_server:
+                arrays = clip_update(arrays, self._global, self.strategy.clipping_norm)
+            uniform.append(Message(RecordDict({"arrays": arrays, "metrics": weight}), reply_to=instruction))
+        aggregated = self.strategy.aggregate_train(server_round, uniform)
+        spent = self.strategy.privacy_spent()
+        if aggregated[0] is not None and spent is not None and self.on_release:
+            self.on_release(server_round, spent)
+        return aggregated
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+
+def central_dp(strategy: FedAvg, mode: str, noise_multiplier: float, clipping_norm: float, sampled: int,
+               sites: int, delta: float, on_metrics: Callable[[list[RecordDict], str], MetricRecord],
+               on_release: Callable[[int, PrivacySpent], None] | None = None, released: int = 0) -> FixedDenominator:
+    """`strategy` (a FedAvg built with `weighted_by_key=SITE_WEIGHT_KEY` and a no-op metrics
+    function) behind Flower's `mode` fixed-clipping wrapper with a site-level accountant (none
+    without noise: clipping alone bounds a site's influence but gives no epsilon). A resumed run
+    passes the rounds it already `released` (every completed round released one aggregate)."""
+    accountant = None
+    if noise_multiplier > 0:
+        accountant = SiteLevelAccountant(PrivacyConfig(
+            target_delta=delta, population_size=sites, neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION))
+        if released:
+            accountant.compose(GaussianPrivacyEvent(noise_multiplier=noise_multiplier, sample_size=sampled,
+                                                    population_size=sites), count=released)
+    wrapped = DifferentialPrivacyClientSideFixedClipping(strategy, noise_multiplier=noise_multiplier,
+                                                         clipping_norm=clipping_norm, num_sampled_clients=sampled,
+                                                         accountant=accountant)
+    return FixedDenominator(wrapped, mode == "server", on_metrics, on_release)
+
+
+def clip_update(arrays: ArrayRecord, reference: ArrayRecord, clipping_norm: float) -> ArrayRecord:
+    """`arrays` moved back towards `reference` so that the update (their difference, all arrays
+    flattened into one vector) has norm at most `clipping_norm`."""
+    update = {k: a.numpy().astype(np.float64) - reference[k].numpy() for k, a in arrays.items()}
+    norm = float(np.sqrt(sum(np.square(u).sum() for u in update.values())))
+    scale = min(1.0, clipping_norm / norm) if norm > 0 else 1.0
+    return ArrayRecord({k: Array(np.asarray(reference[k].numpy() + scale * u, dtype=arrays[k].numpy().dtype))
+                        for k, u in update.items()})
+
+
+def no_metrics(contents: list[RecordDict], weight_key: str) -> MetricRecord:
+    """The wrapped FedAvg's metrics function: `FixedDenominator` already handed the real replies'
+    metrics to the tracker, and the uniform replies carry only their weight."""
+    return MetricRecord()

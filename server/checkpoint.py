@@ -1,0 +1,189 @@
+"""Resume: the ServerApp's per-round checkpoint and the strategy that continues a killed run.
+
+Flower keeps no server state across a restart: a killed ServerApp (or SuperLink) loses the
+global model, the round number and the server optimiser. After every round the ServerApp writes
+`checkpoints/server.pt` atomically (whole or not at all) in the run folder:
+
+- `round`: the last completed round; `arrays`: the global model exactly as aggregated (dtypes
+  kept, e.g. FedAdam's float64), what the next round sends to the sites;
+- `strategy_state`: the server optimiser's state, read from the Flower strategy objects
+  (`SERVER_OPTIMIZER_STATE`: FedAdam/FedYogi's moments `m_t`/`v_t`, FedAvgM's `momentum_vector`);
+- `random_state`: Python's `random` state, with which the strategies sample the round's nodes;
+- `epsilon`: each DP site's epsilon as last reported; `strategy`, to refuse another scenario's.
+
+A run started with run config `resume = true` loads it and runs the remaining rounds through
+`ContinuedStrategy`, so the round numbers the sites see continue (they seed their local training
+and plan their DP-SGD noise by the server round). Without a checkpoint it starts at round 1.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import INFO
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedssl.storage import atomic_torch_save
+
+CHECKPOINT_FILE = "checkpoints/server.pt"
+# attributes of flwr.serverapp.strategy objects that carry state from one round to the next
+# (FedOpt's and FedAvgM's `current_arrays` is the global model itself, set again in configure_train)
+SERVER_OPTIMIZER_STATE = ("m_t", "v_t", "momentum_vector")
+
+
+class CheckpointMismatch(RuntimeError):
+    """The run folder's checkpoint belongs to another configuration than the scenario's."""
+
+
+@dataclass
+class ServerCheckpoint:
+    """What the ServerApp needs to continue a run after `round` (see the module docstring)."""
+
+    round: int
+    strategy: str
+    arrays: dict[str, np.ndarray]
+    strategy_state: dict[str, dict | list] = field(default_factory=dict)
+    random_state: tuple | None = None
+    epsilon: dict[str, float] = field(default_factory=dict)
+
+    def array_record(self) -> ArrayRecord:
+        return ArrayRecord({k: Array(v) for k, v in self.arrays.items()})
+
+    def save(self, run_dir: Path) -> Path:
+        """Write the checkpoint atomically (numpy arrays as tensors: loadable with weights_only)."""
+        state = {k: _tensors(v) for k, v in self.strategy_state.items()}
+        return atomic_torch_save({"round": self.round, "strategy": self.strategy,
+                                  "arrays": _tensors(self.arrays), "strategy_state": state,
+                                  "random_state": self.random_state, "epsilon": dict(self.epsilon)},
+                                 Path(run_dir) / CHECKPOINT_FILE)
+
+    @classmethod
+    def load(cls, run_dir: Path) -> ServerCheckpoint | None:
+        """The run folder's checkpoint, or None if no round has completed there."""
+        path = Path(run_dir) / CHECKPOINT_FILE
+        if not path.exists():
+            return None
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return cls(round=saved["round"], strategy=saved["strategy"],
+                   arrays=_arrays(saved["arrays"]),
+                   strategy_state={k: _arrays(v) for k, v in saved["strategy_state"].items()},
+                   random_state=saved["random_state"], epsilon=saved["epsilon"])
+
+    def check(self, strategy: str, rounds: int, reference: dict[str, torch.Tensor]) -> None:
+        """Refuse a checkpoint that does not fit the scenario (another strategy or model)."""
+        if self.strategy != strategy:
+            raise CheckpointMismatch(f"the checkpoint was written by strategy {self.strategy}, the scenario "
+                                     f"uses {strategy}; resume with the same scenario or start a new run")
+        if self.round > rounds:
+            raise CheckpointMismatch(f"the checkpoint is of round {self.round}, past the scenario's {rounds} rounds")
+        shapes = {k: tuple(v.shape) for k, v in self.arrays.items()}
+        if shapes != {k: tuple(v.shape) for k, v in reference.items()}:
+            raise CheckpointMismatch("the checkpoint's global model does not match the scenario's model")
+
+    def restore(self, strategy: Strategy) -> None:
+        """Put the server optimiser's and the node sampling's state back (strategy: as `make_strategy` builds it)."""
+        restore_optimizer_state(strategy, self.strategy_state)
+        random.setstate(self.random_state)
+
+
+def resume_point(run_dir: Path, strategy: str, rounds: int, reference: dict[str, torch.Tensor]
+                 ) -> ServerCheckpoint | None:
+    """The checkpoint a resumed run continues from (checked against the scenario), None to start afresh."""
+    checkpoint = ServerCheckpoint.load(run_dir)
+    if checkpoint is None:
+        log(INFO, "fedssl | resume: no checkpoint in %s yet, starting at round 1", run_dir)
+        return None
+    checkpoint.check(strategy, rounds, reference)
+    log(INFO, "fedssl | resuming after round %d of %d from %s (server optimiser state: %s; epsilon: %s)",
+        checkpoint.round, rounds, Path(run_dir) / CHECKPOINT_FILE, ", ".join(checkpoint.strategy_state) or "none",
+        checkpoint.epsilon or "-")
+    return checkpoint
+
+
+def _tensors(value):
+    """numpy arrays (in dicts / lists) as torch tensors of the same dtype."""
+    if isinstance(value, dict):
+        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in value.items()}
+    return [torch.from_numpy(np.ascontiguousarray(v)) for v in value]
+
+
+def _arrays(value):
+    if isinstance(value, dict):
+        return {k: v.numpy() for k, v in value.items()}
+    return [v.numpy() for v in value]
+
+
+def strategy_chain(strategy) -> list:
+    """`strategy` and every strategy it wraps (`.strategy`: validation, central DP, continuation)."""
+    chain = [strategy]
+    while isinstance(getattr(chain[-1], "strategy", None), Strategy):
+        chain.append(chain[-1].strategy)
+    return chain
+
+
+def optimizer_state(strategy: Strategy) -> dict[str, dict | list]:
+    """The server optimiser's state held by the Flower strategy objects (empty for FedAvg & co)."""
+    state = {}
+    for depth, part in enumerate(strategy_chain(strategy)):
+        for name in SERVER_OPTIMIZER_STATE:
+            value = getattr(part, name, None)
+            if value is not None:
+                state[f"{depth}.{name}"] = value
+    return state
+
+
+def restore_optimizer_state(strategy: Strategy, state: dict[str, dict | list]) -> None:
+    """Put `optimizer_state`'s output back on a freshly built strategy of the same kind."""
+    chain = strategy_chain(strategy)
+    for key, value in state.items():
+        depth, name = key.split(".", 1)
+        part = chain[int(depth)] if int(depth) < len(chain) else None
+        if name not in SERVER_OPTIMIZER_STATE or not hasattr(part, name):
+            raise CheckpointMismatch(f"the checkpoint holds {name} for a strategy the scenario does not build")
+        setattr(part, name, value)
+
+
+class ContinuedStrategy(Strategy):
+    """`strategy` continuing a run after `done` completed rounds.
+
+    Flower's `Strategy.start` always numbers rounds 1..num_rounds. Started with
+    `num_rounds = rounds - done`, this wrapper adds `done` to every round number before it reaches
+    the wrapped strategy, so configure_train sends `server-round` done+1, done+2, ... to the sites
+    and aggregation, validation and the metrics see the run's real round numbers. Only Flower's own
+    `[ROUND i/n]` log lines count from 1 (the fedssl progress lines give the real round). The
+    evaluate_fn passed to `start` needs the same offset: use `evaluate_fn`.
+    """
+
+    def __init__(self, strategy: Strategy, done: int) -> None:
+        self.strategy, self.done = strategy, done
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> Resumed after round %d", self.done)
+        self.strategy.summary()
+
+    def evaluate_fn(self, evaluate):
+        """`evaluate(server_round, arrays)` called with the run's round numbers."""
+        return lambda server_round, arrays: evaluate(server_round + self.done, arrays)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_train(server_round + self.done, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.strategy.aggregate_train(server_round + self.done, replies)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round + self.done, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round + self.done, replies)

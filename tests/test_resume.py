@@ -1,0 +1,171 @@
+"""Resume after the ServerApp is killed (server/checkpoint.py), in-process and exact.
+
+The real ServerApp `main` drives the real ClientApp through a grid that answers in-process (no
+Flower processes). A FedAdam run that crashes when round 3 is sent, resumed, ends with the very
+weights and server moments of an uninterrupted run of the same seed; this fails if the moments
+(checked: without them the final weights differ by up to ~8e-3), the round numbers (the sites
+seed their training by them) or the node-sampling state were not restored. The real kill (the
+SuperLink and the ServerApp SIGKILLed, then a resumed `flwr run`) is in tests/test_faults.py.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.app import app as client_app
+from fedssl.config import FederationConfig
+from server.app import main as server_main
+from server.app import make_strategy
+from server.checkpoint import CheckpointMismatch, ServerCheckpoint, optimizer_state
+from server.metrics import RoundTracker
+from simulations.run import FederationError, read_metrics, run_scenario
+
+SCENARIO = """
+name: resume
+seed: 7
+data: {window_seconds: 2.0}
+model: {size: tiny}
+train: {batch_size: 8, local_steps: 2, threads: 1}
+federation: {rounds: 3, min_sites: 2, strategy: fedadam, server_learning_rate: 0.05}
+evaluation:
+  synthetic: {records: 24, sample_rate: 250, duration_seconds: 4.0}
+  every_round: false
+  local_baselines: false
+sites:
+  - name: north
+    synthetic: {records: 6, sample_rate: 250, duration_seconds: 4.0}
+  - name: south
+    synthetic: {records: 6, sample_rate: 500, duration_seconds: 4.0, mains_hz: 60.0}
+"""
+NODES = {31: 0, 32: 1}  # node id -> partition id
+
+
+class Crash(RuntimeError):
+    """Stands in for the ServerApp process dying."""
+
+
+class InProcessGrid:
+    """A grid whose nodes are the ClientApp called in this process; `crash_at` kills the server
+    when that round's instructions are sent."""
+
+    def __init__(self, run_config: dict, crash_at: int | None = None) -> None:
+        self.run_config, self.crash_at, self.rounds = run_config, crash_at, 0
+        self.server_rounds: list[int] = []  # the `server-round` each instruction carried
+
+    def get_nodes(self):
+        return [type("Node", (), {"node_id": node, "name": ""})() for node in NODES]
+
+    def get_node_ids(self):
+        return list(NODES)
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        if not messages:  # the (empty) client-side evaluation of each round
+            return []
+        self.rounds += 1
+        if self.rounds == self.crash_at:
+            raise Crash(f"killed when round {self.rounds} was sent")
+        self.server_rounds += [int(msg.content["config"]["server-round"]) for msg in messages]
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id  # as the SuperLink's grid does
+        self.replies = [client_app(msg, Context(run_id=1, node_id=msg.metadata.dst_node_id, state=RecordDict(),
+                                                node_config={"partition-id": NODES[msg.metadata.dst_node_id],
+                                                             "num-partitions": len(NODES)},
+                                                run_config=self.run_config)) for msg in messages]
+        return [msg.metadata.message_id for msg in messages]
+
+    def pull_messages(self, message_ids):
+        replies, self.replies = self.replies, []
+        return replies
+
+
+def serve(folder: Path, run: str, *, resume: bool = False, crash_at: int | None = None) -> tuple[Path, InProcessGrid]:
+    run_dir = folder / run
+    config = {"scenario": str(folder / "scenario.yaml"), "run-dir": str(run_dir), "resume": resume}
+    grid = InProcessGrid(config, crash_at)
+    server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
+    return run_dir, grid
+
+
+@pytest.fixture(scope="module")
+def in_process(tmp_path_factory):
+    identity = pytest.MonkeyPatch()
+    for attribute in ("_run_id", "_node_id", "_task_id"):  # flwr stamps Messages with the run
+        identity.setattr(TaskIdentity, attribute, 1)
+    folder = tmp_path_factory.mktemp("resume")
+    (folder / "scenario.yaml").write_text(SCENARIO)
+    try:
+        whole, _ = serve(folder, "whole")
+        with pytest.raises(Crash):
+            serve(folder, "killed", crash_at=3)
+        after_crash = ServerCheckpoint.load(folder / "killed")
+        lines_before = read_metrics(folder / "killed" / "metrics.jsonl")
+        resumed, grid = serve(folder, "killed", resume=True)
+    finally:
+        identity.undo()
+    return whole, resumed, after_crash, lines_before, grid.server_rounds
+
+
+def test_resumed_run_ends_at_the_configured_rounds(in_process):
+    _, resumed, after_crash, lines_before, sent = in_process
+    assert sent == [3, 3]  # both sites were asked for round 3 only, numbered as the run's round 3
+    assert after_crash.round == 2 and [r["round"] for r in lines_before] == [1, 2]
+    rounds = read_metrics(resumed / "metrics.jsonl")
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert rounds[:2] == lines_before  # rounds 1-2 did not run again
+    assert ServerCheckpoint.load(resumed).round == 3
+    assert (resumed / "checkpoints" / "encoder_round_3.pt").is_file()
+
+
+def test_resumed_run_equals_the_uninterrupted_one(in_process):
+    whole, resumed, after_crash, *_ = in_process
+    assert set(after_crash.strategy_state) == {"1.m_t", "1.v_t"}  # FedAdam's moments, inside validation
+    final_whole, final_resumed = ServerCheckpoint.load(whole), ServerCheckpoint.load(resumed)
+    for key, value in final_whole.arrays.items():
+        np.testing.assert_allclose(final_resumed.arrays[key], value, rtol=0, atol=1e-6, err_msg=key)
+    for name in ("1.m_t", "1.v_t"):
+        for key, value in final_whole.strategy_state[name].items():
+            np.testing.assert_allclose(final_resumed.strategy_state[name][key], value, rtol=0, atol=1e-8)
+    losses = [r["loss"] for r in read_metrics(whole / "metrics.jsonl")]
+    assert [r["loss"] for r in read_metrics(resumed / "metrics.jsonl")] == pytest.approx(losses, abs=1e-6)
+
+
+def test_checkpoint_of_another_scenario_is_refused(in_process):
+    whole, *_ = in_process
+    checkpoint = ServerCheckpoint.load(whole)
+    reference = {k: torch.from_numpy(v) for k, v in checkpoint.arrays.items()}
+    with pytest.raises(CheckpointMismatch, match="strategy fedadam"):
+        checkpoint.check("fedavg", 3, reference)
+    with pytest.raises(CheckpointMismatch, match="past the scenario's 2 rounds"):
+        checkpoint.check("fedadam", 2, reference)
+    first = next(iter(reference))
+    with pytest.raises(CheckpointMismatch, match="model"):
+        checkpoint.check("fedadam", 3, {**reference, first: torch.zeros(1)})
+
+
+def test_resume_needs_the_run_folder():
+    with pytest.raises(FederationError, match="--out RUN_DIR"):
+        run_scenario("unused.yaml", None, resume=True)
+
+
+def test_fedavgm_momentum_survives_a_checkpoint(tmp_path):
+    """FedAvgM keeps its momentum as a list of arrays (FedAdam: dicts); both round-trip exactly."""
+    reference = {"w": torch.zeros(3, 2), "b": torch.zeros(2)}
+    tracker = RoundTracker(tmp_path, 3, reference)
+    strategy = make_strategy(FederationConfig(strategy="fedavgm", min_sites=1), 1, tracker)
+    momentum = [np.arange(6, dtype=np.float64).reshape(3, 2), np.full(2, 0.5, np.float32)]
+    strategy.strategy.momentum_vector = momentum
+    arrays = {k: v.numpy() for k, v in reference.items()}
+    ServerCheckpoint(1, "fedavgm", arrays, optimizer_state(strategy), random.getstate()).save(tmp_path)
+    fresh = make_strategy(FederationConfig(strategy="fedavgm", min_sites=1), 1, tracker)
+    ServerCheckpoint.load(tmp_path).restore(fresh)
+    restored = fresh.strategy.momentum_vector
+    assert [a.dtype for a in restored] == [np.float64, np.float32]
+    assert all(np.array_equal(a, b) for a, b in zip(restored, momentum, strict=True))

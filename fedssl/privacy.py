@@ -2,8 +2,9 @@
 
 One call, `make_private(objective, optimizer, data, privacy, batch_size, ...)`, turns the
 ordinary objective + optimizer + windows into a DP-SGD step (`PrivateTraining`): Poisson sampling
-over privacy units (records or patients; one window per sampled unit), per-unit gradients from
-Opacus (`GradSampleModule`, or ghost clipping), clipping to `max_grad_norm`, Gaussian noise of
+over privacy units (records or patients; one window per sampled unit), per-unit gradients (by
+default book-keeping with Opacus' per-layer formulas, `LayerCalls`; or Opacus' `GradSampleModule`
+hooks, functorch, or ghost clipping), clipping to `max_grad_norm`, Gaussian noise of
 std `noise_multiplier * max_grad_norm` on the sum, and the ordinary optimizer step. The privacy
 spent by every round goes into a `PrivacyLedger` in the site's state folder, which composes all
 rounds with Opacus' RDP (or PRV) accountant. See docs/privacy.md for what this does guarantee.
@@ -196,7 +197,7 @@ class PrivacyLedger:
         self.entries: list[dict] = list(entries or [])
 
     @classmethod
-    def load(cls, folder: Path, privacy: PrivacyConfig | None = None, units: int | None = None) -> "PrivacyLedger":
+    def load(cls, folder: Path, privacy: PrivacyConfig | None = None, units: int | None = None) -> PrivacyLedger:
         """The ledger in `folder`; a new, empty one (from `privacy` and `units`) when there is none."""
         path = Path(folder) / LEDGER_FILE
         if path.exists():
@@ -258,6 +259,76 @@ def _backward(loss: torch.Tensor, **kwargs) -> None:
         loss.backward(**kwargs)
 
 
+class LayerCalls:
+    """Book-keeping per-sample gradients (Bu et al., "Differentially Private Optimization on Large
+    Model at Small Cost", ICML 2023): record every call of a trainable layer (its inputs and its
+    output), take the gradient of the loss with respect to those outputs in one backward pass, and
+    form each sample's parameter gradient from its inputs and output gradient with Opacus' per-layer
+    formulas. The ordinary parameter gradients, which DP-SGD would throw away, are never computed,
+    and no per-sample buffer is zero-filled and copied as Opacus' hooks do. A Linear layer over a
+    sequence writes its per-sample gradients with one batched matmul into a buffer kept across steps:
+    a fresh (B, out, in) tensor every step costs about as much in page faults as the product itself."""
+
+    def __init__(self, objective: nn.Module) -> None:
+        from opacus.grad_sample import GradSampleModule
+
+        self.samplers = GradSampleModule.GRAD_SAMPLERS  # filled by importing opacus.grad_sample
+        self.names = {}
+        for name, module in objective.named_modules():
+            if any(p.requires_grad for p in module.parameters(recurse=False)):
+                if type(module) not in self.samplers:
+                    raise PrivacyError(f"privacy.grad_sample_mode bookkeeping has no per-sample gradient formula "
+                                       f"for {name} ({type(module).__name__}); use hooks or functorch")
+                self.names[module] = name
+        self.calls: list[tuple[nn.Module, list[torch.Tensor], torch.Tensor]] = []
+        self._handles = [m.register_forward_hook(self._record) for m in self.names]
+        self._buffers: dict[tuple[nn.Module, int], torch.Tensor] = {}  # (layer, its n-th call in a step)
+
+    def _record(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if torch.is_grad_enabled() and output.requires_grad:  # target branches under no_grad are not recorded
+            self.calls.append((module, [a.detach() for a in inputs if isinstance(a, torch.Tensor)], output))
+
+    def per_sample_gradients(self, loss: torch.Tensor, params: list[nn.Parameter], batch: int) -> list[torch.Tensor]:
+        """(B, *p.shape) per parameter of `loss` (a sum of per-sample losses) over the recorded calls."""
+        calls, self.calls = self.calls, []
+        if not calls:
+            return [torch.zeros((batch, *p.shape), dtype=p.dtype) for p in params]
+        backprops = torch.autograd.grad(loss, [out for _, _, out in calls], allow_unused=True)
+        unused = sorted({self.names[m] for (m, _, _), g in zip(calls, backprops) if g is None})
+        if unused:
+            raise PrivacyError(f"forward passes through {unused[:3]} did not reach the loss; run target views "
+                               f"(detached branches) under torch.no_grad() so that they are not recorded")
+        per_sample: dict[nn.Parameter, torch.Tensor] = {}
+        seen: dict[nn.Module, int] = {}
+        for (module, inputs, _), backprop in zip(calls, backprops):
+            seen[module] = seen.get(module, -1) + 1
+            if isinstance(module, nn.Linear) and backprop.dim() == 3 and module.weight.requires_grad:
+                grads = self._linear(module, inputs[0], backprop, seen[module])
+            else:
+                grads = self.samplers[type(module)](module, inputs, backprop)
+            for p, g in grads.items():
+                per_sample[p] = per_sample[p] + g if p in per_sample else g  # a layer run on two views
+        return [per_sample[p] if p in per_sample else torch.zeros((batch, *p.shape), dtype=p.dtype)
+                for p in params]
+
+    def _linear(self, module: nn.Linear, inputs: torch.Tensor, backprop: torch.Tensor,
+                call: int) -> dict[nn.Parameter, torch.Tensor]:
+        """Opacus' Linear formula, sum over tokens t of backprop_t x input_t^T, as one bmm."""
+        b = len(backprop)
+        buffer = self._buffers.get((module, call))
+        if buffer is None or len(buffer) < b or buffer.dtype != backprop.dtype:
+            buffer = self._buffers[(module, call)] = torch.empty((b, *module.weight.shape), dtype=backprop.dtype)
+        grads = {module.weight: torch.bmm(backprop.mT, inputs.to(backprop.dtype), out=buffer[:b])}
+        if module.bias is not None and module.bias.requires_grad:
+            grads[module.bias] = backprop.sum(1)
+        return grads
+
+    def close(self) -> None:
+        self.calls, self._buffers = [], {}
+        for handle in self._handles:
+            handle.remove()
+
+
 class PrivateTraining:
     """DP-SGD wiring of one objective on one site's windows; made by `make_private`."""
 
@@ -282,7 +353,10 @@ class PrivateTraining:
         self.gsm = self._wrap(objective)
         self.steps_taken = 0
 
-    def _wrap(self, objective: Objective) -> nn.Module:
+    def _wrap(self, objective: Objective) -> nn.Module | LayerCalls:
+        if self.mode == "bookkeeping":
+            self._contiguous = []
+            return LayerCalls(objective)
         # Opacus' ghost norm of an Embedding views its ids as (-1, 1), which fails on the expanded
         # (stride-0) id tensors the models use for batched lookups: hand it contiguous ids
         self._contiguous = [m.register_forward_pre_hook(_contiguous_inputs)
@@ -303,7 +377,10 @@ class PrivateTraining:
     def close(self) -> None:
         """Remove Opacus' hooks: the objective is an ordinary module again."""
         self._reset()
-        self.gsm.remove_hooks()
+        if isinstance(self.gsm, LayerCalls):
+            self.gsm.close()
+        else:
+            self.gsm.remove_hooks()
         for handle in self._contiguous:
             handle.remove()
 
@@ -320,6 +397,9 @@ class PrivateTraining:
     # per-sample gradients ---------------------------------------------------------------------
 
     def _reset(self) -> None:
+        if isinstance(self.gsm, LayerCalls):
+            self.gsm.calls = []
+            return
         for p in self.params:
             p.grad_sample = None
             for name in ("_current_grad_sample", "_norm_sample"):
@@ -350,11 +430,14 @@ class PrivateTraining:
             raise PrivacyError("ghost clipping computes per-sample norms only, not per-sample gradients")
         self._reset()
         terms = per_sample_terms(self.objective, x, lead_mask)
+        b = len(x)
+        if isinstance(self.gsm, LayerCalls):
+            return {k: v.detach() for k, v in terms.items()}, self.gsm.per_sample_gradients(
+                terms["loss"].sum(), self.params, b)
         for p in self.params:
             p.grad = None
         _backward(terms["loss"].sum())
         self._check_complete()
-        b = len(x)
         grads = [p.grad_sample if p.grad_sample is not None else torch.zeros((b, *p.shape)) for p in self.params]
         return {k: v.detach() for k, v in terms.items()}, grads
 
@@ -365,9 +448,10 @@ class PrivateTraining:
         c = self.max_grad_norm
         if self.mode != "ghost":
             terms, grads = self.per_sample_gradients(x, lead_mask)
-            norms = torch.stack([g.reshape(len(x), -1).pow(2).sum(1) for g in grads]).sum(0).sqrt()
-            coef = (c / (norms + 1e-6)).clamp(max=1.0)
-            summed = [torch.einsum("b,b...->...", coef, g) for g in grads]
+            flat = [g.reshape(len(x), -1) for g in grads]
+            norms = torch.stack([torch.linalg.vector_norm(g, dim=1) for g in flat]).norm(dim=0)
+            coef = (c / (norms + 1e-6)).clamp(max=1.0).to(flat[0].dtype)
+            summed = [(coef @ g).view_as(p) for g, p in zip(flat, self.params)]
             self._reset()
             return terms, summed, norms
         self._reset()

@@ -25,6 +25,7 @@ class TrainResult:
     steps: int
     losses: dict[str, float]  # mean of each loss term over the steps
     seconds: float
+    data_seconds: float = 0.0  # of `seconds`, spent waiting for batches (sampling and gathering windows)
 
 
 def batches(n: int, batch_size: int, steps: int, rng: np.random.Generator):
@@ -37,6 +38,26 @@ def batches(n: int, batch_size: int, steps: int, rng: np.random.Generator):
             order, position = rng.permutation(n), 0
         yield np.sort(order[position : position + batch_size])  # sorted: contiguous reads
         position += batch_size
+
+
+class TimedBatches:
+    """Iterates (index, windows, lead mask, groups) batches of `sampler`'s indices and adds up the
+    seconds spent producing them: the time the training step waits for data."""
+
+    def __init__(self, sampler, *tensors: torch.Tensor) -> None:
+        self.sampler, self.tensors, self.seconds = sampler, tensors, 0.0
+
+    def __iter__(self):
+        sampler = iter(self.sampler)
+        while True:
+            start = time.perf_counter()
+            index = next(sampler, None)
+            if index is None:
+                return
+            index = torch.from_numpy(index)
+            batch = (index, *(t[index] for t in self.tensors))
+            self.seconds += time.perf_counter() - start
+            yield batch
 
 
 def train_local(objective: Objective, data: WindowSet, cfg: TrainConfig, *, steps: int, seed: int,
@@ -70,18 +91,18 @@ def train_local(objective: Objective, data: WindowSet, cfg: TrainConfig, *, step
     examples = counted = 0
     start = time.perf_counter()
     sampler = dp.batches(steps, rng) if dp else batches(len(data), cfg.batch_size, steps, rng)
+    fetched = TimedBatches(sampler, windows, lead_mask, groups)
     try:
-        for step, index in enumerate(sampler, start=1):
-            index = torch.from_numpy(index)
+        for step, (index, x, mask, group) in enumerate(fetched, start=1):
             optimizer.zero_grad(set_to_none=True)
             if dp:  # the DP-SGD gradient (clipped per unit, noised) lands in .grad; no extra clipping
-                values = dp.backward(windows[index], lead_mask[index])
+                values = dp.backward(x, mask)
                 if proximal:  # a function of the weights only: added after the noise (post-processing)
                     prox = proximal_term(objective, proximal[1])
                     (proximal[0] * prox).backward()
                     values = None if values is None else {**values, "proximal": prox.item()}
             else:
-                terms = objective(windows[index], lead_mask[index], groups[index])
+                terms = objective(x, mask, group)
                 loss = terms["loss"]
                 if proximal:
                     terms["proximal"] = proximal_term(objective, proximal[1])
@@ -108,4 +129,5 @@ def train_local(objective: Objective, data: WindowSet, cfg: TrainConfig, *, step
     if dp and ledger is not None:
         ledger.record(steps, dp.sample_rate, dp.noise_multiplier, round=round)
     done = max(counted, 1)
-    return TrainResult(examples, steps, {k: v / done for k, v in totals.items()}, time.perf_counter() - start)
+    return TrainResult(examples, steps, {k: v / done for k, v in totals.items()}, time.perf_counter() - start,
+                       fetched.seconds)

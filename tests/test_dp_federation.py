@@ -19,10 +19,9 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client import app as client_app
 from client.app import PRIVACY_BUDGET_CODE, PRIVACY_BUDGET_REASON, privacy_metrics
-from fedssl.config import ConfigError, FederationConfig, load_scenario
+from fedssl.config import load_scenario
 from fedssl.privacy import LEDGER_FILE, PrivacyLedger, compute_epsilon
 from server import metrics as server_metrics
-from server.app import CENTRAL_DP, check_federation, make_strategy
 from server.metrics import RoundTracker
 from server.validation import validate_replies
 from simulations.run import run_scenario
@@ -114,19 +113,6 @@ def test_sites_clip_their_updates_when_the_server_sends_a_clipping_norm(monkeypa
         out = client_app.train(msg, None)
         update = out.content["arrays"].to_torch_state_dict()["encoder.w"]
         assert update.norm().item() == pytest.approx(norm, rel=1e-5) and update.dtype == torch.float32
-
-
-def test_central_dp_wraps_the_strategy_inside_validation(tmp_path):
-    reference = {"encoder.w": torch.zeros(3)}
-    tracker = RoundTracker(tmp_path, 1, reference)
-    for mode, wrapper in CENTRAL_DP.items():
-        strategy = make_strategy(FederationConfig(central_dp=mode, central_noise_multiplier=0.5,
-                                                  central_clipping_norm=2.0), 2, tracker)
-        assert isinstance(strategy.strategy, wrapper) and strategy.strategy.clipping_norm == 2.0
-    with pytest.raises(ConfigError, match="central_dp"):
-        check_federation(FederationConfig(central_dp="both"), 2)
-    with pytest.raises(ConfigError, match="does not average"):
-        check_federation(FederationConfig(central_dp="server", strategy="fedmedian"), 2)
 
 
 def test_scenario_keeps_the_site_privacy_override(dp_federation):

@@ -92,7 +92,7 @@ def flat(grads: list[torch.Tensor], b: int) -> torch.Tensor:
     return torch.cat([g.reshape(b, -1) for g in grads], dim=1)
 
 
-@pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost"])
+@pytest.mark.parametrize("mode", ["bookkeeping", "hooks", "functorch", "ghost"])
 def test_per_sample_gradients_match_brute_force(mode):
     data = random_windows(6, missing=(3,))
     x, lead_mask = torch.from_numpy(data.windows).double(), torch.from_numpy(data.lead_mask)
@@ -300,7 +300,8 @@ def test_privacy_config_is_checked():
             from_dict(Scenario, {"privacy": bad})
 
 
-def test_a_detached_branch_run_with_gradients_is_caught():
+@pytest.mark.parametrize("mode", ["bookkeeping", "hooks"])
+def test_a_detached_branch_run_with_gradients_is_caught(mode):
     """A forward pass whose output never reaches the loss leaves Opacus activations behind that
     would be paired with the wrong backward pass: refuse instead of computing wrong gradients."""
     from fedssl.objectives.generative import MaskedModeling
@@ -315,7 +316,15 @@ def test_a_detached_branch_run_with_gradients_is_caught():
     objective = DetachedTarget(base.encoder, base.reconstruction)
     data = random_windows(4)
     dp = make_private(objective, torch.optim.SGD(objective.parameters(), lr=0.1), data,
-                      PrivacyConfig(enabled=True, noise_multiplier=1.0), batch_size=4)
+                      PrivacyConfig(enabled=True, noise_multiplier=1.0, grad_sample_mode=mode), batch_size=4)
     with pytest.raises(PrivacyError, match="no_grad"):
         dp.backward(torch.from_numpy(data.windows), torch.from_numpy(data.lead_mask))
     dp.close()
+
+
+def test_bookkeeping_refuses_a_layer_without_a_per_sample_formula():
+    objective = build_objective(small_scenario("generative"))
+    objective.reconstruction.scale = torch.nn.Parameter(torch.ones(1))  # a parameter outside Linear/LayerNorm/...
+    with pytest.raises(PrivacyError, match=r"reconstruction \(MaskedReconstruction\); use hooks or functorch"):
+        make_private(objective, torch.optim.SGD(objective.parameters(), lr=0.1), random_windows(4),
+                     PrivacyConfig(enabled=True, noise_multiplier=1.0), batch_size=2)

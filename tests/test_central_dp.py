@@ -1,0 +1,199 @@
+"""Site-level (central) DP end to end: Flower's fixed-clipping wrapper with its accountant over a
+fixed denominator (server/central_dp.py).
+
+One federation through Flower's simulation engine (two synthetic sites, three rounds,
+`federation.central_dp: server`): the site-level epsilon of every round is in `metrics.jsonl` and
+the summary and equals the Gaussian mechanism's closed-form RDP, composed; `south` also trains with
+sample-level DP-SGD on a budget that only round 1 fits, so it declines rounds 2 and 3, and the run
+goes on: `north`'s update is still released (noised over the fixed denominator of two sites) and
+the site-level epsilon keeps growing. Plus fast checks of the aggregation arithmetic.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from opacus.accountants import RDPAccountant
+from opacus.accountants.analysis.rdp import get_privacy_spent
+
+from client.app import PRIVACY_BUDGET_CODE, PRIVACY_BUDGET_REASON
+from fedssl.config import ConfigError, FederationConfig
+from server.app import check_federation, make_strategy
+from server.central_dp import CENTRAL_DP, FixedDenominator, SiteLevelAccountant
+from server.metrics import RoundTracker
+from server.validation import ValidatedStrategy
+from simulations.run import run_scenario
+
+CENTRAL_DP_FEDERATION = """
+name: central-dp
+seed: 3
+data: {window_seconds: 2.0}
+model: {size: tiny}
+objective: {name: generative}
+train: {batch_size: 4, local_steps: 3, threads: 1}
+federation: {rounds: 3, min_sites: 2, central_dp: server, central_noise_multiplier: 1.5,
+             central_clipping_norm: 0.5, central_delta: 1.0e-4}
+evaluation:
+  synthetic: {records: 24, sample_rate: 250, duration_seconds: 4.0}
+  every_round: false
+  local_baselines: false
+sites:
+  - name: north
+    synthetic: {records: 6, sample_rate: 250, duration_seconds: 4.0}
+  - name: south
+    synthetic: {records: 6, sample_rate: 250, duration_seconds: 4.0}
+    # sample-level DP-SGD: 3 steps at q = 4/6, sigma 2 fit epsilon 4 once, not twice
+    privacy: {enabled: true, target_epsilon: 4.0, noise_multiplier: 2.0}
+"""
+
+
+def gaussian_epsilon(noise_multiplier: float, releases: int, delta: float) -> float:
+    """Closed form: the Gaussian mechanism of sensitivity 1 and noise sigma has Renyi DP
+    alpha / (2 sigma^2) at every order alpha; releases add up."""
+    orders = np.array(RDPAccountant.DEFAULT_ALPHAS)
+    epsilon, _ = get_privacy_spent(orders=orders, rdp=releases * orders / (2 * noise_multiplier**2), delta=delta)
+    return float(epsilon)
+
+
+@pytest.fixture(scope="module")
+def central_federation(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("central-dp")
+    (folder / "central.yaml").write_text(CENTRAL_DP_FEDERATION)
+    result = run_scenario(folder / "central.yaml", folder / "run", timeout=600, echo=lambda line: None)
+    rounds = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    return result, rounds
+
+
+def test_site_level_epsilon_is_reported_every_round(central_federation):
+    result, rounds = central_federation
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    expected = [gaussian_epsilon(1.5, r, 1e-4) for r in (1, 2, 3)]
+    assert [r["central_epsilon"] for r in rounds] == pytest.approx(expected, rel=1e-6)
+    assert expected[0] < expected[1] < expected[2]
+    assert all(r["central_delta"] == 1e-4 for r in rounds)
+    assert result.summary["central_epsilon_by_round"] == [r["central_epsilon"] for r in rounds]
+
+
+def test_a_site_declining_under_central_dp_counts_as_a_zero_update(central_federation):
+    result, rounds = central_federation
+    assert rounds[0]["sites"] == 2 and rounds[0]["declined"] == []
+    assert 0 < rounds[0]["epsilon"]["south"] < 4.0  # its sample-level epsilon, next to the site-level one
+    for r in rounds[1:]:  # south declines; the round still releases north's update, noised for two sites
+        assert r["sites"] == 1 and r["errors"] == [] and r["rejected"] == []
+        assert [(d["site"], d["code"], d["reason"]) for d in r["declined"]] == [
+            ("south", PRIVACY_BUDGET_CODE, PRIVACY_BUDGET_REASON)]
+        assert set(r["site_windows"]) == {"north"}
+    checkpoints = [torch.load(result.run_dir / "checkpoints" / f"encoder_round_{r}.pt") for r in (1, 2, 3)]
+    for before, after in itertools.pairwise(checkpoints):
+        assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert result.summary["declined_by_round"] == [[], ["south"], ["south"]]
+    assert (result.run_dir / "encoder.pt").is_file()
+
+
+# -- the aggregation without a simulation engine -----------------------------------------------------
+
+
+class TwoNodes:
+    """The part of Flower's Grid that FedAvg's sampling uses."""
+
+    def get_node_ids(self):
+        return [11, 22]
+
+
+def run_round(tmp_path, monkeypatch, fed: FederationConfig, updates: dict[int, torch.Tensor | None], size: int):
+    """One round of `make_strategy(fed)` from a zero global model; `updates[node]` None: the node
+    declines. Returns the new global `w` and the tracker."""
+    for attribute in ("_run_id", "_node_id", "_task_id"):  # flwr stamps new Messages with the process' run
+        monkeypatch.setattr(TaskIdentity, attribute, 1)
+    reference = {"encoder.w": torch.zeros(size)}
+    tracker = RoundTracker(tmp_path, 1, reference, sites=("north", "south"))
+    strategy = make_strategy(fed, 2, tracker)
+    sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, ArrayRecord(reference), ConfigRecord(),
+                                                                         TwoNodes())}
+    replies = []
+    for index, (node, update) in enumerate(updates.items()):
+        if update is None:
+            replies.append(Message(Error(code=PRIVACY_BUDGET_CODE, reason=PRIVACY_BUDGET_REASON), reply_to=sent[node]))
+            continue
+        metrics = MetricRecord({"num-examples": 10 * (index + 1), "loss": float(index + 1), "site-index": index,
+                                "dp-sgd": 0, "epsilon": 0.0, "delta": 0.0})
+        replies.append(Message(RecordDict({"arrays": ArrayRecord({"encoder.w": update}), "metrics": metrics}),
+                               reply_to=sent[node]))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    return arrays.to_torch_state_dict()["encoder.w"], tracker, strategy
+
+
+def test_the_mean_is_unweighted_clipped_and_a_declined_site_is_zero(tmp_path, monkeypatch):
+    fed = FederationConfig(central_dp="server", central_noise_multiplier=1e-4, central_clipping_norm=2.0,
+                           central_delta=1e-5)
+    north = torch.tensor([3.0, 4.0, 0.0, 0.0])  # norm 5: clipped to 2
+    south = torch.tensor([0.0, 0.0, 1.0, 0.0])  # norm 1, ten times north's windows... weighed the same
+    w, tracker, _ = run_round(tmp_path / "both", monkeypatch, fed, {11: north, 22: south}, 4)
+    torch.testing.assert_close(w, (north * 2 / 5 + south) / 2, atol=1e-3, rtol=0)
+    w, tracker, strategy = run_round(tmp_path / "declined", monkeypatch, fed, {11: north, 22: None}, 4)
+    torch.testing.assert_close(w, north * 2 / 5 / 2, atol=1e-3, rtol=0)  # south counts as zero: / 2, not / 1
+    record = tracker.finish_round(1, ArrayRecord({"encoder.w": w}), None, 0.0, expected=2)
+    assert record["sites"] == 1 and record["loss"] == pytest.approx(1.0)  # losses: the real replies only
+    assert [d["node_id"] for d in record["declined"]] == [22]  # (its name is known once it has replied)
+    assert record["central_epsilon"] == pytest.approx(gaussian_epsilon(1e-4, 1, 1e-5), rel=1e-6)
+    assert isinstance(strategy.strategy, FixedDenominator)
+
+
+def test_the_noise_is_calibrated_to_the_fixed_denominator(tmp_path, monkeypatch):
+    fed = FederationConfig(central_dp="client", central_noise_multiplier=0.5, central_clipping_norm=2.0)
+    zero = torch.zeros(20_000)
+    w, _, _ = run_round(tmp_path, monkeypatch, fed, {11: zero, 22: None}, len(zero))
+    assert w.std().item() == pytest.approx(0.5 * 2.0 / 2, rel=0.03)  # sigma C / n with n = 2 sampled sites
+
+
+def test_central_dp_configuration_is_checked():
+    for bad, match in [({"central_dp": "both"}, "central_dp"), ({"central_dp": "server", "strategy": "fedmedian"},
+                       "does not average"), ({"central_dp": "server", "strategy": "fedadam"}, "fedavg or fedprox"),
+                       ({"central_dp": "client", "central_delta": 0.0}, "central_delta")]:
+        with pytest.raises(ConfigError, match=match):
+            check_federation(FederationConfig(**bad), 2)
+    check_federation(FederationConfig(central_dp="server", strategy="fedprox"), 2)
+
+
+def test_central_dp_sits_inside_update_validation_and_resumes_its_epsilon(tmp_path):
+    reference = {"encoder.w": torch.zeros(3)}
+    tracker = RoundTracker(tmp_path, 1, reference)
+    for mode in CENTRAL_DP:
+        strategy = make_strategy(FederationConfig(central_dp=mode, central_clipping_norm=2.0), 2, tracker)
+        assert isinstance(strategy, ValidatedStrategy) and isinstance(strategy.strategy, FixedDenominator)
+        assert strategy.strategy.strategy.clipping_norm == 2.0 and strategy.strategy.clip_at_server == (mode == "server")
+        assert strategy.strategy.strategy.privacy_spent().num_releases == 0
+    # a run resumed after round 2 has released two aggregates already
+    resumed = make_strategy(FederationConfig(central_dp="server", central_noise_multiplier=2.0), 2,
+                            RoundTracker(tmp_path / "resumed", 3, reference, resume_after=2))
+    spent = resumed.strategy.strategy.privacy_spent()
+    assert spent.num_releases == 2 and spent.epsilon == pytest.approx(gaussian_epsilon(2.0, 2, 1e-5), rel=1e-6)
+
+
+def test_the_accountant_matches_the_closed_form():
+    from flwr.supercore.privacy_accounting import (
+        GaussianPrivacyEvent,
+        NeighboringRelation,
+        PrivacyConfig,
+        SamplingMethod,
+    )
+
+    accountant = SiteLevelAccountant(PrivacyConfig(target_delta=1e-5, population_size=3,
+                                                   neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                                                   sampling_method=SamplingMethod.NO_AMPLIFICATION, max_epsilon=10.0))
+    event = GaussianPrivacyEvent(noise_multiplier=2.0, sample_size=3, population_size=3)
+    accountant.compose(event, count=4)
+    spent = accountant.get_privacy_spent()
+    assert spent.num_releases == 4 and spent.delta == 1e-5
+    assert spent.epsilon == pytest.approx(gaussian_epsilon(2.0, 4, 1e-5), rel=1e-6)
+    assert not accountant.would_exceed(event)
+    assert accountant.would_exceed(event, count=100)  # the wrapper's check before a release past max_epsilon
+    restored = SiteLevelAccountant(accountant.config)
+    restored.load_state_dict(json.loads(json.dumps(accountant.state_dict())))
+    assert restored.get_privacy_spent().epsilon == spent.epsilon

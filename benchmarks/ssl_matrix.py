@@ -321,15 +321,12 @@ def render(report: dict) -> str:
 
 
 NOTES = [
-    ("**Budget and engine.** The machine's two cores were shared with five other jobs during most of this "
-     "work (load average 15-34). There one Flower simulation cost 3-9 minutes of process start-up, Ray and probe "
-     "overhead before any training (measured with 1 round of 1-2 steps: 196-530 s), and four benchmark "
-     "processes got about 3 % of a core each, so the 16 Flower runs of this matrix could not finish in the "
-     "hour available; the federated arms were therefore run in-process (see above), which trains exactly "
-     "what a Flower run trains. The budget is far below the quickstart's (5 rounds x 12 steps) for the same "
-     "reason. Encoders move little from random init in so few steps, so these tables compare early "
-     "training, not converged foundation models; rerun with `--engine flower` and larger `--rounds`, "
-     "`--local-steps` on an idle machine."),
+    ("**Budget.** The budget is far below the quickstart's (5 rounds x 12 steps): the matrix was run on the "
+     "project's two cores while other benchmarks and the test suite shared them, and its 16 Flower federations "
+     "(1-3 min each there) had to fit in half an hour. Encoders move little from random init in so few steps, "
+     "so these tables compare early training, not converged foundation models; rerun with larger `--rounds` "
+     "and `--local-steps` on an idle machine. The centralized, local-only and random-init arms were computed "
+     "first and reused (`--reuse`) when the federated arms were run on Flower."),
     ("**CinC probe.** The sample has 50 ten-second records (one window each), so holding records out of "
      "pretraining would leave a handful to probe on. Pretraining therefore uses every record of each hospital "
      "(without labels), and the probe is transductive: logistic regression on the frozen embeddings of half "

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/dp_utility.py [--objectives generative,hybrid_byol] [--epsilons 1,4,8,inf]
                                               [--rounds 5] [--local-steps 10] [--batch 32] [--out runs/dp_utility]
+                                              [--reuse]
 
 Every arm is the quickstart scenario (simulations/quickstart.yaml: three synthetic hospitals, the
 tiny ST-MEM encoder, the probe population) with one DP-safe objective and one epsilon, run as a
@@ -47,20 +48,23 @@ def arm_scenario(base: Scenario, objective: str, epsilon: float, args: argparse.
     )
 
 
-def run_arm(scenario: Scenario, out: Path, timeout: float) -> dict:
+def run_arm(scenario: Scenario, out: Path, timeout: float, reuse: bool = False) -> dict:
     """One federation; its run folder's data is a link to `out/data`, which all arms share (the
-    sites, seed and data settings are the same, so they would generate the same records)."""
-    folder = out / scenario.name
-    (folder / "run").mkdir(parents=True, exist_ok=True)
-    (out / "data").mkdir(exist_ok=True)
-    if not (folder / "run" / "data").exists():
-        (folder / "run" / "data").symlink_to(out / "data", target_is_directory=True)
-    save_scenario(scenario, folder / "scenario.yaml")
-    result = run_scenario(folder / "scenario.yaml", folder / "run", timeout=timeout, echo=lambda line: None)
-    summary = result.summary
+    sites, seed and data settings are the same, so they would generate the same records). With
+    `reuse`, a finished run of the same scenario in `out` is read instead of run again."""
+    folder, run_dir = out / scenario.name, out / scenario.name / "run"
+    finished = (run_dir / "summary.json").is_file() and (folder / "scenario.yaml").is_file()
+    if not (reuse and finished and load_scenario(folder / "scenario.yaml") == scenario):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (out / "data").mkdir(exist_ok=True)
+        if not (run_dir / "data").exists():
+            (run_dir / "data").symlink_to(out / "data", target_is_directory=True)
+        save_scenario(scenario, folder / "scenario.yaml")
+        run_scenario(folder / "scenario.yaml", run_dir, timeout=timeout, echo=lambda line: None)
+    summary = json.loads((run_dir / "summary.json").read_text())
     noise = {}
     for site in summary["sites"]:
-        ledger = result.run_dir / "sites" / site / LEDGER_FILE
+        ledger = run_dir / "sites" / site / LEDGER_FILE
         if ledger.is_file():
             entries = json.loads(ledger.read_text())["entries"]
             noise[site] = round(entries[-1]["noise_multiplier"], 3)
@@ -72,7 +76,7 @@ def run_arm(scenario: Scenario, out: Path, timeout: float) -> dict:
         "declined": sorted({s for r in summary["declined_by_round"] for s in r}),
         "final_loss": summary["final_loss"],
         "seconds": summary["wall_seconds"],
-        "run_dir": str(result.run_dir),
+        "run_dir": str(run_dir),
     }
 
 
@@ -126,6 +130,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "dp_utility")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per federation")
+    parser.add_argument("--reuse", action="store_true", help="read arms already finished in --out")
     parser.add_argument("--no-docs", action="store_true", help="do not write docs/privacy_utility.md/.json")
     args = parser.parse_args()
     base = load_scenario(ROOT / "simulations" / "quickstart.yaml")
@@ -137,7 +142,7 @@ def main() -> None:
         results[objective] = {}
         for epsilon in sorted(epsilons, reverse=True):  # no DP and epsilon 8 first: the target's arms
             label = "inf" if math.isinf(epsilon) else f"{epsilon:g}"
-            results[objective][label] = run_arm(arm_scenario(base, objective, epsilon, args), args.out, args.timeout)
+            results[objective][label] = run_arm(arm_scenario(base, objective, epsilon, args), args.out, args.timeout, args.reuse)
             print(f"{objective} epsilon {label}: {results[objective][label]['macro_auroc']}", file=sys.stderr)
             report = summarise(results, labels, base, args, time.perf_counter() - started)
             if not args.no_docs:  # after every arm: an interrupted run keeps what it measured

@@ -40,7 +40,7 @@ def arm_scenario(base: Scenario, objective: str, epsilon: float, args: argparse.
     label = "inf" if math.isinf(epsilon) else f"{epsilon:g}"
     return dataclasses.replace(
         base, name=f"dp-utility-{objective}-eps{label}",
-        objective=dataclasses.replace(base.objective, name=objective),
+        objective=dataclasses.replace(base.objective, name=objective, view_probability=0.5),  # as measured
         train=dataclasses.replace(base.train, batch_size=args.batch, local_steps=args.local_steps),
         federation=dataclasses.replace(base.federation, rounds=args.rounds),
         evaluation=dataclasses.replace(base.evaluation, every_round=False, local_baselines=False),

@@ -117,13 +117,14 @@ def sometimes(augmented: torch.Tensor, original: torch.Tensor, chosen: torch.Ten
 @dataclass(frozen=True)
 class Augment:
     """The view pipeline: crop and time mask, then amplitude, the artefacts and lead dropout, each
-    applied to a record with probability `p` (0.5), as SimCLR applies its distortions (Chen et al.
-    2020). Applied all together to every record, they left a 1-D ResNet's two views of a record too
-    little to agree on: SimCLR on eight records did not learn at all (NT-Xent stayed at log(2B - 1)).
+    applied to a record with probability `p` (`objective.view_probability`). p < 1 is how SimCLR
+    applies its distortions (Chen et al. 2020): applied all together to every record, they left a
+    1-D ResNet's two views of a record too little to agree on (SimCLR on eight records did not learn
+    at all, NT-Xent stayed at log(2B - 1)); p = 0.5 fixes that.
     """
 
     sample_rate: float
-    p: float = 0.5
+    p: float = 1.0
 
     def __call__(self, x: torch.Tensor, lead_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = time_mask(random_crop(x))  # the time mask has its own probability

@@ -46,7 +46,9 @@ def build_objective(scenario: Scenario) -> Objective:
                           f"not a multiple of model.patch_size {model.patch_size}")
     torch.manual_seed(scenario.seed)
     encoder = build_encoder(model, window)
-    augment = Augment(scenario.data.sample_rate)
+    if not 0.0 <= cfg.view_probability <= 1.0:
+        raise ConfigError(f"objective.view_probability must be in [0, 1], got {cfg.view_probability}")
+    augment = Augment(scenario.data.sample_rate, p=cfg.view_probability)
 
     def projection() -> ProjectionHead:
         return ProjectionHead(encoder.width, cfg.projection_dim)

@@ -73,8 +73,8 @@ class ObjectiveConfig:
     decoder_depth: int = 1
     target_momentum: float = 0.99  # BYOL's EMA rate; 0.99 suits short runs (the paper: 0.996 -> 1)
     # chance that each distortion after crop + time mask is applied to a view (fedssl/data/augment.py):
-    # 1.0 applies all of them to every view (the quickstart's hybrid learns best so); SimCLR on a
-    # 1-D ResNet needs 0.5, as in SimCLR's own pipeline, or its two views share too little to agree
+    # 1.0 applies all of them to every view; SimCLR (on a 1-D ResNet above all) needs 0.5, as in
+    # SimCLR's own pipeline, or its two views share too little to agree
     view_probability: float = 1.0
 
 

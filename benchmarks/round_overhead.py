@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedssl.deploy import FAST_POLLING_ENV
 from server.presence import REPLY_POLL_SECONDS
 from simulations.processes import free_port
-from simulations.run import LocalSimulation, materialise_data, read_metrics
+from fedssl.report import read_metrics
+from simulations.run import LocalSimulation, materialise_data
 
 # What fedssl recommends (FAST_POLLING_ENV); Flower's other intervals (a SuperNode polls the
 # SuperLink every 3 s when idle and its ClientApp's reply every 0.5 s) are constants, not settings.

@@ -39,7 +39,7 @@ from fedssl.privacy import LEDGER_FILE
 from server.checkpoint import ServerCheckpoint
 from server.presence import PatientGrid
 from simulations.processes import marked_processes, send_signal
-from simulations.run import read_metrics
+from fedssl.report import read_metrics
 
 SCENARIO = """
 name: faults-test

@@ -25,7 +25,8 @@ from server.app import main as server_main
 from server.app import make_strategy
 from server.checkpoint import CheckpointMismatch, ServerCheckpoint, optimizer_state
 from server.metrics import RoundTracker
-from simulations.run import FederationError, read_metrics, run_scenario
+from fedssl.report import read_metrics
+from simulations.run import FederationError, run_scenario
 
 SCENARIO = """
 name: resume

@@ -24,6 +24,13 @@ CONDITIONS = (
     "bundle_branch_block",
     "st_elevation",
     "premature_ventricular_beats",
+    # conduction, ischaemia and voltage morphologies: read from intervals and lead patterns rather
+    # than from the heart rate, they are what a probe needs learned features for
+    "first_degree_av_block",
+    "right_bundle_branch_block",
+    "st_depression",
+    "low_qrs_voltage",
+    "left_ventricular_hypertrophy",
 )
 
 
@@ -104,6 +111,9 @@ class SyntheticSiteConfig:
     mains_mv: float = 0.02
     missing_leads: tuple[str, ...] = ()
     prevalence: dict[str, float] = field(default_factory=dict)  # condition -> probability
+    # conditions written into each record's `# Dx:` header; empty: every condition it has. A probe
+    # population labelled for a few morphologies only still holds every rhythm and condition.
+    labelled: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -39,9 +39,24 @@ SNOMED = {
     "bundle_branch_block": "164909002",  # the SNOMED concept is left bundle branch block
     "st_elevation": "164931005",
     "premature_ventricular_beats": "427172004",
+    "first_degree_av_block": "270492004",
+    "right_bundle_branch_block": "59118001",
+    "st_depression": "429622005",
+    "low_qrs_voltage": "251146004",
+    "left_ventricular_hypertrophy": "164873001",
 }
 RHYTHMS = ("normal_sinus_rhythm", "sinus_tachycardia", "sinus_bradycardia", "atrial_fibrillation")
-MORPHOLOGIES = ("bundle_branch_block", "st_elevation", "premature_ventricular_beats")
+MORPHOLOGIES = ("bundle_branch_block", "st_elevation", "premature_ventricular_beats",
+                "first_degree_av_block", "right_bundle_branch_block", "st_depression",
+                "low_qrs_voltage", "left_ventricular_hypertrophy")
+# One heart has at most one member of a pair: the left and the right bundle blocked at once is
+# complete heart block; the injury current of ischaemia points either at the wall (transmural:
+# elevation) or at the cavity (subendocardial: depression), and two would cancel; hypertrophy's
+# tall QRS and low voltage are opposite ends of one scale. Each pair is drawn with one uniform
+# number, so both keep their own prevalence.
+EXCLUSIVE = (("bundle_branch_block", "right_bundle_branch_block"),
+             ("st_elevation", "st_depression"),
+             ("left_ventricular_hypertrophy", "low_qrs_voltage"))
 
 # Balanced rather than epidemiological, so that a few hundred records hold every class;
 # rhythm weights are normalised, morphology values are independent probabilities.
@@ -53,6 +68,11 @@ DEFAULT_PREVALENCE = {
     "bundle_branch_block": 0.2,
     "st_elevation": 0.2,
     "premature_ventricular_beats": 0.2,
+    "first_degree_av_block": 0.15,
+    "right_bundle_branch_block": 0.15,
+    "st_depression": 0.15,
+    "low_qrs_voltage": 0.15,
+    "left_ventricular_hypertrophy": 0.15,
 }
 # Drawn uniformly, a few bpm inside the clinical 60 and 100 bpm limits so that every label is
 # unambiguous; for AF the mean ventricular response.
@@ -63,6 +83,16 @@ HEART_RATE_BPM = {
     "atrial_fibrillation": (70.0, 130.0),
 }
 SHORTEST_RR_S = 0.3  # the ventricles are refractory: no beat, premature or in AF, comes sooner
+# PR interval (P onset to QRS onset), s: normal conduction and first-degree AV block (> 200 ms),
+# each a little inside the 200 ms limit so that every label is unambiguous
+PR_INTERVAL_S = {"normal": (0.14, 0.19), "first_degree_av_block": (0.23, 0.34)}
+# Voltage criteria, mV. Low QRS voltage: peak-to-peak QRS below 0.5 mV in every limb lead.
+# LVH (Sokolow-Lyon): S in V1 plus the taller R of V5/V6 at least 3.5 mV. Records without the
+# label are kept clear of the limit by a margin.
+LOW_VOLTAGE_LIMB_MV = (0.25, 0.45)
+NORMAL_LIMB_MIN_MV = 0.6
+SOKOLOW_LYON_LVH_MV = (3.7, 5.0)
+SOKOLOW_LYON_NORMAL_MAX_MV = 3.0
 ADC_UNITS_PER_MV = 1000  # 1 uV resolution; format 16 then holds +-32.7 mV
 RECORDER_RANGE_MV = 32.0
 
@@ -122,18 +152,27 @@ LEAD_MONTAGE = _lead_montage()
 # --- Conditions -----------------------------------------------------------------------------
 
 def draw_conditions(prevalence: dict[str, float], rng: np.random.Generator) -> tuple[str, ...]:
-    """One rhythm (weights normalised) and each morphology independently, in CONDITIONS order."""
+    """One rhythm (weights normalised) and each morphology independently (the members of an
+    `EXCLUSIVE` pair never together), in CONDITIONS order."""
     unknown = sorted(set(prevalence) - set(SNOMED))
     if unknown:
         raise ValueError(f"prevalence: unknown condition(s) {unknown}; known: {list(CONDITIONS)}")
     chances = {**DEFAULT_PREVALENCE, **prevalence}
     if any(not 0.0 <= p <= 1.0 for p in chances.values()):
         raise ValueError(f"prevalence values must lie in [0, 1], got {prevalence}")
+    for pair in EXCLUSIVE:
+        if sum(chances[c] for c in pair) > 1.0:
+            raise ValueError(f"prevalence: {' and '.join(pair)} exclude each other, "
+                             f"so their probabilities must add up to at most 1")
     rhythm_weights = np.array([chances[r] for r in RHYTHMS])
     if rhythm_weights.sum() <= 0.0:
         raise ValueError("prevalence: at least one rhythm needs a positive probability")
     rhythm = RHYTHMS[rng.choice(len(RHYTHMS), p=rhythm_weights / rhythm_weights.sum())]
-    present = {rhythm} | {m for m in MORPHOLOGIES if rng.random() < chances[m]}
+    paired = {c for pair in EXCLUSIVE for c in pair}
+    present = {rhythm} | {m for m in MORPHOLOGIES if m not in paired and rng.random() < chances[m]}
+    for first, second in EXCLUSIVE:
+        u = rng.random()
+        present |= {first} if u < chances[first] else {second} if u < chances[first] + chances[second] else set()
     return tuple(c for c in CONDITIONS if c in present)
 
 
@@ -217,7 +256,12 @@ class Wave:
     width_after: float  # s
     vector: np.ndarray
     flatness: float = 2.0
-    repolarisation: bool = False  # timing stretches with sqrt(RR), as QT does (Bazett)
+    component: str = "qrs"  # p (atrial), qrs (ventricular depolarisation), st or t (repolarisation)
+
+    @property
+    def repolarisation(self) -> bool:
+        """Timing stretches with sqrt(RR), as QT does (Bazett)."""
+        return self.component in ("st", "t")
 
 
 def _rotation(about_x: float, about_y: float, about_z: float) -> np.ndarray:
@@ -230,39 +274,81 @@ def _rotation(about_x: float, about_y: float, about_z: float) -> np.ndarray:
     return rz @ ry @ rx
 
 
-def _conducted_beat(conditions: tuple[str, ...], rng: np.random.Generator) -> list[Wave]:
-    """The waves of a beat conducted through the AV node, before per-record variation."""
-    waves = []
-    if "atrial_fibrillation" not in conditions:  # atria activated in order: a P wave
-        waves.append(Wave(-rng.uniform(0.14, 0.19), 0.025, 0.025, 0.15 * _unit(0.55, 0.8, 0.25)))
+def _plateau(j_point: float, t_peak: float, vector: np.ndarray) -> Wave:
+    """An ST-segment shift: flat from the J point into the T wave, along `vector`."""
+    half_width = 0.6 * (t_peak - j_point)
+    return Wave((j_point + t_peak) / 2.0, half_width, half_width, vector, flatness=6.0, component="st")
+
+
+def _depolarisation(conditions: tuple[str, ...],
+                    rng: np.random.Generator) -> tuple[list[Wave], float, float]:
+    """Ventricular activation and its secondary repolarisation: (waves, J point, T peak)."""
     if "bundle_branch_block" in conditions:
         # LBBB: the left ventricle is activated late through muscle, not the fast Purkinje
-        # network: no septal q, a broad notched R towards the lateral leads (two slow fronts,
-        # QRS ~170 ms), deep QS in V1-V3, and repolarisation opposite to depolarisation.
-        j_point, t_peak = 0.09, 0.27
-        waves += [
-            Wave(-0.025, 0.024, 0.024, 1.1 * _unit(0.75, 0.25, -0.6)),
-            Wave(0.025, 0.024, 0.024, 1.0 * _unit(0.8, -0.1, -0.5)),
-            Wave(t_peak, 0.055, 0.04, 0.4 * _unit(-0.6, -0.1, 0.6), repolarisation=True),
-        ]
+        # network: no septal q, a broad notched R towards the lateral leads (I, aVL, V5-V6; two
+        # slow fronts, QRS ~150-180 ms), deep QS in V1-V3, and repolarisation opposite to
+        # depolarisation (discordant ST-T).
+        gap, width = rng.uniform(0.045, 0.06), rng.uniform(0.021, 0.026)
+        j_point, t_peak = gap / 2.0 + 2.0 * width, 0.27
+        return [
+            Wave(-gap / 2.0, width, width, 1.1 * _unit(0.75, 0.25, -0.6)),
+            Wave(gap / 2.0, width, width, 1.0 * _unit(0.8, -0.1, -0.5)),
+            Wave(t_peak, 0.055, 0.04, 0.4 * _unit(-0.6, -0.1, 0.6), component="t"),
+        ], j_point, t_peak
+    # Normal conduction: septum left-to-right (q in lateral leads, r in V1), then the free walls
+    # towards left-inferior-posterior (R), then the basal terminal forces (S).
+    q = rng.uniform(0.9, 1.1)  # QRS duration varies between people
+    hypertrophy = "left_ventricular_hypertrophy" in conditions
+    if hypertrophy:  # a thicker wall takes longer to activate and pulls the axis to the left
+        q *= rng.uniform(1.05, 1.2)
+    free_wall = _unit(0.8, 0.35, -0.5) if hypertrophy else _unit(0.65, 0.6, -0.45)
+    j_point, t_peak = 0.05 * q, 0.25
+    waves = [
+        Wave(-0.022 * q, 0.008 * q, 0.008 * q, 0.15 * _unit(-0.5, 0.2, 0.85)),
+        Wave(0.0, 0.010 * q, 0.010 * q, 1.3 * free_wall),
+        Wave(0.022 * q, 0.009 * q, 0.009 * q, 0.5 * _unit(-0.35, -0.45, -0.8)),
+    ]
+    if "right_bundle_branch_block" in conditions:
+        # RBBB: septum and left ventricle as normal, then the right ventricle late and slowly
+        # through muscle towards right-anterior: a terminal R' in V1 (rSR'), a wide slurred S in
+        # I, aVL and V6, QRS >= 120 ms; the T wave turns away from the late forces (inverted V1-V3).
+        delay, width = rng.uniform(0.05, 0.065), rng.uniform(0.022, 0.028)
+        j_point = delay + 2.0 * width
+        waves.append(Wave(delay, width, width, rng.uniform(0.6, 0.9) * _unit(-0.55, 0.1, 0.8)))
+        t_wave = 0.35 * _unit(0.75, 0.45, -0.35)
+    elif hypertrophy:
+        # Strain: the thick wall repolarises endocardium-last, so ST depression with an
+        # asymmetric inverted T (slow descent, quick return) opposite the tall lateral R.
+        t_wave = rng.uniform(0.2, 0.35) * -free_wall
+        waves.append(_plateau(j_point, t_peak, rng.uniform(0.05, 0.12) * -free_wall))
+        return waves + [Wave(t_peak, 0.065, 0.03, t_wave, component="t")], j_point, t_peak
     else:
-        # Normal conduction: septum left-to-right (q in lateral leads, r in V1), then the free
-        # walls towards left-inferior-posterior (R), then the basal terminal forces (S).
-        j_point, t_peak = 0.05, 0.25
-        q = rng.uniform(0.9, 1.1)  # QRS duration varies between people
-        waves += [
-            Wave(-0.022 * q, 0.008 * q, 0.008 * q, 0.15 * _unit(-0.5, 0.2, 0.85)),
-            Wave(0.0, 0.010 * q, 0.010 * q, 1.3 * _unit(0.65, 0.6, -0.45)),
-            Wave(0.022 * q, 0.009 * q, 0.009 * q, 0.5 * _unit(-0.35, -0.45, -0.8)),
-            Wave(t_peak, 0.05, 0.035, 0.35 * _unit(0.6, 0.55, 0.35), repolarisation=True),
-        ]
+        t_wave = 0.35 * _unit(0.6, 0.55, 0.35)
+    return waves + [Wave(t_peak, 0.05, 0.035, t_wave, component="t")], j_point, t_peak
+
+
+def _conducted_beat(conditions: tuple[str, ...], rng: np.random.Generator) -> list[Wave]:
+    """The waves of a beat conducted through the AV node, before per-record variation."""
+    ventricles, j_point, t_peak = _depolarisation(conditions, rng)
+    waves = []
+    if "atrial_fibrillation" not in conditions:  # atria activated in order: a P wave
+        # P onset (2 widths before its peak) precedes the QRS onset by the PR interval.
+        qrs_onset = min(w.offset - 2.0 * w.width_before for w in ventricles if w.component == "qrs")
+        conduction = "first_degree_av_block" if "first_degree_av_block" in conditions else "normal"
+        width = rng.uniform(0.02, 0.025)  # P duration 80-100 ms
+        onset = qrs_onset - rng.uniform(*PR_INTERVAL_S[conduction])
+        waves.append(Wave(onset + 2.0 * width, width, width, 0.15 * _unit(0.55, 0.8, 0.25), component="p"))
+    waves += ventricles
     if "st_elevation" in conditions:
         # Injury current of an occluded artery: a plateau from the J point into the T wave,
         # pointing at the injured wall (inferior: II, III, aVF; anterior: V1-V4).
         territory = _unit(-0.25, 1.0, 0.1) if rng.random() < 0.5 else _unit(0.25, 0.0, 1.0)
-        half_width = 0.6 * (t_peak - j_point)
-        waves.append(Wave((j_point + t_peak) / 2.0, half_width, half_width,
-                          rng.uniform(0.2, 0.35) * territory, flatness=6.0, repolarisation=True))
+        waves.append(_plateau(j_point, t_peak, rng.uniform(0.2, 0.35) * territory))
+    if "st_depression" in conditions:
+        # Subendocardial ischaemia: the injury current points from the endocardium of the
+        # whole left ventricle towards the cavity and the right shoulder: horizontal ST
+        # depression in I, II, aVF and V4-V6, reciprocal elevation in aVR.
+        waves.append(_plateau(j_point, t_peak, rng.uniform(0.22, 0.38) * _unit(-0.7, -0.6, -0.3)))
     return waves
 
 
@@ -276,7 +362,7 @@ def _ectopic_beat(rng: np.random.Generator) -> list[Wave]:
     return [
         Wave(-0.03, 0.022, 0.022, size * focus),
         Wave(0.03, 0.022, 0.022, 0.8 * size * (_rotation(0.0, 20.0, 20.0) @ focus)),
-        Wave(0.28, 0.06, 0.05, -0.3 * size * focus, repolarisation=True),
+        Wave(0.28, 0.06, 0.05, -0.3 * size * focus, component="t"),
     ]
 
 
@@ -285,6 +371,56 @@ def _individualise(waves: list[Wave], rotation: np.ndarray, size: float,
     """Each person's heart sits and conducts a little differently: rotate and rescale."""
     return [replace(w, vector=size * rng.lognormal(0.0, 0.15) * (rotation @ w.vector))
             for w in waves]
+
+
+def qrs_leads(waves: list[Wave], fs: float = 500.0) -> np.ndarray:
+    """(samples, 12) mV of one beat's ventricular depolarisation alone, without noise: what the
+    voltage criteria read."""
+    qrs = [w for w in waves if w.component == "qrs"]
+    reach = 0.25  # s either side of the R peak: every QRS wave ends well within it
+    heart = _render([qrs], np.array([reach]), np.ones(1), np.ones(1), int(round(2 * reach * fs)), fs)
+    return heart @ ELECTRODE_VECTORS.T @ LEAD_MONTAGE.T
+
+
+def sokolow_lyon_mv(leads: np.ndarray) -> float:
+    """Depth of the S wave in V1 plus the taller R of V5 and V6 (Sokolow & Lyon, 1949)."""
+    column = {name: i for i, name in enumerate(STANDARD_LEADS)}
+    s_v1 = max(0.0, -leads[:, column["V1"]].min())
+    return s_v1 + max(0.0, leads[:, column["V5"]].max(), leads[:, column["V6"]].max())
+
+
+def limb_qrs_mv(leads: np.ndarray) -> float:
+    """The largest peak-to-peak QRS of the six limb leads."""
+    return float(np.ptp(leads[:, :6], axis=0).max())
+
+
+def _calibrate_voltage(waves: list[Wave], conditions: tuple[str, ...],
+                       rng: np.random.Generator) -> tuple[list[Wave], float, tuple[str, ...]]:
+    """Meet the voltage criteria of the record's labels: (waves, attenuation, conditions).
+
+    Hypertrophy scales the QRS alone (more muscle), to a Sokolow-Lyon index drawn above 3.5 mV;
+    other records are kept below 3.0 mV. Low voltage attenuates the whole heart vector (fluid,
+    fat or air between heart and electrodes damps every wave) to limb QRS below 0.5 mV; other
+    records have at least 0.6 mV. The two labels are then read back from the beat, so that the
+    rare record where the two limits cannot both hold is labelled by its signal.
+    """
+    leads = qrs_leads(waves)
+    index = sokolow_lyon_mv(leads)
+    if "left_ventricular_hypertrophy" in conditions:
+        qrs_gain = rng.uniform(*SOKOLOW_LYON_LVH_MV) / index
+    else:
+        qrs_gain = min(1.0, SOKOLOW_LYON_NORMAL_MAX_MV * rng.uniform(0.8, 1.0) / index)
+    limb = qrs_gain * limb_qrs_mv(leads)
+    if "low_qrs_voltage" in conditions:
+        attenuation = rng.uniform(*LOW_VOLTAGE_LIMB_MV) / limb
+    else:
+        attenuation = max(1.0, NORMAL_LIMB_MIN_MV * rng.uniform(1.0, 1.3) / limb)
+    waves = [replace(w, vector=qrs_gain * w.vector) if w.component == "qrs" else w for w in waves]
+    measured = {"left_ventricular_hypertrophy": attenuation * qrs_gain * index >= 3.5,
+                "low_qrs_voltage": attenuation * limb < 0.5}
+    conditions = tuple(c for c in CONDITIONS
+                       if (c in conditions and c not in measured) or measured.get(c, False))
+    return waves, attenuation, conditions
 
 
 # --- Rendering ------------------------------------------------------------------------------
@@ -399,15 +535,22 @@ def generate_record(spec: SyntheticSiteConfig,
             conditions = tuple(c for c in conditions if c != "premature_ventricular_beats")
     rr_before = np.diff(times, prepend=times[0] - 60.0 / rate)
 
-    rotation = _rotation(rng.normal(0.0, 8.0), rng.normal(0.0, 12.0), rng.normal(0.0, 15.0))
-    size = rng.lognormal(0.0, 0.2)
+    if rhythm == "atrial_fibrillation":  # no P wave, so no PR interval to be long
+        conditions = tuple(c for c in conditions if c != "first_degree_av_block")
+
+    # Axis, transition zone and size vary widely between people, so that no condition is told
+    # apart by where the heart points or how large its signal is.
+    rotation = _rotation(rng.normal(0.0, 10.0), rng.normal(0.0, 18.0), rng.normal(0.0, 22.0))
+    size = rng.lognormal(0.0, 0.25)
     conducted = _individualise(_conducted_beat(conditions, rng), rotation, size, rng)
+    conducted, attenuation, conditions = _calibrate_voltage(conducted, conditions, rng)
     ectopic = _individualise(_ectopic_beat(rng), rotation, size, rng) if is_ectopic.any() else []
     beat_size = (1.0 + 0.05 * breathing(times)) * rng.lognormal(0.0, 0.02, size=len(times))
     heart = _render([ectopic if e else conducted for e in is_ectopic], times, rr_before, beat_size,
                     len(t), fs)
     if rhythm == "atrial_fibrillation":
         heart += _fibrillatory_waves(t, rng)
+    heart *= attenuation
 
     potentials = heart @ ELECTRODE_VECTORS.T + _electrode_noise(spec, t, breathing, rng)
     return spec.gain * potentials @ LEAD_MONTAGE.T, conditions
@@ -439,6 +582,9 @@ def write_synthetic_site(folder: Path, spec: SyntheticSiteConfig, seed: int) -> 
     kept = [i for i, lead in enumerate(STANDARD_LEADS) if lead not in spec.missing_leads]
     if not kept:
         raise ValueError("missing_leads: at least one lead must be recorded")
+    unknown = sorted(set(spec.labelled) - set(SNOMED))
+    if unknown:
+        raise ValueError(f"labelled: unknown condition(s) {unknown}; known: {list(CONDITIONS)}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     names = []
@@ -451,7 +597,7 @@ def write_synthetic_site(folder: Path, spec: SyntheticSiteConfig, seed: int) -> 
         comments = [
             f"Age: {age}",
             f"Sex: {sex}",
-            f"Dx: {','.join(SNOMED[c] for c in conditions)}",
+            f"Dx: {','.join(SNOMED[c] for c in conditions if c in (spec.labelled or conditions))}",
             f"Patient: s{seed}-{index + 1:05d}",
         ]
         _write_format_16(folder, name, spec.sample_rate, signal[:, kept],

@@ -8,6 +8,7 @@ fails before any training starts instead of being silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +30,18 @@ CONDITIONS = (
 
 class ConfigError(ValueError):
     """A scenario or site configuration that cannot be used; the message names the key."""
+
+
+NAME = re.compile(r"[A-Za-z0-9._-]+")  # a name that is safe as one path component
+
+
+def check_name(name: object, what: str) -> str:
+    """`name` if it can serve as one path component (letters, digits, `-`, `_`, `.`; not `.`/`..`):
+    site and scenario names become folder names (fedssl/runfolder.py)."""
+    if not isinstance(name, str) or not NAME.fullmatch(name) or name in (".", ".."):
+        raise ConfigError(f"{what}: {name!r} is not a valid name: use letters, digits, '-', '_' and '.' "
+                          "(not empty, no '/', not '.' or '..'), e.g. 'hospital_a'")
+    return name
 
 
 @dataclass(frozen=True)

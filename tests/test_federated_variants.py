@@ -125,7 +125,7 @@ def test_strategy_options_reach_flower(tmp_path, monkeypatch):
 @pytest.mark.parametrize("change, message", [
     ({"share": "heads"}, "federation.share"),
     ({"local_update": "ema"}, "federation.local_update"),
-    ({"server_learning_rate": 0.0}, "server_learning_rate must be positive"),
+    ({"server_learning_rate": 0.0}, "server_learning_rate: must be > 0"),
     ({"server_momentum": 1.0}, "server_momentum"),
 ])
 def test_bad_federation_options_are_clear_errors(change, message, tmp_path):

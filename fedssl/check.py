@@ -22,21 +22,28 @@ if TYPE_CHECKING:
     from fedssl.objectives import Objective
 
 MIN_SITE_WINDOWS = 2  # a batch of one window has no other window to contrast with, nor a mean to speak of
+# fewer records on a side of the probe's split leave no class with positives and negatives on both sides
+# (necessary, not sufficient: `simulate` checks the materialised probe set itself)
+MIN_PROBE_RECORDS = 4
 HELD_OUT_NAME = "evaluation"  # the probe's held-out records are materialised as a site of this name
 
 
-def check_scenario(scenario: Scenario) -> None:
-    """Refuse a scenario that cannot run; return None if it can."""
+def check_scenario(scenario: Scenario, *, site_folders: bool = True) -> None:
+    """Refuse a scenario that cannot run; return None if it can.
+
+    `site_folders` False skips checking that the sites' record folders exist: a deployed ServerApp
+    runs where they do not (each hospital's SuperNode reads its own).
+    """
     from fedssl.objectives import build_objective
 
-    check_sites(scenario)
+    check_sites(scenario, site_folders=site_folders)
     check_model(scenario)
     objective = build_objective(scenario)
     check_privacy(scenario, objective)
     check_forward(scenario, objective)
 
 
-def check_sites(scenario: Scenario) -> None:
+def check_sites(scenario: Scenario, *, site_folders: bool = True) -> None:
     if not scenario.sites:
         raise ConfigError("sites: the scenario names no site; a federation needs at least two, e.g. "
                           "sites: [{name: hospital_a, synthetic: {records: 60}}, "
@@ -46,7 +53,7 @@ def check_sites(scenario: Scenario) -> None:
         if site.name == HELD_OUT_NAME:
             raise ConfigError(f"{key}.name: {HELD_OUT_NAME!r} is the name of the held-out probe records; "
                               "choose another site name")
-        if site.folder is not None and not Path(site.folder).is_dir():
+        if site_folders and site.folder is not None and not Path(site.folder).is_dir():
             raise ConfigError(f"{key}.folder: {site.folder} does not exist or is not a folder")
         if site.synthetic is not None:
             check_synthetic(site.synthetic, scenario.data, f"{key}.synthetic")
@@ -58,6 +65,13 @@ def check_sites(scenario: Scenario) -> None:
         raise ConfigError("evaluation: give a folder or a synthetic population of held-out labelled records")
     else:
         check_synthetic(evaluation.synthetic, scenario.data, "evaluation.synthetic")
+        test = round(evaluation.test_fraction * evaluation.synthetic.records)  # as WindowSet.split_by_record
+        train = evaluation.synthetic.records - test
+        if min(train, test) < MIN_PROBE_RECORDS:
+            raise ConfigError(f"evaluation.synthetic.records: {evaluation.synthetic.records} records split "
+                              f"{train} train / {test} test by evaluation.test_fraction {evaluation.test_fraction:g}; "
+                              f"the probe needs at least {MIN_PROBE_RECORDS} on each side, with positives and "
+                              f"negatives of a class on both")
 
 
 def check_synthetic(spec: SyntheticSiteConfig, data: DataConfig, key: str) -> None:

@@ -65,7 +65,8 @@ ROBUST = ("fedmedian", "fedtrimmedavg", "krum", "multikrum")  # not a mean: cent
 def main(grid: Grid, context: Context) -> None:
     """Run `federation.rounds` rounds of the scenario's strategy and probe each global encoder."""
     scenario = load_scenario(context.run_config["scenario"])
-    check_scenario(scenario)  # a deployed run is refused before any site is waited for, as `fedssl simulate` is
+    # refused before any site is waited for, as `fedssl simulate` refuses it; the sites' folders are theirs
+    check_scenario(scenario, site_folders=False)
     run_dir = Path(str(context.run_config["run-dir"]))
     save_run_config(scenario, context.run_config["scenario"], run_dir)  # deployed runs record their config too
     fed = scenario.federation

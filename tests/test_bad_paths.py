@@ -1,0 +1,142 @@
+"""Paths: nothing outside a run folder (or the given data folder) is written or removed, an existing
+run folder is never cleared, and a run's processes are stopped even when they ignore SIGTERM.
+No Flower process is started here."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from fedssl.cli import main
+from fedssl.config import ConfigError
+from fedssl.runfolder import RunFolder, UnsafePathError, inside
+from simulations.processes import TOKEN_VARIABLE, pid_alive
+from simulations.run import LocalSimulation, prepare_run_folder
+from tests.test_bad_scenarios import VALID
+
+EARLIER_RUN = {  # what a finished run leaves, site state included
+    "scenario.yaml": "name: old\n",
+    "metrics.jsonl": '{"round": 1}\n',
+    "encoder.pt": "weights",
+    "summary.json": "{}",
+    "report.md": "# report",
+    "report_loss.png": "png",
+    "checkpoints/encoder_round_1.pt": "weights",
+    "sites/a/local_heads.pt": "heads",
+    "sites/a/privacy_ledger.json": "{}",
+    "data/cache/a/windows.npz": "cache",
+}
+
+
+def earlier_run(folder):
+    for name, content in EARLIER_RUN.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(content)
+    return folder
+
+
+def files(folder) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): p.read_text() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("base, parts", [
+    ("/tmp/run", ("..", "x")),
+    ("/tmp/run", ("/etc",)),
+    ("/tmp/run", ("sites", "..", "..", "x")),
+    ("/tmp/run/data/records", ("",)),  # a site folder that is the whole records folder
+    ("/tmp/run/data/records", (".",)),
+])
+def test_inside_refuses_paths_outside_their_folder(base, parts):
+    with pytest.raises(UnsafePathError, match="outside|refused"):
+        inside(base, *parts)
+
+
+def test_run_folder_names_its_files_inside_it(tmp_path):
+    run = RunFolder(tmp_path / "run")
+    assert run.site("hospital_a") == tmp_path / "run" / "sites" / "hospital_a"
+    assert {run.scenario.name, run.metrics.name, run.encoder.name, run.data.name, run.flower.name} == {
+        "scenario.yaml", "metrics.jsonl", "encoder.pt", "data", "flower"}
+    for bad in ("", "..", "a/b", "/tmp/x"):
+        with pytest.raises(ConfigError, match="not a valid name"):
+            run.site(bad)
+
+
+def test_simulate_refuses_an_existing_run_folder_and_touches_nothing(tmp_path, capsys):
+    run = earlier_run(tmp_path / "run")
+    before = files(run)
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text(yaml.safe_dump(VALID))
+    assert main(["simulate", str(scenario), "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "holds an earlier run" in err and "--resume" in err and "--overwrite" in err, err
+    assert files(run) == before  # sites/, checkpoints/, encoder.pt, report.md: all still there
+
+
+def test_simulate_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "thesis.tex").write_text("years of work")
+    (home / "flower").mkdir()  # a run would stage its app in flower/app
+    (home / "flower" / "app").mkdir()
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text(yaml.safe_dump(VALID))
+    assert main(["simulate", str(scenario), "--out", str(home), "--overwrite"]) == 2
+    assert "not empty and not a fedssl run folder (it holds thesis.tex)" in capsys.readouterr().err
+    assert sorted(p.name for p in home.rglob("*")) == ["app", "flower", "thesis.tex"]
+
+
+def test_overwrite_moves_the_earlier_results_aside_and_deletes_nothing(tmp_path):
+    run = RunFolder(earlier_run(tmp_path / "run"))
+    before = files(run.root)
+    prepare_run_folder(run, resume=False, overwrite=True, echo=lambda line: None)
+    (earlier,) = (run.root / "earlier").iterdir()
+    after = files(run.root)
+    moved = {name for name in before if not name.startswith(("data/", "scenario.yaml"))}
+    assert {f"earlier/{earlier.name}/{name}": before[name] for name in moved}.items() <= after.items()
+    assert not run.earlier_results()  # the new run starts without the old sites' heads or ledgers
+    assert after["data/cache/a/windows.npz"] == "cache"  # data caches stay for reuse
+
+
+@pytest.mark.parametrize("setup, flags, fragment", [
+    (lambda p: p.write_text("a file"), {}, "is a file, not a folder"),
+    (lambda p: None, {"resume": True}, "does not exist; nothing to continue"),
+])
+def test_other_run_folders_that_are_refused(tmp_path, setup, flags, fragment):
+    target = tmp_path / "run"
+    setup(target)
+    with pytest.raises(ConfigError, match=fragment):
+        prepare_run_folder(RunFolder(target), **{"resume": False, "overwrite": False, **flags}, echo=print)
+
+
+def test_an_empty_or_data_only_folder_is_used_as_it_is(tmp_path):
+    for folder in (tmp_path / "empty", tmp_path / "with-data"):
+        folder.mkdir()
+    (tmp_path / "with-data" / "data").mkdir()
+    for folder in (tmp_path / "empty", tmp_path / "with-data"):
+        prepare_run_folder(RunFolder(folder), resume=False, overwrite=False, echo=print)
+
+
+def test_stop_kills_a_run_process_that_ignores_sigterm(tmp_path):
+    """Ray workers may ignore SIGTERM: stop() finds every process marked with the run's token and
+    SIGKILLs what is left after the grace period."""
+    simulation = LocalSimulation(tmp_path, echo=lambda line: None)
+    stubborn = subprocess.Popen(
+        [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                               "print('ready', flush=True); time.sleep(120)"],
+        env={**os.environ, TOKEN_VARIABLE: simulation.token}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert stubborn.stdout.readline().strip() == "ready"  # SIGTERM is ignored from here on
+        simulation.stop()
+        deadline = time.monotonic() + 10
+        while stubborn.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert stubborn.returncode == -9  # SIGKILL
+        assert not pid_alive(stubborn.pid)
+    finally:
+        if stubborn.poll() is None:
+            stubborn.kill()

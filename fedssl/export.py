@@ -101,8 +101,9 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError:
         raise ExportError(f"{path} holds Python objects besides tensors, which loading would execute; "
                           "refused: use an encoder.pt written by fedssl (a state dict of tensors)") from None
-    except (RuntimeError, EOFError, ValueError) as err:  # truncated, or not a torch file at all
-        raise ExportError(f"{path} is not a readable torch file: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # noqa: BLE001 - torch's unpickler fails on arbitrary bytes in arbitrary ways
+        raise ExportError(f"{path} is not a readable torch file ({type(err).__name__}: "
+                          f"{(str(err).splitlines() or [''])[0][:120]})") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise ExportError(f"{path} holds a {type(state).__name__}, not a state dict (names -> tensors) as "

@@ -129,9 +129,8 @@ def test_strategy_options_reach_flower(tmp_path, monkeypatch):
     ({"server_momentum": 1.0}, "server_momentum"),
 ])
 def test_bad_federation_options_are_clear_errors(change, message, tmp_path):
-    fed = dataclasses.replace(FederationConfig(), **change)
-    with pytest.raises(ConfigError, match=message):
-        make_strategy(fed, 2, RoundTracker(tmp_path, 1, {}))
+    with pytest.raises(ConfigError, match=message):  # ranges are refused when the section is built
+        make_strategy(dataclasses.replace(FederationConfig(), **change), 2, RoundTracker(tmp_path, 1, {}))
 
 
 def _evaluate_reply(site_index: int, windows: int, auroc: float) -> RecordDict:

@@ -17,7 +17,7 @@ from fedssl.config import ConfigError
 from fedssl.runfolder import RunFolder, UnsafePathError, inside
 from simulations.processes import TOKEN_VARIABLE, pid_alive
 from simulations.run import LocalSimulation, prepare_run_folder
-from tests.test_bad_scenarios import VALID
+from tests.test_bad_scenarios import VALID, no_flower  # noqa: F401 - fixture
 
 EARLIER_RUN = {  # what a finished run leaves, site state included
     "scenario.yaml": "name: old\n",
@@ -66,7 +66,7 @@ def test_run_folder_names_its_files_inside_it(tmp_path):
             run.site(bad)
 
 
-def test_simulate_refuses_an_existing_run_folder_and_touches_nothing(tmp_path, capsys):
+def test_simulate_refuses_an_existing_run_folder_and_touches_nothing(tmp_path, capsys, no_flower):  # noqa: F811
     run = earlier_run(tmp_path / "run")
     before = files(run)
     scenario = tmp_path / "s.yaml"
@@ -77,7 +77,7 @@ def test_simulate_refuses_an_existing_run_folder_and_touches_nothing(tmp_path, c
     assert files(run) == before  # sites/, checkpoints/, encoder.pt, report.md: all still there
 
 
-def test_simulate_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+def test_simulate_refuses_a_folder_that_is_not_a_run(tmp_path, capsys, no_flower):  # noqa: F811
     home = tmp_path / "home"
     home.mkdir()
     (home / "thesis.tex").write_text("years of work")

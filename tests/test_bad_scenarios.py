@@ -132,8 +132,24 @@ def test_check_refuses_in_one_line(case, tmp_path, capsys):
     assert fragment in err, err
 
 
+class FlowerStarted(BaseException):
+    """Raised where the runner would start Flower: not an Exception, so no handler turns it into exit code 2."""
+
+
+@pytest.fixture
+def no_flower(monkeypatch):
+    """Starting Flower fails the test at once (a check that comes too late would otherwise cost a
+    minute, or hang forever as `fraction_train: 2` did)."""
+    import simulations.run
+
+    def start(self):
+        raise FlowerStarted(f"Flower was started in {self.run_dir}")
+
+    monkeypatch.setattr(simulations.run.LocalSimulation, "start", start)
+
+
 @pytest.mark.parametrize("case", {**BAD, **BAD_NAMES})
-def test_simulate_refuses_before_data_or_flower(case, tmp_path, capsys, monkeypatch):
+def test_simulate_refuses_before_data_or_flower(case, tmp_path, capsys, monkeypatch, no_flower):
     changes, fragment = {**BAD, **BAD_NAMES}[case]
     monkeypatch.chdir(tmp_path)  # the default run folder would be runs/<name>-<time> here
     path = write(tmp_path, changed(changes))
@@ -145,7 +161,7 @@ def test_simulate_refuses_before_data_or_flower(case, tmp_path, capsys, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scenario.yaml"]
 
 
-def test_an_absolute_site_name_does_not_touch_that_folder(tmp_path, capsys):
+def test_an_absolute_site_name_does_not_touch_that_folder(tmp_path, capsys, no_flower):
     decoy = tmp_path / "decoy"
     decoy.mkdir()
     (decoy / "precious.txt").write_text("keep me")

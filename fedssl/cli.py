@@ -79,6 +79,8 @@ def _pretrain(args: argparse.Namespace) -> None:
     scenario = load_scenario(args.scenario)
     check_scenario(scenario)
     out = Path(args.out)
+    if (out / "encoder.pt").exists():  # e.g. a federated run's encoder: never replaced by a baseline
+        raise ConfigError(f"--out {out} already holds an encoder.pt; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(scenario.train.threads)
     state, result = centralized_state(scenario, Path(args.data) if args.data else out / "data")

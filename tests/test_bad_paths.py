@@ -140,3 +140,12 @@ def test_stop_kills_a_run_process_that_ignores_sigterm(tmp_path):
     finally:
         if stubborn.poll() is None:
             stubborn.kill()
+
+
+def test_pretrain_never_replaces_an_encoder(tmp_path, capsys):
+    run = earlier_run(tmp_path / "run")
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text(yaml.safe_dump(VALID))
+    assert main(["pretrain", str(scenario), "--out", str(run)]) == 2
+    assert "already holds an encoder.pt" in capsys.readouterr().err
+    assert (run / "encoder.pt").read_text() == "weights"

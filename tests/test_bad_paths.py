@@ -5,9 +5,13 @@ No Flower process is started here."""
 from __future__ import annotations
 
 import os
+import queue
+import signal
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -149,3 +153,57 @@ def test_pretrain_never_replaces_an_encoder(tmp_path, capsys):
     assert main(["pretrain", str(scenario), "--out", str(run)]) == 2
     assert "already holds an encoder.pt" in capsys.readouterr().err
     assert (run / "encoder.pt").read_text() == "weights"
+
+
+def flower_processes(home) -> list[int]:
+    """Live processes of a run: every one the runner starts has FLWR_HOME=<run>/flower."""
+    needle = f"FLWR_HOME={home}".encode()
+    pids = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0") and pid_alive(int(entry.name)):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def ray_started(home) -> bool:
+    for pid in flower_processes(home):
+        try:
+            if b"raylet" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def test_sigterm_mid_federation_stops_every_process_of_the_run(tmp_path):
+    """A real federation (SuperLink, SuperExec, flwr-simulation, Ray) killed with SIGTERM once Ray
+    runs: the runner exits 130 and leaves no process of the run behind."""
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text(yaml.safe_dump({**VALID, "federation": {"rounds": 50, "min_sites": 2}}))
+    run = tmp_path / "run"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    runner = subprocess.Popen([sys.executable, "-m", "simulations", str(scenario), "--out", str(run)],
+                              cwd=Path(__file__).resolve().parents[1], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in runner.stdout], daemon=True).start()
+    try:
+        deadline, seen = time.monotonic() + 400, []
+        while not ray_started(run / "flower") and not any("round 1/50" in line for line in seen):
+            assert time.monotonic() < deadline and runner.poll() is None, "".join(seen)[-3000:]
+            try:
+                seen.append(lines.get(timeout=1))
+            except queue.Empty:
+                pass
+        assert flower_processes(run / "flower")  # the federation is running
+        runner.send_signal(signal.SIGTERM)
+        assert runner.wait(timeout=120) == 130
+        assert flower_processes(run / "flower") == []
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+        for pid in flower_processes(run / "flower"):
+            os.kill(pid, signal.SIGKILL)

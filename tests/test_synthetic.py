@@ -14,6 +14,7 @@ from scipy import signal as sps
 
 from fedssl.config import CONDITIONS, SyntheticSiteConfig
 from fedssl.data.synthetic import (
+    DEFAULT_PREVALENCE,
     RHYTHMS,
     SNOMED,
     draw_conditions,
@@ -361,7 +362,7 @@ def test_st_level_flags_st_depression():
     """At least 0.1 mV in two contiguous lateral or inferior leads, in a population where half
     the records have it (an ST elevation's reciprocal depression is read as the elevation)."""
     spec = dataclasses.replace(SITE, prevalence={
-        "st_depression": 0.5, "st_elevation": 0.0, "bundle_branch_block": 0.0,
+        **DEFAULT_PREVALENCE, "st_depression": 0.5, "st_elevation": 0.0, "bundle_branch_block": 0.0,
         "right_bundle_branch_block": 0.0, "left_ventricular_hypertrophy": 0.0, "low_qrs_voltage": 0.0})
     readable = [(c, measure(signal, spec.sample_rate))
                 for signal, c in (record(2000 + i, spec) for i in range(40))]

@@ -287,7 +287,7 @@ def usable_classes(train: WindowSet, test: WindowSet) -> tuple[list[str], np.nda
 
 def fine_tune(encoder: nn.Module, train: WindowSet, test: WindowSet, *, epochs: int = 5,
               learning_rate: float = 1e-4, head_learning_rate: float = 1e-3, batch_size: int = 32,
-              weight_decay: float = 0.01, seed: int = 0) -> tuple[ProbeResult, nn.Module]:
+              weight_decay: float = 0.01, seed: int = 0, split: int | str = 0) -> tuple[ProbeResult, nn.Module]:
     """Encoder plus a linear head trained end to end with BCE; AUROC on `test`.
 
     The encoder is copied (the caller's stays as it was) and trained with a small learning rate,
@@ -316,7 +316,8 @@ def fine_tune(encoder: nn.Module, train: WindowSet, test: WindowSet, *, epochs: 
     with torch.no_grad():
         scores = head(torch.from_numpy(embed(encoder, test))).numpy()
     per_class = {c: auroc(scores[:, j], y_test[:, j]) for j, c in enumerate(classes)}
-    return ProbeResult(float(np.mean(list(per_class.values()))), per_class), encoder
+    test_scores = TestScores(split, tuple(classes), scores.astype(np.float64), y_test, test.patient_groups())
+    return ProbeResult(float(np.mean(list(per_class.values()))), per_class, test_scores), encoder
 
 
 def _summarise(runs: list[ProbeResult], records: list[int]) -> dict:
@@ -326,7 +327,9 @@ def _summarise(runs: list[ProbeResult], records: list[int]) -> dict:
     for c in classes:
         values = [r.per_class[c] for r in runs if c in r.per_class]
         per_class[c] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "runs": len(values)}
-    return {"macro_auroc": {"mean": float(np.mean(macro)), "std": float(np.std(macro)), "runs": macro},
+    _, low, high = bootstrap_interval(runs)
+    return {"macro_auroc": {"mean": float(np.mean(macro)), "std": float(np.std(macro)), "ci95": [low, high],
+                            "runs": macro},
             "per_class": per_class, "labelled_records": records}
 
 
@@ -337,7 +340,8 @@ def label_efficiency(encoder: nn.Module, train: WindowSet, test: WindowSet, *,
     """Linear probe (and fine-tuning) on 1 %, 10 %, 100 % of the labelled records, over seeds.
 
     Returns {"linear_probe": {fraction: summary}, "fine_tune": {...}} where a summary holds the
-    mean and std over seeds of macro AUROC, per-class AUROC, and the labelled record counts.
+    mean, std and 95 % bootstrap interval (`bootstrap_interval`) over seeds of macro AUROC, the
+    per-class AUROC and the labelled record counts.
     The seed changes which records are drawn and, for fine-tuning, the head and the batch order.
     """
     methods = ["linear_probe"] + (["fine_tune"] if finetune else [])
@@ -349,21 +353,23 @@ def label_efficiency(encoder: nn.Module, train: WindowSet, test: WindowSet, *,
         for s in range(seeds):
             subset = label_subset(train, classes, fraction, seed + s)
             records.append(len(np.unique(subset.record)))
-            runs["linear_probe"].append(linear_probe(encoder, subset, test, l2))
+            # each draw of labelled records is its own "split": the interval resamples draws, then test patients
+            runs["linear_probe"].append(linear_probe(encoder, subset, test, l2, split=s))
             if finetune:
-                runs["fine_tune"].append(fine_tune(encoder, subset, test, seed=seed + s, **(finetune_kwargs or {}))[0])
+                runs["fine_tune"].append(fine_tune(encoder, subset, test, seed=seed + s, split=s,
+                                                   **(finetune_kwargs or {}))[0])
         for m in methods:
             results[m][str(fraction)] = _summarise(runs[m], records)
     return results
 
 
 def results_table(results: dict) -> str:
-    """Plain-text table: method x label fraction, macro AUROC mean ± std over seeds."""
-    lines = [f"{'method':<14}{'labels':>8}{'records':>9}  macro AUROC (mean ± std)"]
+    """Plain-text table: method x label fraction, macro AUROC mean ± std over seeds [95 % interval]."""
+    lines = [f"{'method':<14}{'labels':>8}{'records':>9}  macro AUROC (mean ± std over seeds [95 % interval])"]
     for method, by_fraction in results.items():
         for fraction, summary in by_fraction.items():
             auc = summary["macro_auroc"]
             records = summary["labelled_records"]
             lines.append(f"{method:<14}{float(fraction):>8.0%}{round(float(np.mean(records))):>9}  "
-                         f"{auc['mean']:.4f} ± {auc['std']:.4f}")
+                         f"{auc['mean']:.4f} ± {auc['std']:.4f} [{auc['ci95'][0]:.4f}, {auc['ci95'][1]:.4f}]")
     return "\n".join(lines)

@@ -29,12 +29,14 @@ import queue
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -49,6 +51,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONNECTION = "fedssl-local"  # the SuperLink connection written to the run's FLWR_HOME
 PROGRESS_MARK = "fedssl |"  # log lines of the fedssl ServerApp/ClientApp shown to the user
 DONE_MARK = "fedssl | done:"  # the ServerApp's last line
+RUN_STATE = "run_state.json"  # running / finished / failed with its error line (`recorded_state`)
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 APP_SUFFIXES = {".py", ".toml", ".yaml", ".yml", ".json", ".md"}  # what Flower puts in an app bundle
 
@@ -84,58 +87,85 @@ def run_scenario(path: str | Path, out_dir: str | Path | None = None, *, verbose
     check_federation(scenario.federation, len(scenario.sites))  # fail before any data is generated
     run_dir = Path(out_dir or Path("runs") / f"{scenario.name}-{datetime.now():%Y%m%d-%H%M%S}").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    if resume:
-        echo(f"resuming the run in {run_dir}")
-    else:
-        clear_previous_run(run_dir, echo)
-    scenario_path = run_dir / "scenario.yaml"
-    save_scenario(scenario, scenario_path)
-    echo(f"run folder: {run_dir}")
+    with recorded_state(run_dir):
+        if resume:
+            echo(f"resuming the run in {run_dir}")
+        else:
+            clear_previous_run(run_dir, echo)
+        scenario_path = run_dir / "scenario.yaml"
+        save_scenario(scenario, scenario_path)
+        echo(f"run folder: {run_dir}")
 
-    data_dir = run_dir / "data"
-    materialise_data(scenario, data_dir, echo)
-    data_done = time.perf_counter()
+        data_dir = run_dir / "data"
+        materialise_data(scenario, data_dir, echo)
+        data_done = time.perf_counter()
 
-    with LocalSimulation(run_dir, echo=echo, verbose=verbose) as simulation:
-        run_id = simulation.run(scenario_path, num_sites=len(scenario.sites), timeout=timeout, resume=resume)
-    federation_done = time.perf_counter()
+        with LocalSimulation(run_dir, echo=echo, verbose=verbose) as simulation:
+            run_id = simulation.run(scenario_path, num_sites=len(scenario.sites), timeout=timeout, resume=resume)
+        federation_done = time.perf_counter()
 
-    rounds = read_metrics(run_dir / "metrics.jsonl")
-    if len(rounds) != scenario.federation.rounds or not (run_dir / "encoder.pt").exists():
-        raise FederationError(f"Flower run {run_id} finished but {run_dir} holds {len(rounds)} of "
-                              f"{scenario.federation.rounds} rounds; see {simulation.log_path}")
+        rounds = read_metrics(run_dir / "metrics.jsonl")
+        if len(rounds) != scenario.federation.rounds or not (run_dir / "encoder.pt").exists():
+            raise FederationError(f"Flower run {run_id} finished but {run_dir} holds {len(rounds)} of "
+                                  f"{scenario.federation.rounds} rounds; see {simulation.log_path}")
 
-    import torch
+        import torch
 
-    echo("comparing encoders (linear probe) ...")
-    encoders = compare(scenario, data_dir, torch.load(run_dir / "encoder.pt", weights_only=True))
-    summary = {
-        "scenario": scenario.name,
-        "run_dir": str(run_dir),
-        "sites": [s.name for s in scenario.sites],
-        "rounds": len(rounds),
-        "strategy": scenario.federation.strategy,
-        "objective": scenario.objective.name,
-        "wall_seconds": round(time.perf_counter() - started, 1),
-        "data_seconds": round(data_done - started, 1),
-        "federation_seconds": round(federation_done - data_done, 1),  # incl. Flower/Ray start-up
-        "baseline_seconds": round(time.perf_counter() - federation_done, 1),
-        "final_loss": rounds[-1].get("loss"),
-        "probe_macro_auroc_by_round": [r.get("probe_macro_auroc") for r in rounds],
-        # DP sites' epsilon spent after each round (null: the site sent no update that round)
-        "epsilon_by_site": epsilon_by_site(rounds),
-        # site-level (federation.central_dp) epsilon after each round, all rounds composed
-        **({"central_epsilon_by_round": [r.get("central_epsilon") for r in rounds]}
-           if any("central_epsilon" in r for r in rounds) else {}),
-        "declined_by_round": [[d.get("site") or d.get("node_id") for d in r.get("declined", [])] for r in rounds],
-        "encoders": {name: {"macro_auroc": result_auroc(result), **_extra(result)}
-                     for name, result in encoders.items()},
-        "flower_run_id": run_id,
-    }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    write_report(run_dir)  # the ServerApp wrote it already; now with the baseline table of summary.json
-    echo(summary_table(summary))
-    return RunResult(run_dir, summary, sorted(simulation.seen_pids))
+        echo("comparing encoders (linear probe) ...")
+        encoders = compare(scenario, data_dir, torch.load(run_dir / "encoder.pt", weights_only=True))
+        summary = {
+            "scenario": scenario.name,
+            "run_dir": str(run_dir),
+            "sites": [s.name for s in scenario.sites],
+            "rounds": len(rounds),
+            "strategy": scenario.federation.strategy,
+            "objective": scenario.objective.name,
+            "wall_seconds": round(time.perf_counter() - started, 1),
+            "data_seconds": round(data_done - started, 1),
+            "federation_seconds": round(federation_done - data_done, 1),  # incl. Flower/Ray start-up
+            "baseline_seconds": round(time.perf_counter() - federation_done, 1),
+            "final_loss": rounds[-1].get("loss"),
+            "probe_macro_auroc_by_round": [r.get("probe_macro_auroc") for r in rounds],
+            # DP sites' epsilon spent after each round (null: the site sent no update that round)
+            "epsilon_by_site": epsilon_by_site(rounds),
+            # site-level (federation.central_dp) epsilon after each round, all rounds composed
+            **({"central_epsilon_by_round": [r.get("central_epsilon") for r in rounds]}
+               if any("central_epsilon" in r for r in rounds) else {}),
+            "declined_by_round": [[d.get("site") or d.get("node_id") for d in r.get("declined", [])] for r in rounds],
+            "encoders": {name: {"macro_auroc": result_auroc(result), **_extra(result)}
+                         for name, result in encoders.items()},
+            "flower_run_id": run_id,
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_report(run_dir)  # the ServerApp wrote it already; now with the baseline table of summary.json
+        echo(summary_table(summary))
+        return RunResult(run_dir, summary, sorted(simulation.seen_pids))
+
+
+@contextmanager
+def recorded_state(run_dir: Path):
+    """Keep `run_state.json` up to date for `fedssl dashboard`: running (with this process's id and
+    host, so a killed runner can be told apart), then finished, or failed with the error's first line.
+    The run folder alone cannot tell a failed run from a slow one: a failure leaves no other trace there."""
+    path = run_dir / RUN_STATE
+    state = {"state": "running", "started": time.time(), "pid": os.getpid(), "host": socket.gethostname()}
+    write_json(path, state)
+    try:
+        yield
+    except BaseException as err:
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        error = ("interrupted (Ctrl-C or SIGTERM)" if isinstance(err, KeyboardInterrupt)
+                 else f"{type(err).__name__}: {first_line}")
+        write_json(path, {**state, "state": "failed", "ended": time.time(), "error": error})
+        raise
+    write_json(path, {**state, "state": "finished", "ended": time.time()})
+
+
+def write_json(path: Path, value: dict) -> None:
+    """Write `value` whole or not at all (a reader polling the file never sees half of it)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value) + "\n")
+    os.replace(tmp, path)
 
 
 def clear_previous_run(run_dir: Path, echo: Echo) -> None:

@@ -100,13 +100,13 @@ def create_app(run_dir: str | Path, token: str | None = None, allowed_hosts: lis
         Mount("/static", StaticFiles(directory=STATIC)),
     ]
     hosts = ["*"] if token else (allowed_hosts or [*LOOPBACK_NAMES, "[::1]"])
-    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=hosts), Middleware(Headers)]
+    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=hosts), Middleware(SecurityHeaders)]
     if token:
         middleware.append(Middleware(TokenGate, token=token))
     return Starlette(routes=routes, middleware=middleware)
 
 
-class Headers:
+class SecurityHeaders:
     """Adds SECURITY_HEADERS to every response."""
 
     def __init__(self, app: ASGIApp) -> None:

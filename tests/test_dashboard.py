@@ -192,6 +192,22 @@ def test_undefined_aurocs_are_served_as_null_not_nan(tmp_path):
     json.dumps(view, allow_nan=False)
 
 
+
+def test_the_runner_records_running_then_finished_or_failed_with_the_first_error_line(tmp_path):
+    from simulations.run import FederationError, recorded_state
+
+    with recorded_state(tmp_path):
+        assert run_view(tmp_path)["state"] == "running"
+    assert (run_view(tmp_path)["state"], run_view(tmp_path)["error"]) == ("finished", None)
+    with pytest.raises(FederationError), recorded_state(tmp_path):
+        raise FederationError("Flower run 3 ended as finished:failed\nlast lines of flower.log: ...")
+    view = run_view(tmp_path)
+    assert (view["state"], view["error"]) == ("failed", "FederationError: Flower run 3 ended as finished:failed")
+    assert view["time"]["ended"] >= view["time"]["started"]
+    with pytest.raises(KeyboardInterrupt), recorded_state(tmp_path):
+        raise KeyboardInterrupt
+    assert run_view(tmp_path)["error"] == "interrupted (Ctrl-C or SIGTERM)"
+
 # -- the server ------------------------------------------------------------------------------------
 
 def test_api_serves_the_view_with_an_etag_and_changes_nothing(tmp_path):

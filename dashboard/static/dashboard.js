@@ -95,8 +95,9 @@ function tick() {
   document.getElementById("elapsed").textContent = t.started ? duration(end - t.started) : "-";
   document.getElementById("remaining").textContent =
     view.state === "finished" ? "0 s" : t.remaining_seconds === null ? "-" : `~${duration(t.remaining_seconds)}`;
-  document.getElementById("last-update").textContent =
-    t.last_update ? `${duration(serverNow() - t.last_update)} ago` : "-";
+  const since = t.ended ?? t.last_update; // a finished run: how long ago it ended; else its last round
+  document.getElementById("last-update-label").textContent = t.ended ? "ended" : "last round recorded";
+  document.getElementById("last-update").textContent = since ? `${duration(serverNow() - since)} ago` : "-";
 }
 
 function renderSites() {

@@ -169,8 +169,10 @@ function renderAuroc() {
 }
 
 function renderLosses() {
+  // the minimised loss first and widest: a term equal to it (a pure objective) is drawn on top, not hidden
   const traces = Object.entries(view.losses).map(([term, values], i) => ({
-    x: view.round_numbers, y: values, mode: "lines+markers", name: term, line: {color: COLORS[i % COLORS.length]},
+    x: view.round_numbers, y: values, mode: "lines+markers", name: term,
+    line: {color: COLORS[i % COLORS.length], width: term === "loss" ? 5 : 2},
   }));
   draw("losses", traces, layout("Loss terms per round (mean over the sites that trained)", "loss"));
 }

@@ -81,7 +81,7 @@ def create_app(run_dir: str | Path, token: str | None = None, allowed_hosts: lis
     async def page(request: Request) -> Response:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
 
-    async def run(request: Request) -> Response:
+    def run(request: Request) -> Response:  # plain def: Starlette reads the files in its thread pool
         view = run_view(run_dir)
         unchanged = {k: v for k, v in view.items() if k != "now"}  # `now` alone does not change the page
         etag = '"' + hashlib.sha256(json.dumps(unchanged, sort_keys=True).encode()).hexdigest()[:32] + '"'

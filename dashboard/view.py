@@ -31,10 +31,10 @@ RECENT_ROUNDS = 3  # rounds whose mean wall time estimates the time remaining
 WAITING, RUNNING, FINISHED, FAILED = "waiting", "running", "finished", "failed"
 
 
-def run_view(folder: str | Path, now: float | None = None) -> dict:
-    """Everything the page shows about the run in `folder`, as of `now` (Unix time)."""
+def run_view(folder: str | Path) -> dict:
+    """Everything the page shows about the run in `folder`; `now` is the reading's time (Unix), from
+    which the page counts elapsed time and ages on its own clock between readings."""
     folder = Path(folder)
-    now = time.time() if now is None else now
     problems: list[str] = []
     scenario = _scenario(folder, problems)
     rounds = complete_rounds(folder / "metrics.jsonl", problems)
@@ -44,17 +44,17 @@ def run_view(folder: str | Path, now: float | None = None) -> dict:
     sites = [s.name for s in scenario.sites] if scenario else sorted(
         {site for r in rounds for site in r.get("site_windows", {})})
     state, error = run_state(folder, scenario, rounds, summary, recorded)
-    return {
+    return json_safe({
         "run_dir": str(folder.resolve()),
         "scenario": _scenario_facts(scenario),
-        "now": now,
+        "now": time.time(),
         "state": state,
         "error": error,
         "log_errors": log_errors(folder / LOG) if state == FAILED else [],
         "problems": problems,
         "round": rounds[-1]["round"] if rounds else 0,
         "rounds": planned,
-        "time": run_time(folder, rounds, recorded, state, planned, now),
+        "time": run_time(folder, rounds, recorded, state, planned),
         "sites": site_view(sites, rounds, scenario),
         "round_numbers": [r["round"] for r in rounds],
         "losses": {term: [_finite(r.get(term)) for r in rounds] for term in loss_terms(rounds)},
@@ -63,7 +63,19 @@ def run_view(folder: str | Path, now: float | None = None) -> dict:
         "central_dp": _series(rounds, "central_epsilon", "central_delta"),
         "wall": wall_view(rounds),
         "encoders": (summary or {}).get("encoders") or {},
-    }
+    })
+
+
+def json_safe(value):
+    """`value` with every NaN or infinity (an undefined AUROC, an unbounded epsilon, Python's json
+    writes them) replaced by None: the page receives strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def complete_rounds(path: Path, problems: list[str]) -> list[dict]:
@@ -112,8 +124,7 @@ def run_state(folder: Path, scenario: Scenario | None, rounds: list[dict], summa
     return RUNNING, None
 
 
-def run_time(folder: Path, rounds: list[dict], recorded: dict | None, state: str, planned: int | None,
-             now: float) -> dict:
+def run_time(folder: Path, rounds: list[dict], recorded: dict | None, state: str, planned: int | None) -> dict:
     """Start, end and last-update times (Unix) and the estimated seconds left for the rounds to run:
     the mean wall time (training + probe) of the last rounds times the rounds still to come."""
     recorded = recorded or {}
@@ -122,7 +133,7 @@ def run_time(folder: Path, rounds: list[dict], recorded: dict | None, state: str
     if state in (FINISHED, FAILED):  # a killed runner recorded no end: its files' last change is the best known
         ended = recorded.get("ended") or max(filter(None, (_mtime(folder / name) for name in
                                                            ("summary.json", "metrics.jsonl", RUN_STATE))), default=None)
-    durations = [r.get("seconds", 0) + r.get("probe_seconds", 0) for r in rounds[-RECENT_ROUNDS:]]
+    durations = [(r.get("seconds") or 0) + (r.get("probe_seconds") or 0) for r in rounds[-RECENT_ROUNDS:]]
     remaining = None
     if state == RUNNING and planned is not None and durations:
         remaining = max(0, planned - rounds[-1]["round"]) * sum(durations) / len(durations)

@@ -184,11 +184,13 @@ def test_central_dp_and_collapse_monitor_when_recorded(tmp_path):
     assert view["scenario"]["central_dp"] == "server"
 
 
-def test_undefined_aurocs_are_served_as_null_not_nan(tmp_path):
-    write_run(tmp_path, [round_line(1, probe_macro_auroc=float("nan"), probe_macro_auroc_ci95=None)],
-              state=running_state())
+def test_undefined_numbers_are_served_as_null_not_nan(tmp_path):
+    write_run(tmp_path, [round_line(1, probe_macro_auroc=float("nan"), probe_macro_auroc_ci95=None,
+                                    epsilon={"a": float("inf")})],
+              state=running_state(), summary={"encoders": {"random_init": {"macro_auroc": float("nan")}}})
     view = run_view(tmp_path)
     assert view["probe"]["auroc"] == [None] and view["probe"]["ci95"] == [None]
+    assert view["sites"][0]["epsilon"] is None and view["encoders"]["random_init"]["macro_auroc"] is None
     json.dumps(view, allow_nan=False)
 
 

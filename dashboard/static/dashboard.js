@@ -102,7 +102,9 @@ function tick() {
 
 function renderSites() {
   document.getElementById("rounds-head").replaceChildren(
-    ...view.round_numbers.map((r) => el("span", {text: r % 5 === 0 || r === 1 || view.round_numbers.length <= 20 ? String(r) : ""})));
+    ...view.round_numbers.map((r) => el("span", {
+      text: view.round_numbers.length <= 20 || r === 1 || r % 5 === 0 ? String(r) : "",
+    })));
   const body = document.querySelector("#sites tbody");
   body.replaceChildren(...view.sites.map((site) => {
     const seen = site.last_seen === null ? "never"
@@ -113,7 +115,8 @@ function renderSites() {
     if (site.dp) {
       const spent = site.epsilon ?? 0;
       const fraction = site.budget ? Math.min(1, spent / site.budget) : 0;
-      const bar = el("span", {class: fraction >= 1 ? "bar full" : "bar"}, el("span", {style: `width:${100 * fraction}%`}));
+      const bar = el("span", {class: fraction >= 1 ? "bar full" : "bar"},
+                     el("span", {style: `width:${100 * fraction}%`}));
       privacy = el("div", {class: "budget"}, bar,
         el("span", {text: `${number(site.epsilon, 2)} / ${site.budget} per ${site.unit}` +
                           (site.delta !== null ? ` (\u03b4 ${site.delta.toExponential(0)})` : "")}));
@@ -163,7 +166,8 @@ function renderAuroc() {
                  line: {color: "#495057", dash: "dot"}});
   } else {
     annotations.push({text: "random-init reference: once the run is compared (summary.json)", showarrow: false,
-                      xref: "paper", yref: "paper", x: 1, y: 1.06, xanchor: "right", font: {size: 10, color: "#868e96"}});
+                      xref: "paper", yref: "paper", x: 1, y: 1.06, xanchor: "right",
+                      font: {size: 10, color: "#868e96"}});
   }
   draw("auroc", traces, layout("Linear-probe macro AUROC per round", "macro AUROC", {annotations}));
 }
@@ -229,7 +233,8 @@ function renderEncoders() {
   document.getElementById("encoders-panel").hidden = encoders.length === 0;
   document.querySelector("#encoders tbody").replaceChildren(...encoders.map(([name, result]) => el("tr", {},
     el("td", {text: name}), el("td", {class: "num", text: number(result.macro_auroc)}),
-    el("td", {class: "num", text: Array.isArray(result.ci95) ? `${number(result.ci95[0])} \u2013 ${number(result.ci95[1])}` : "-"}))));
+    el("td", {class: "num",
+              text: Array.isArray(result.ci95) ? `${number(result.ci95[0])} \u2013 ${number(result.ci95[1])}` : "-"}))));
 }
 
 function render() {

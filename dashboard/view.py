@@ -62,7 +62,7 @@ def run_view(folder: str | Path) -> dict:
         "collapse": _series(rounds, "embedding_rank", "embedding_std"),
         "central_dp": _series(rounds, "central_epsilon", "central_delta"),
         "wall": wall_view(rounds),
-        "encoders": (summary or {}).get("encoders") or {},
+        "encoders": encoder_view(summary),
     })
 
 
@@ -172,17 +172,32 @@ def site_view(sites: list[str], rounds: list[dict], scenario: Scenario | None) -
 def probe_view(rounds: list[dict], summary: dict | None) -> dict:
     """The global encoder's probe AUROC per round with its 95 % interval, the sites' federated mean,
     and the random-init encoder's AUROC (from summary.json: known once the run is compared)."""
-    random_init = ((summary or {}).get("encoders") or {}).get("random_init")
+    random_init = encoder_view(summary).get("random_init")
     return {
         "auroc": [_finite(r.get("probe_macro_auroc")) for r in rounds],
         "ci95": [_interval(r.get("probe_macro_auroc_ci95")) for r in rounds],
         "federated": [_finite(r.get("federated_macro_auroc")) for r in rounds],
-        "random_init": None if not isinstance(random_init, dict) else {
-            "macro_auroc": _finite(random_init.get("macro_auroc")),
-            "ci95": _interval(random_init.get("ci95")),
-            "runs": random_init.get("runs"),
+        "random_init": random_init and {
+            "macro_auroc": random_init["macro_auroc"], "ci95": random_init["ci95"],
+            "inits": ((summary or {}).get("evaluation") or {}).get("random_inits"),  # its mean is over these
         },
     }
+
+
+def encoder_view(summary: dict | None) -> dict[str, dict]:
+    """Per encoder compared in summary.json: macro AUROC, its 95 % interval, and the federated
+    encoder's paired difference to it with its interval (the per-class and per-probe values stay
+    in the file)."""
+    encoders = (summary or {}).get("encoders") or {}
+    view = {}
+    for name, result in encoders.items():
+        if not isinstance(result, dict):
+            continue
+        difference = result.get("federated_minus") if isinstance(result.get("federated_minus"), dict) else {}
+        view[name] = {"macro_auroc": _finite(result.get("macro_auroc")), "ci95": _interval(result.get("ci95")),
+                      "federated_minus": {"mean": _finite(difference.get("mean")),
+                                          "ci95": _interval(difference.get("ci95"))} if difference else None}
+    return view
 
 
 def wall_view(rounds: list[dict]) -> dict:

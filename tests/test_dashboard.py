@@ -73,9 +73,12 @@ def running_state(**extra) -> dict:
     return {"state": "running", "started": time.time() - 60, "pid": os.getpid(), "host": socket.gethostname()} | extra
 
 
-SUMMARY = {"encoders": {"random_init": {"macro_auroc": 0.58, "ci95": [0.55, 0.61], "runs": 3},
-                        "federated": {"macro_auroc": 0.80, "ci95": [0.76, 0.84]},
-                        "local_only/a": {"macro_auroc": 0.70}}}
+SUMMARY = {  # as simulations/run.py writes it: random init the mean over 3 initialisations x 2 probe splits
+    "encoders": {"random_init": {"macro_auroc": 0.58, "ci95": [0.55, 0.61], "runs": [0.56, 0.57, 0.58, 0.58, 0.59, 0.6],
+                                 "per_class": {"AF": 0.6}, "federated_minus": {"mean": 0.22, "ci95": [0.18, 0.26]}},
+                 "federated": {"macro_auroc": 0.80, "ci95": [0.76, 0.84], "runs": [0.79, 0.81]},
+                 "local_only/a": {"macro_auroc": 0.70}},
+    "evaluation": {"splits": 2, "random_inits": 3}}
 
 
 # -- the JSON served ------------------------------------------------------------------------------
@@ -142,8 +145,11 @@ def test_finished_run_has_the_random_init_reference_and_the_encoders(tmp_path):
     view = run_view(tmp_path)
     assert (view["state"], view["round"], view["time"]["remaining_seconds"]) == ("finished", 4, None)
     assert view["time"]["ended"] == pytest.approx(state["ended"])
-    assert view["probe"]["random_init"] == {"macro_auroc": 0.58, "ci95": [0.55, 0.61], "runs": 3}
-    assert view["encoders"]["federated"]["macro_auroc"] == 0.80
+    assert view["probe"]["random_init"] == {"macro_auroc": 0.58, "ci95": [0.55, 0.61], "inits": 3}
+    assert view["encoders"] == {
+        "random_init": {"macro_auroc": 0.58, "ci95": [0.55, 0.61], "federated_minus": {"mean": 0.22, "ci95": [0.18, 0.26]}},
+        "federated": {"macro_auroc": 0.80, "ci95": [0.76, 0.84], "federated_minus": None},
+        "local_only/a": {"macro_auroc": 0.70, "ci95": None, "federated_minus": None}}
 
 
 def test_a_deployed_run_without_the_runners_record_is_judged_by_its_rounds(tmp_path):
@@ -369,8 +375,8 @@ def test_the_page_follows_a_run_round_by_round(browser, dashboard_url, tmp_path)
     (run / "summary.json").write_text(json.dumps(SUMMARY))
     (run / "run_state.json").write_text(json.dumps(running_state(state="finished", ended=time.time())))
     wait.until(lambda d: d.find_element(By.ID, "state").text == "finished")
-    wait.until(lambda d: "random init (3 inits)" in d.find_element(By.ID, "auroc").text)
-    assert browser.find_element(By.ID, "encoders-panel").is_displayed()
+    wait.until(lambda d: "random init (mean of 3 inits)" in d.find_element(By.ID, "auroc").text)
+    assert "0.220 (0.180 \u2013 0.260)" in browser.find_element(By.ID, "encoders").text
     origins = browser.execute_script(
         "return performance.getEntriesByType('resource').map(e => new URL(e.name).origin)")
     assert set(origins) == {url.rstrip("/")}  # nothing loaded from anywhere else: no CDN

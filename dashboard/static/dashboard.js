@@ -162,7 +162,7 @@ function renderAuroc() {
                    uid: "random-init-low"});
     }
     traces.push({x: ends, y: [reference.macro_auroc, reference.macro_auroc], mode: "lines", uid: "random-init",
-                 name: `random init${reference.runs ? ` (${reference.runs} inits)` : ""}`,
+                 name: `random init${reference.inits > 1 ? ` (mean of ${reference.inits} inits)` : ""}`,
                  line: {color: "#495057", dash: "dot"}});
   } else {
     annotations.push({text: "random-init reference: once the run is compared (summary.json)", showarrow: false,
@@ -228,13 +228,20 @@ function renderWall() {
   draw("wall", traces, layout("Wall time per round", "seconds", {barmode: "stack"}));
 }
 
+function interval(ci) {
+  return Array.isArray(ci) ? `${number(ci[0])} \u2013 ${number(ci[1])}` : "-";
+}
+
 function renderEncoders() {
   const encoders = Object.entries(view.encoders);
   document.getElementById("encoders-panel").hidden = encoders.length === 0;
-  document.querySelector("#encoders tbody").replaceChildren(...encoders.map(([name, result]) => el("tr", {},
-    el("td", {text: name}), el("td", {class: "num", text: number(result.macro_auroc)}),
-    el("td", {class: "num",
-              text: Array.isArray(result.ci95) ? `${number(result.ci95[0])} \u2013 ${number(result.ci95[1])}` : "-"}))));
+  document.querySelector("#encoders tbody").replaceChildren(...encoders.map(([name, result]) => {
+    const difference = result.federated_minus;
+    return el("tr", {},
+      el("td", {text: name}), el("td", {class: "num", text: number(result.macro_auroc)}),
+      el("td", {class: "num", text: interval(result.ci95)}),
+      el("td", {class: "num", text: difference ? `${number(difference.mean)} (${interval(difference.ci95)})` : "-"}));
+  }));
 }
 
 function render() {

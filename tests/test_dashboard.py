@@ -147,7 +147,8 @@ def test_finished_run_has_the_random_init_reference_and_the_encoders(tmp_path):
     assert view["time"]["ended"] == pytest.approx(state["ended"])
     assert view["probe"]["random_init"] == {"macro_auroc": 0.58, "ci95": [0.55, 0.61], "inits": 3}
     assert view["encoders"] == {
-        "random_init": {"macro_auroc": 0.58, "ci95": [0.55, 0.61], "federated_minus": {"mean": 0.22, "ci95": [0.18, 0.26]}},
+        "random_init": {"macro_auroc": 0.58, "ci95": [0.55, 0.61],
+                        "federated_minus": {"mean": 0.22, "ci95": [0.18, 0.26]}},
         "federated": {"macro_auroc": 0.80, "ci95": [0.76, 0.84], "federated_minus": None},
         "local_only/a": {"macro_auroc": 0.70, "ci95": None, "federated_minus": None}}
 

@@ -44,6 +44,7 @@ from fedssl.evaluate import linear_probe
 from fedssl.federated import cast_floating, encoder_state, fedema_start, shared_state
 from fedssl.objectives import build_objective
 from fedssl.privacy import PrivacyBudgetExceeded, PrivacyLedger
+from fedssl.runfolder import RunFolder
 from fedssl.train import train_local
 
 app = ClientApp()
@@ -101,7 +102,7 @@ def answer(msg: Message, context: Context, work) -> Message:
 def train_site(scenario: Scenario, site: SiteConfig, msg: Message, context: Context) -> dict:
     """The round's local work at `site`: load heads + global model, train, save heads."""
     run_dir = Path(str(context.run_config["run-dir"]))
-    state_folder = Path(str(context.node_config.get("state-folder", run_dir / "sites" / site.name)))
+    state_folder = Path(str(context.node_config.get("state-folder", RunFolder(run_dir).site(site.name))))
     config, fed = msg.content["config"], scenario.federation
     server_round = int(config["server-round"])
 
@@ -171,7 +172,7 @@ def site_windows(scenario: Scenario, site: SiteConfig, context: Context) -> Wind
     every hospital whatever its paths.
     """
     run_dir = Path(str(context.run_config["run-dir"]))
-    data_folder = Path(str(context.node_config.get("data-folder", run_dir / "data")))
+    data_folder = Path(str(context.node_config.get("data-folder", RunFolder(run_dir).data)))
     if "records-folder" in context.node_config:
         site = dataclasses.replace(site, folder=str(context.node_config["records-folder"]), synthetic=None)
     return load_site(site, scenario.data, data_folder, scenario.seed)

@@ -3,7 +3,7 @@
 A run folder is written while it is read: `metrics.jsonl` grows by one line per round (the last
 line may be half-written at the moment of reading), `summary.json` appears at the end of a
 simulated run, and the simulation runner keeps `run_state.json` (simulations/run.py,
-`recorded_state`) as running / finished / failed with the error line. A deployed ServerApp's run
+`recorded_outcome`) as running / finished / failed with the error line. A deployed ServerApp's run
 folder has no `run_state.json`; its state is then inferred from the rounds recorded against the
 rounds planned. Every field a run may lack (DP, central DP, federated probes, the collapse
 monitor, probe intervals, the baselines) is None or empty rather than missing, so the page has
@@ -21,9 +21,9 @@ from pathlib import Path
 
 from fedssl.config import ConfigError, Scenario, load_scenario
 from fedssl.report import ABSENT, loss_terms, participation_reasons
+from fedssl.runfolder import RUN_STATE
 from simulations.processes import pid_alive
 
-RUN_STATE = "run_state.json"  # written by simulations/run.py (`recorded_state`); read here only
 LOG = Path("logs") / "flower.log"
 LOG_TAIL_BYTES = 64 * 1024  # the end of Flower's log is searched for the lines that explain a failure
 RECENT_ROUNDS = 3  # rounds whose mean wall time estimates the time remaining

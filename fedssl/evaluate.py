@@ -62,13 +62,21 @@ def fit_logistic(features: np.ndarray, targets: np.ndarray, l2: float, iteration
     return model
 
 
-def linear_probe(encoder: nn.Module, train: WindowSet, test: WindowSet, l2: float = 1e-3) -> ProbeResult:
-    """Macro AUROC of a logistic probe on frozen embeddings, over classes present on both sides."""
+def probe_classes(train: WindowSet, test: WindowSet) -> tuple[list[str], list[int]]:
+    """The classes present on both sides and the indices of those with positive and negative
+    windows on both sides (the ones a probe can be fitted and scored on); ValueError if none."""
     classes = [c for c in train.classes() if c in test.classes()]
     y_train, y_test = train.targets(classes), test.targets(classes)
     usable = [i for i in range(len(classes)) if 0 < y_train[:, i].sum() < len(y_train) and 0 < y_test[:, i].sum() < len(y_test)]
     if not usable:
         raise ValueError("no class has both positive and negative windows in the probe's train and test sets")
+    return classes, usable
+
+
+def linear_probe(encoder: nn.Module, train: WindowSet, test: WindowSet, l2: float = 1e-3) -> ProbeResult:
+    """Macro AUROC of a logistic probe on frozen embeddings, over classes present on both sides."""
+    classes, usable = probe_classes(train, test)
+    y_train, y_test = train.targets(classes), test.targets(classes)
     f_train, f_test = embed(encoder, train), embed(encoder, test)
     mean, std = f_train.mean(0), f_train.std(0) + 1e-6
     probe = fit_logistic((f_train - mean) / std, y_train[:, usable], l2)

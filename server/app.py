@@ -27,6 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import (FedAdam, FedAvg, FedAvgM, FedMedian,
                                      FedProx, FedTrimmedAvg, FedYogi, Krum, MultiKrum, Strategy)
 
+from fedssl.check import check_scenario
 from fedssl.config import ConfigError, FederationConfig, Scenario, load_scenario
 from fedssl.evaluate import linear_probe, probe_data
 from fedssl.federated import LOCAL_UPDATES, SHARE_MODES, TRANSFER_DTYPES, encoder_state, shared_state
@@ -64,6 +65,8 @@ ROBUST = ("fedmedian", "fedtrimmedavg", "krum", "multikrum")  # not a mean: cent
 def main(grid: Grid, context: Context) -> None:
     """Run `federation.rounds` rounds of the scenario's strategy and probe each global encoder."""
     scenario = load_scenario(context.run_config["scenario"])
+    # refused before any site is waited for, as `fedssl simulate` refuses it; the sites' folders are theirs
+    check_scenario(scenario, site_folders=False)
     run_dir = Path(str(context.run_config["run-dir"]))
     save_run_config(scenario, context.run_config["scenario"], run_dir)  # deployed runs record their config too
     fed = scenario.federation
@@ -117,7 +120,8 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def check_federation(fed: FederationConfig, num_sites: int) -> None:
-    """Refuse a federation section that cannot run, before any data is generated."""
+    """Refuse a federation section that this ServerApp cannot run, before any data is generated (the
+    section's own ranges are checked when it is loaded, fedssl/config.py)."""
     if fed.strategy not in STRATEGIES:
         raise ConfigError(f"federation.strategy: unknown strategy {fed.strategy!r}; known: {sorted(STRATEGIES)}")
     if not 1 <= fed.min_sites <= num_sites:
@@ -127,15 +131,6 @@ def check_federation(fed: FederationConfig, num_sites: int) -> None:
                               ("transfer_dtype", fed.transfer_dtype, tuple(TRANSFER_DTYPES))):
         if value not in known:
             raise ConfigError(f"federation.{key}: unknown value {value!r}; known: {list(known)}")
-    positive = {"connect_timeout": fed.connect_timeout, "round_timeout": fed.round_timeout,
-                "straggler_timeout": fed.straggler_timeout,
-                "fedema_tau": fed.fedema_tau, "fedema_lambda": fed.fedema_lambda,
-                "server_learning_rate": fed.server_learning_rate, "server_tau": fed.server_tau}
-    for key, value in positive.items():
-        if value is not None and value <= 0:
-            raise ConfigError(f"federation.{key} must be positive, got {value}")
-    if not (0 <= fed.server_momentum < 1 and fed.proximal_mu >= 0):
-        raise ConfigError("federation.server_momentum must be in [0, 1) and proximal_mu >= 0")
     if fed.central_dp not in ("none", *CENTRAL_DP):
         raise ConfigError(f"federation.central_dp: expected none, server or client, got {fed.central_dp!r}")
     if fed.central_dp != "none":

@@ -4,7 +4,7 @@ import pytest
 
 from fedssl.cli import main, parser
 
-SUBCOMMANDS = ["simulate", "pretrain", "evaluate", "check-site", "synthesize", "report", "export", "embed", "certs",
+SUBCOMMANDS = ["check", "simulate", "pretrain", "evaluate", "check-site", "synthesize", "report", "export", "embed", "certs",
                "node-key", "dashboard"]
 
 

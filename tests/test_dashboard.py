@@ -203,19 +203,31 @@ def test_undefined_numbers_are_served_as_null_not_nan(tmp_path):
 
 
 def test_the_runner_records_running_then_finished_or_failed_with_the_first_error_line(tmp_path):
-    from simulations.run import FederationError, recorded_state
+    from simulations.run import FederationError, record_start, recorded_outcome
 
-    with recorded_state(tmp_path):
-        assert run_view(tmp_path)["state"] == "running"
+    @recorded_outcome
+    def run(folder: Path, error: BaseException | None = None) -> None:  # run_scenario's part in this
+        if folder.name == "refused":
+            raise FederationError("refused before the run had a folder")
+        record_start(folder)
+        assert run_view(folder)["state"] == "running"
+        if error is not None:
+            raise error
+
+    run(tmp_path)
     assert (run_view(tmp_path)["state"], run_view(tmp_path)["error"]) == ("finished", None)
-    with pytest.raises(FederationError), recorded_state(tmp_path):
-        raise FederationError("Flower run 3 ended as finished:failed\nlast lines of flower.log: ...")
+    with pytest.raises(FederationError):
+        run(tmp_path, FederationError("Flower run 3 ended as finished:failed\nlast lines of flower.log: ..."))
     view = run_view(tmp_path)
     assert (view["state"], view["error"]) == ("failed", "FederationError: Flower run 3 ended as finished:failed")
     assert view["time"]["ended"] >= view["time"]["started"]
-    with pytest.raises(KeyboardInterrupt), recorded_state(tmp_path):
-        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, KeyboardInterrupt())
     assert run_view(tmp_path)["error"] == "interrupted (Ctrl-C or SIGTERM)"
+    with pytest.raises(FederationError):
+        run(tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+
 
 # -- the server ------------------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ REPORT = "report.md"
 NOT_LOSS_TERMS = frozenset({
     "round", "probe_macro_auroc", "probe_macro_auroc_ci95", "site_probe_macro_auroc", "federated_macro_auroc", "seconds", "probe_seconds",
     "sites", "site_windows", "examples", "rejected", "epsilon", "delta", "declined", "errors",
-    "examples-seen", "fedema-mu",
+    "examples-seen", "fedema-mu", "central_epsilon", "central_delta", "embedding_rank", "embedding_std",
 })
 # participation of a site in a round, as the report's table writes it
 TRAINED, DECLINED, REJECTED, FAILED, ABSENT = "trained", "declined", "rejected", "error", "-"
@@ -94,14 +94,19 @@ def participation(run: Run) -> list[dict[str, str]]:
     """Per round, each site's part: trained (its update was aggregated), declined (privacy budget),
     rejected (update failed validation), error, or - (not sampled, or no reply in time). Replies
     that named no site of the scenario count in the round's totals only."""
+    return [{site: state for site, (state, _) in row.items()} for row in participation_reasons(run.sites, run.rounds)]
+
+
+def participation_reasons(sites: list[str], rounds: list[dict]) -> list[dict[str, tuple[str, str]]]:
+    """`participation` with the reason each site gave or was given: per round {site: (state, reason)},
+    the reason empty for trained and - (the dashboard shows it; the report lists it apart)."""
     table = []
-    for r in run.rounds:
-        row = dict.fromkeys(run.sites, ABSENT)
-        for state, sites in ((FAILED, [e.get("site") for e in r.get("errors", [])]),
-                             (REJECTED, [e.get("site") for e in r.get("rejected", [])]),
-                             (DECLINED, [e.get("site") for e in r.get("declined", [])]),
-                             (TRAINED, list(r.get("site_windows", {})))):
-            row.update({site: state for site in sites if site in row})
+    for r in rounds:
+        row = dict.fromkeys(sites, (ABSENT, ""))
+        for state, entries in ((FAILED, r.get("errors", [])), (REJECTED, r.get("rejected", [])),
+                               (DECLINED, r.get("declined", [])),
+                               (TRAINED, [{"site": site} for site in r.get("site_windows", {})])):
+            row.update({e.get("site"): (state, e.get("reason", "")) for e in entries if e.get("site") in row})
         table.append(row)
     return table
 

@@ -23,6 +23,9 @@ from fedssl.config import ConfigError, check_name
 # the files a new run would mix with its own, moved aside by `RunFolder.archive_results`
 RESULTS = ("metrics.jsonl", "checkpoints", "encoder.pt", "global.pt", "summary.json", "report.md", "sites")
 INPUTS = ("data",)  # what may already be in a new run's folder: data caches are reused
+# the simulation runner's record of the run (running / finished / failed with its error line), which
+# each run rewrites when it starts: not a result to move aside (simulations/run.py, `recorded_outcome`)
+RUN_STATE = "run_state.json"
 
 
 class UnsafePathError(ConfigError):
@@ -96,7 +99,7 @@ class RunFolder:
 
     def foreign_entries(self) -> list[Path]:
         """Entries that are neither inputs of a run nor what a run writes: not ours to overwrite."""
-        ours = set(RESULTS) | set(INPUTS) | {"scenario.yaml", "logs", "flower", "earlier"}
+        ours = set(RESULTS) | set(INPUTS) | {"scenario.yaml", "logs", "flower", "earlier", RUN_STATE}
         return sorted(p for p in self.root.iterdir() if p.name not in ours and not p.name.startswith("report_"))
 
     def archive_results(self) -> Path | None:

@@ -26,18 +26,21 @@ output) and `flower/` (the FLWR_HOME of the run).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import queue
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
 import uuid
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -46,7 +49,7 @@ from typing import Callable
 from fedssl.config import ConfigError
 from fedssl.deploy import FAST_POLLING_ENV
 from fedssl.report import epsilon_by_site, read_metrics, write_report
-from fedssl.runfolder import RunFolder
+from fedssl.runfolder import RUN_STATE, RunFolder
 from simulations.processes import TOKEN_VARIABLE, free_port, marked_processes, pid_alive, stop_pids  # noqa: F401
 from simulations.processes import terminate as _terminate
 
@@ -73,6 +76,54 @@ class RunResult:
     flower_pids: list[int] = field(default_factory=list)  # every Flower process of the run
 
 
+# -- the run's state for `fedssl dashboard` ------------------------------------------------------
+
+_run_state: ContextVar[tuple[Path, dict] | None] = ContextVar("run_state", default=None)
+
+
+def recorded_outcome(run: Callable[..., RunResult]) -> Callable[..., RunResult]:
+    """`run` (run_scenario) recording its outcome in the run folder's RUN_STATE for `fedssl dashboard`:
+    finished, or failed with the error's first line. The run folder alone cannot tell a failed run
+    from a slow one: a failure leaves no other trace there. The folder is known only once the
+    scenario is read and checked, so `run` names it by calling `record_start`."""
+
+    @functools.wraps(run)
+    def recorded(*args, **kwargs) -> RunResult:
+        token = _run_state.set(None)
+        outcome = {"state": "failed", "error": "interrupted (Ctrl-C or SIGTERM)"}
+        try:
+            result = run(*args, **kwargs)
+            outcome = {"state": "finished"}
+            return result
+        except Exception as err:
+            outcome["error"] = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+            raise
+        finally:
+            started = _run_state.get()
+            _run_state.reset(token)
+            if started is not None:  # a run refused before it had a folder leaves none
+                path, record = started
+                write_json(path, {**record, **outcome, "ended": time.time()})
+
+    return recorded
+
+
+def record_start(run_dir: Path) -> None:
+    """Record the run in `run_dir` as running, with this process's id and host (a runner killed
+    without a chance to record its outcome can then be told apart from one still running)."""
+    record = {"state": "running", "started": time.time(), "pid": os.getpid(), "host": socket.gethostname()}
+    write_json(run_dir / RUN_STATE, record)
+    _run_state.set((run_dir / RUN_STATE, record))
+
+
+def write_json(path: Path, value: dict) -> None:
+    """Write `value` whole or not at all (a reader polling the file never sees half of it)."""
+    from fedssl.storage import atomic_write
+
+    atomic_write(path, lambda f: f.write(json.dumps(value).encode() + b"\n"))
+
+
+@recorded_outcome
 def run_scenario(path: str | Path, out_dir: str | Path | None = None, *, verbose: bool = False,
                  timeout: float | None = None, resume: bool = False, overwrite: bool = False,
                  echo: Echo = print) -> RunResult:
@@ -99,6 +150,7 @@ def run_scenario(path: str | Path, out_dir: str | Path | None = None, *, verbose
     scenario_path = run.scenario
     save_scenario(scenario, scenario_path)
     echo(f"run folder: {run_dir}")
+    record_start(run_dir)
 
     data_dir = run.data
     materialise_data(scenario, data_dir, echo)

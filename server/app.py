@@ -30,6 +30,7 @@ from flwr.serverapp.strategy import (FedAdam, FedAvg, FedAvgM, FedMedian,
 from fedssl.config import ConfigError, FederationConfig, Scenario, load_scenario
 from fedssl.evaluate import linear_probe, probe_data
 from fedssl.federated import LOCAL_UPDATES, SHARE_MODES, TRANSFER_DTYPES, encoder_state, shared_state
+from fedssl.monitor import embedding_health
 from fedssl.objectives import build_objective
 from fedssl.report import save_run_config, write_report
 from server.central_dp import CENTRAL_DP, SITE_WEIGHT_KEY, central_dp, no_metrics
@@ -90,10 +91,12 @@ def main(grid: Grid, context: Context) -> None:
             return None
         tracker.require_update(server_round)
         auroc, seconds = None, 0.0
+        state = encoder_state(tracker.state_dict(arrays))
         if scenario.evaluation.every_round or server_round == fed.rounds:
-            auroc, seconds = probe(scenario, run_dir, encoder_state(tracker.state_dict(arrays)))
+            auroc, seconds = probe(scenario, run_dir, state)
         sampled = max(int(len(list(grid.get_node_ids())) * fed.fraction_train), fed.min_sites)
-        tracker.finish_round(server_round, arrays, auroc, seconds, expected=sampled)
+        tracker.finish_round(server_round, arrays, auroc, seconds, expected=sampled,
+                             monitor=collapse_monitor(scenario, run_dir, state))
         ServerCheckpoint(server_round, fed.strategy, {k: a.numpy() for k, a in arrays.items()},
                          optimizer_state(strategy), random.getstate(), dict(tracker.epsilon)).save(run_dir)
         return None if auroc is None else MetricRecord({"probe-macro-auroc": auroc})
@@ -198,14 +201,30 @@ def strategy_options(fed: FederationConfig) -> dict:
 _probe_sets: dict = {}
 
 
-def probe(scenario: Scenario, run_dir: Path, state: dict) -> tuple[float, float]:
-    """Macro AUROC of the linear probe of the encoder `state`, and the seconds it took."""
-    start = time.perf_counter()
+def probe_sets(scenario: Scenario, run_dir: Path):
+    """The held-out probe-train and probe-test windows, read once per run folder."""
     workdir = run_dir / "data"
     if workdir not in _probe_sets:
         _probe_sets[workdir] = probe_data(scenario, workdir)
-    train, test = _probe_sets[workdir]
+    return _probe_sets[workdir]
+
+
+def global_encoder(scenario: Scenario, state: dict):
     encoder = build_objective(scenario).encoder
     encoder.load_state_dict(state)
-    result = linear_probe(encoder, train, test, scenario.evaluation.probe_l2)
+    return encoder
+
+
+def probe(scenario: Scenario, run_dir: Path, state: dict) -> tuple[float, float]:
+    """Macro AUROC of the linear probe of the encoder `state`, and the seconds it took."""
+    start = time.perf_counter()
+    train, test = probe_sets(scenario, run_dir)
+    result = linear_probe(global_encoder(scenario, state), train, test, scenario.evaluation.probe_l2)
     return result.macro_auroc, time.perf_counter() - start
+
+
+def collapse_monitor(scenario: Scenario, run_dir: Path, state: dict) -> dict[str, float]:
+    """`embedding_rank` and `embedding_std` of the encoder `state` on the first windows of the
+    probe-train set: the same fixed windows every round (fedssl/monitor.py)."""
+    train, _ = probe_sets(scenario, run_dir)
+    return embedding_health(global_encoder(scenario, state), train)

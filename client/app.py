@@ -125,7 +125,10 @@ def train_site(scenario: Scenario, site: SiteConfig, msg: Message, context: Cont
                          seed=round_seed(scenario.seed, server_round, site.name),
                          proximal=(proximal_mu, received) if proximal_mu > 0 else None,
                          privacy=privacy if privacy.enabled else None, ledger=ledger,
-                         planned_steps=fed.rounds * scenario.train.local_steps, round=server_round)
+                         # the whole federation's steps: the LR schedule (and DP's calibration) spans
+                         # them, this round's steps continue it where round server_round - 1 ended
+                         planned_steps=fed.rounds * scenario.train.local_steps,
+                         first_step=(server_round - 1) * scenario.train.local_steps, round=server_round)
     # every site sends the same metric names (Flower's aggregation requires it): a site without
     # DP reports dp-sgd 0 and epsilon = delta = 0.0, which the server does not read as a guarantee
     extra = {**extra, **privacy_metrics(ledger)}

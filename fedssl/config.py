@@ -103,10 +103,15 @@ class DataConfig:
 class ModelConfig:
     """Encoder architecture. `patch_size` is in samples at `DataConfig.sample_rate`."""
 
-    encoder: str = "st_mem"  # st_mem (transformer, patch tokens) or resnet1d (no tokens: no masking)
+    # st_mem (transformer over per-lead patches), resnet1d (no tokens: no masked modelling) or
+    # conv_transformer (strided conv stem, 50 time tokens per 10 s, then a transformer)
+    encoder: str = "st_mem"
     size: str = "tiny"  # tiny / small / base
     patch_size: int = 50  # st_mem only
     dropout: float = 0.0
+    # conv_transformer: attention reads only earlier time tokens, downstream too; CPC needs it
+    # (its context must not see the future it predicts), every other objective works either way
+    causal: bool = False
 
     def __post_init__(self) -> None:
         positive(self, "patch_size")
@@ -118,18 +123,23 @@ class ObjectiveConfig:
     """Self-supervised objective; hybrid with either weight at zero is the pure form.
 
     Names: generative (ST-MEM), contrastive or simclr (SimCLR), cmsc (CLOCS), byol, hybrid (CREMA),
-    hybrid_byol (CREMA with BYOL's agreement instead of NT-Xent: per-sample, DP-safe).
+    hybrid_byol (CREMA with BYOL's agreement instead of NT-Xent: per-sample, DP-safe), cpc
+    (contrastive predictive coding, negatives from the same window: DP-safe), jepa (latent
+    prediction of masked spans from an EMA target: DP-safe).
     """
 
     name: str = "hybrid"
     mask_ratio: float = 0.75
     generative_weight: float = 1.0
     contrastive_weight: float = 0.5
-    temperature: float = 0.2  # SimCLR, CMSC and CREMA's contrastive term
+    temperature: float = 0.2  # SimCLR, CMSC, CREMA's contrastive term and CPC
     projection_dim: int = 64
-    decoder_width: int = 64
+    decoder_width: int = 64  # masked modelling's decoder and JEPA's predictor
     decoder_depth: int = 1
-    target_momentum: float = 0.99  # BYOL's EMA rate; 0.99 suits short runs (the paper: 0.996 -> 1)
+    # CPC: how many time tokens ahead the context predicts (12 as in Oord et al.'s audio CPC;
+    # 2.4 s on ConvTransformer's 0.2-s tokens, two to three beats)
+    prediction_steps: int = 12
+    target_momentum: float = 0.99  # BYOL's and JEPA's EMA rate; 0.99 suits short runs (the paper: 0.996 -> 1)
     # chance that each distortion after crop + time mask is applied to a view (fedssl/data/augment.py):
     # 1.0 applies all of them to every view; SimCLR (on a 1-D ResNet above all) needs 0.5, as in
     # SimCLR's own pipeline, or its two views share too little to agree
@@ -152,7 +162,11 @@ class TrainConfig:
     """The local training loop: the same for centralized, local-only and federated training."""
 
     batch_size: int = 32
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-3  # the peak, reached after the warm-up
+    # cosine: linear warm-up, then cosine decay to zero over the planned steps of the whole training
+    # (a federation's rounds x local_steps, carried across rounds; a baseline's own steps); constant: none
+    lr_schedule: str = "cosine"
+    warmup_fraction: float = 0.1  # of the planned steps, spent warming up linearly from lr / warmup steps
     weight_decay: float = 0.01
     local_steps: int = 20  # optimizer steps per round (or in total for one-shot training)
     grad_clip: float = 1.0

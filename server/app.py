@@ -31,6 +31,7 @@ from fedssl.check import check_scenario
 from fedssl.config import ConfigError, FederationConfig, Scenario, load_scenario
 from fedssl.evaluate import ProbeSplits, summarise
 from fedssl.federated import LOCAL_UPDATES, SHARE_MODES, TRANSFER_DTYPES, encoder_state, shared_state
+from fedssl.monitor import embedding_health
 from fedssl.objectives import build_objective
 from fedssl.report import save_run_config, write_report
 from server.central_dp import CENTRAL_DP, SITE_WEIGHT_KEY, central_dp, no_metrics
@@ -93,10 +94,12 @@ def main(grid: Grid, context: Context) -> None:
             return None
         tracker.require_update(server_round)
         auroc, ci95, seconds = None, None, 0.0
+        state = encoder_state(tracker.state_dict(arrays))
         if scenario.evaluation.every_round or server_round == fed.rounds:
-            auroc, ci95, seconds = probe(scenario, run_dir, encoder_state(tracker.state_dict(arrays)))
+            auroc, ci95, seconds = probe(scenario, run_dir, state)
         sampled = max(int(len(list(grid.get_node_ids())) * fed.fraction_train), fed.min_sites)
-        tracker.finish_round(server_round, arrays, auroc, seconds, expected=sampled, probe_ci95=ci95)
+        tracker.finish_round(server_round, arrays, auroc, seconds, expected=sampled, probe_ci95=ci95,
+                             monitor=collapse_monitor(scenario, run_dir, state))
         ServerCheckpoint(server_round, fed.strategy, {k: a.numpy() for k, a in arrays.items()},
                          optimizer_state(strategy), random.getstate(), dict(tracker.epsilon)).save(run_dir)
         return None if auroc is None else MetricRecord({"probe-macro-auroc": auroc})
@@ -194,14 +197,31 @@ def strategy_options(fed: FederationConfig) -> dict:
 _probe_sets: dict = {}
 
 
+def probe_splits(scenario: Scenario, run_dir: Path) -> ProbeSplits:
+    """The held-out set and its patient-level probe splits, read once per run folder."""
+    workdir = run_dir / "data"
+    if workdir not in _probe_sets:
+        _probe_sets[workdir] = ProbeSplits.of(scenario, workdir)
+    return _probe_sets[workdir]
+
+
+def global_encoder(scenario: Scenario, state: dict):
+    encoder = build_objective(scenario).encoder
+    encoder.load_state_dict(state)
+    return encoder
+
+
 def probe(scenario: Scenario, run_dir: Path, state: dict) -> tuple[float, list[float], float]:
     """Linear-probe macro AUROC of the encoder `state` (mean over the held-out set's patient-level
     splits), its 95 % bootstrap interval and the seconds it took."""
     start = time.perf_counter()
-    workdir = run_dir / "data"
-    if workdir not in _probe_sets:
-        _probe_sets[workdir] = ProbeSplits.of(scenario, workdir)
-    encoder = build_objective(scenario).encoder
-    encoder.load_state_dict(state)
-    result = summarise(_probe_sets[workdir].probe(encoder), scenario.evaluation.bootstrap, scenario.seed)
+    splits = probe_splits(scenario, run_dir)
+    result = summarise(splits.probe(global_encoder(scenario, state)), scenario.evaluation.bootstrap, scenario.seed)
     return result["macro_auroc"], result["ci95"], time.perf_counter() - start
+
+
+def collapse_monitor(scenario: Scenario, run_dir: Path, state: dict) -> dict[str, float]:
+    """`embedding_rank` and `embedding_std` of the encoder `state` on the first windows of the
+    first probe-train split: the same fixed windows every round (fedssl/monitor.py)."""
+    train, _ = probe_splits(scenario, run_dir).first()
+    return embedding_health(global_encoder(scenario, state), train)

@@ -125,7 +125,10 @@ def train_site(scenario: Scenario, site: SiteConfig, msg: Message, context: Cont
                          seed=round_seed(scenario.seed, server_round, site.name),
                          proximal=(proximal_mu, received) if proximal_mu > 0 else None,
                          privacy=privacy if privacy.enabled else None, ledger=ledger,
-                         planned_steps=fed.rounds * scenario.train.local_steps, round=server_round)
+                         # the whole federation's steps: the LR schedule (and DP's calibration) spans
+                         # them, this round's steps continue it where round server_round - 1 ended
+                         planned_steps=fed.rounds * scenario.train.local_steps,
+                         first_step=(server_round - 1) * scenario.train.local_steps, round=server_round)
     # every site sends the same metric names (Flower's aggregation requires it): a site without
     # DP reports dp-sgd 0 and epsilon = delta = 0.0, which the server does not read as a guarantee
     extra = {**extra, **privacy_metrics(ledger)}
@@ -148,13 +151,13 @@ def train_site(scenario: Scenario, site: SiteConfig, msg: Message, context: Cont
 
 def evaluate_site(scenario: Scenario, site: SiteConfig, msg: Message, context: Context) -> dict:
     """Linear-probe macro AUROC of the received encoder on the site's labelled windows, split by
-    record (and patient) as the central probe is. A site whose labels cannot be probed (no class
+    patient (by record where no patient id is known) as the central probe is. A site whose labels cannot be probed (no class
     with positives and negatives on both sides) replies with `num-examples` 0, which the server
     leaves out of the mean, instead of failing the round."""
     encoder = build_objective(scenario).encoder
     encoder.load_state_dict(encoder_state(msg.content["arrays"].to_torch_state_dict()))
     evaluation = scenario.evaluation
-    train, test = site_windows(scenario, site, context).split_by_record(evaluation.test_fraction, scenario.seed)
+    train, test = site_windows(scenario, site, context).split_by_patient(evaluation.test_fraction, scenario.seed)
     try:
         auroc, windows = linear_probe(encoder, train, test, evaluation.probe_l2).macro_auroc, len(test)
     except ValueError as err:  # no usable class at this site

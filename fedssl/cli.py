@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -161,6 +162,12 @@ def _embed(args: argparse.Namespace) -> None:
               "their ids and reasons are in skipped_records / skipped_reasons")
 
 
+def _dashboard(args: argparse.Namespace) -> None:
+    from dashboard.app import serve  # the web server is operations, not the science core: imported on use
+
+    serve(Path(args.run_dir), host=args.host, port=args.port, token=args.token)
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="fedssl", description=__doc__)
     top.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -251,6 +258,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="embeddings.npz", help="output .npz file (default embeddings.npz)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_embed)
+
+    p = sub.add_parser("dashboard", help="follow a run folder live in the browser (read-only)",
+                       description="Serve a live web page of RUN_DIR: run state, rounds, per-site participation "
+                                   "and privacy spent, loss terms, probe AUROC, round wall time. It only reads "
+                                   "the run folder; another address than loopback needs --token.")
+    p.add_argument("run_dir", help="run folder (of `fedssl simulate`, or the ServerApp's run-dir)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8050, help="port (default 8050; 0: any free port)")
+    p.add_argument("--token", default=os.environ.get("FEDSSL_DASHBOARD_TOKEN"),
+                   help="secret every request must carry (required off loopback; default $FEDSSL_DASHBOARD_TOKEN)")
+    p.set_defaults(run=_dashboard)
     deploy.register(sub)  # fedssl certs, fedssl node-key
     return top
 

@@ -110,10 +110,15 @@ class DataConfig:
 class ModelConfig:
     """Encoder architecture. `patch_size` is in samples at `DataConfig.sample_rate`."""
 
-    encoder: str = "st_mem"  # st_mem (transformer, patch tokens) or resnet1d (no tokens: no masking)
+    # st_mem (transformer over per-lead patches), resnet1d (no tokens: no masked modelling) or
+    # conv_transformer (strided conv stem, 50 time tokens per 10 s, then a transformer)
+    encoder: str = "st_mem"
     size: str = "tiny"  # tiny / small / base
     patch_size: int = 50  # st_mem only
     dropout: float = 0.0
+    # conv_transformer: attention reads only earlier time tokens, downstream too; CPC needs it
+    # (its context must not see the future it predicts), every other objective works either way
+    causal: bool = False
 
     def __post_init__(self) -> None:
         positive(self, "patch_size")
@@ -125,18 +130,23 @@ class ObjectiveConfig:
     """Self-supervised objective; hybrid with either weight at zero is the pure form.
 
     Names: generative (ST-MEM), contrastive or simclr (SimCLR), cmsc (CLOCS), byol, hybrid (CREMA),
-    hybrid_byol (CREMA with BYOL's agreement instead of NT-Xent: per-sample, DP-safe).
+    hybrid_byol (CREMA with BYOL's agreement instead of NT-Xent: per-sample, DP-safe), cpc
+    (contrastive predictive coding, negatives from the same window: DP-safe), jepa (latent
+    prediction of masked spans from an EMA target: DP-safe).
     """
 
     name: str = "hybrid"
     mask_ratio: float = 0.75
     generative_weight: float = 1.0
     contrastive_weight: float = 0.5
-    temperature: float = 0.2  # SimCLR, CMSC and CREMA's contrastive term
+    temperature: float = 0.2  # SimCLR, CMSC, CREMA's contrastive term and CPC
     projection_dim: int = 64
-    decoder_width: int = 64
+    decoder_width: int = 64  # masked modelling's decoder and JEPA's predictor
     decoder_depth: int = 1
-    target_momentum: float = 0.99  # BYOL's EMA rate; 0.99 suits short runs (the paper: 0.996 -> 1)
+    # CPC: how many time tokens ahead the context predicts (12 as in Oord et al.'s audio CPC;
+    # 2.4 s on ConvTransformer's 0.2-s tokens, two to three beats)
+    prediction_steps: int = 12
+    target_momentum: float = 0.99  # BYOL's and JEPA's EMA rate; 0.99 suits short runs (the paper: 0.996 -> 1)
     # chance that each distortion after crop + time mask is applied to a view (fedssl/data/augment.py):
     # 1.0 applies all of them to every view; SimCLR (on a 1-D ResNet above all) needs 0.5, as in
     # SimCLR's own pipeline, or its two views share too little to agree
@@ -159,7 +169,11 @@ class TrainConfig:
     """The local training loop: the same for centralized, local-only and federated training."""
 
     batch_size: int = 32
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-3  # the peak, reached after the warm-up
+    # cosine: linear warm-up, then cosine decay to zero over the planned steps of the whole training
+    # (a federation's rounds x local_steps, carried across rounds; a baseline's own steps); constant: none
+    lr_schedule: str = "cosine"
+    warmup_fraction: float = 0.1  # of the planned steps, spent warming up linearly from lr / warmup steps
     weight_decay: float = 0.01
     local_steps: int = 20  # optimizer steps per round (or in total for one-shot training)
     grad_clip: float = 1.0
@@ -212,6 +226,10 @@ class SiteConfig:
     name: str
     folder: str | None = None
     synthetic: SyntheticSiteConfig | None = None
+    # the hospital's own labels and patient ids: a CSV `record,labels[,patient]`, labels separated
+    # by `;` (fedssl/data/records.py: read_labels_csv); they replace `# Dx:` / ptbxl_database.csv
+    # labels of the records it lists
+    labels_csv: str | None = None
     # this site's DP-SGD setting, replacing the scenario's `privacy` section for this site only
     # (null: the scenario's); see `Scenario.privacy_of`
     privacy: PrivacyConfig | None = None
@@ -290,11 +308,17 @@ class EvaluationConfig:
     synthetic: SyntheticSiteConfig | None = field(
         default_factory=lambda: SyntheticSiteConfig(records=240, sample_rate=500)
     )
+    labels_csv: str | None = None  # labels (and patients) of `folder`'s records, as SiteConfig.labels_csv
+    # the probe's test side: this fraction of the held-out patients (records without a patient id
+    # count as their own patient), redrawn for each of `seeds` splits (seed, seed + 1, ...)
     test_fraction: float = 0.5
+    seeds: int = 3
+    random_inits: int = 3  # random-init reference: the mean over this many initialisations
+    bootstrap: int = 1000  # replicates of the 95 % interval (resampling splits, then test patients)
     probe_l2: float = 1e-3
     every_round: bool = True
     local_baselines: bool = True
-    # each site also probes the global encoder on its own labelled windows (split by record, test_fraction)
+    # each site also probes the global encoder on its own labelled windows (split by patient, test_fraction)
     # after every round; the server logs the test-window-weighted mean AUROC (only scalars leave a site)
     federated: bool = False
 
@@ -357,6 +381,7 @@ class Scenario:
 
     def __post_init__(self) -> None:
         check_name(self.name, "name")  # the default run folder is runs/<name>-<time>
+        require(self.seed >= 0, "seed", "must be >= 0 (numpy's generators take no negative seed)", self.seed)
         names = [s.name for s in self.sites]
         if len(set(names)) != len(names):
             raise ConfigError(f"sites: site names must be unique, got {names}")
@@ -429,18 +454,21 @@ def to_dict(config: Any) -> Any:
 
 
 def load_scenario(path: str | Path) -> Scenario:
-    """Read a scenario YAML file; relative site folders are resolved against the file."""
+    """Read a scenario YAML file; relative folders and labels CSVs are resolved against the file."""
     path = Path(path)
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
         raise ConfigError(f"cannot read scenario {path}: {err}") from None
     scenario = from_dict(Scenario, values)
-    sites = tuple(
-        dataclasses.replace(s, folder=str((path.parent / s.folder).resolve())) if s.folder else s
-        for s in scenario.sites
-    )
-    return dataclasses.replace(scenario, sites=sites)
+    def resolved(relative: str | None) -> str | None:
+        return None if relative is None else str((path.parent / relative).resolve())
+
+    sites = tuple(dataclasses.replace(s, folder=resolved(s.folder), labels_csv=resolved(s.labels_csv))
+                  for s in scenario.sites)
+    evaluation = dataclasses.replace(scenario.evaluation, folder=resolved(scenario.evaluation.folder),
+                                     labels_csv=resolved(scenario.evaluation.labels_csv))
+    return dataclasses.replace(scenario, sites=sites, evaluation=evaluation)
 
 
 def save_scenario(scenario: Scenario, path: str | Path) -> None:

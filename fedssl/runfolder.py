@@ -14,6 +14,7 @@ is the second line of defence for paths that do not come from a scenario (a node
 
 from __future__ import annotations
 
+import os
 from datetime import datetime
 from pathlib import Path
 
@@ -23,6 +24,9 @@ from fedssl.config import ConfigError, check_name
 # the files a new run would mix with its own, moved aside by `RunFolder.archive_results`
 RESULTS = ("metrics.jsonl", "checkpoints", "encoder.pt", "global.pt", "summary.json", "report.md", "sites")
 INPUTS = ("data",)  # what may already be in a new run's folder: data caches are reused
+# the simulation runner's record of the run (running / finished / failed with its error line), which
+# each run rewrites when it starts: not a result to move aside (simulations/run.py, `recorded_outcome`)
+RUN_STATE = "run_state.json"
 
 
 class UnsafePathError(ConfigError):
@@ -30,10 +34,14 @@ class UnsafePathError(ConfigError):
 
 
 def inside(base: str | Path, *parts: str) -> Path:
-    """`base / parts...` resolved, refused unless it lies inside `base` (and is not `base` itself
-    when parts are given: a site folder that is the whole data folder is as wrong as `../x`)."""
+    """`base / parts...`, refused unless it lies inside `base` (and is not `base` itself when parts
+    are given: a site folder that is the whole data folder is as wrong as `../x`).
+
+    The parts are normalised as written (`..` and absolute parts are caught), not through symlinks:
+    a link the user placed inside the folder (e.g. `data` -> a shared cache) is theirs to follow.
+    """
     root = Path(base).resolve()
-    path = root.joinpath(*parts).resolve()
+    path = Path(os.path.normpath(root.joinpath(*parts)))
     if (path == root and parts) or not path.is_relative_to(root):
         raise UnsafePathError(f"{'/'.join(parts)!r} would be {path}, outside {root}: refused")
     return path
@@ -96,7 +104,7 @@ class RunFolder:
 
     def foreign_entries(self) -> list[Path]:
         """Entries that are neither inputs of a run nor what a run writes: not ours to overwrite."""
-        ours = set(RESULTS) | set(INPUTS) | {"scenario.yaml", "logs", "flower", "earlier"}
+        ours = set(RESULTS) | set(INPUTS) | {"scenario.yaml", "logs", "flower", "earlier", RUN_STATE}
         return sorted(p for p in self.root.iterdir() if p.name not in ours and not p.name.startswith("report_"))
 
     def archive_results(self) -> Path | None:

@@ -26,18 +26,21 @@ output) and `flower/` (the FLWR_HOME of the run).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import queue
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
 import uuid
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -46,7 +49,7 @@ from typing import Callable
 from fedssl.config import ConfigError
 from fedssl.deploy import FAST_POLLING_ENV
 from fedssl.report import epsilon_by_site, read_metrics, write_report
-from fedssl.runfolder import RunFolder
+from fedssl.runfolder import RUN_STATE, RunFolder
 from simulations.processes import TOKEN_VARIABLE, free_port, marked_processes, pid_alive, stop_pids  # noqa: F401
 from simulations.processes import terminate as _terminate
 
@@ -73,6 +76,54 @@ class RunResult:
     flower_pids: list[int] = field(default_factory=list)  # every Flower process of the run
 
 
+# -- the run's state for `fedssl dashboard` ------------------------------------------------------
+
+_run_state: ContextVar[tuple[Path, dict] | None] = ContextVar("run_state", default=None)
+
+
+def recorded_outcome(run: Callable[..., RunResult]) -> Callable[..., RunResult]:
+    """`run` (run_scenario) recording its outcome in the run folder's RUN_STATE for `fedssl dashboard`:
+    finished, or failed with the error's first line. The run folder alone cannot tell a failed run
+    from a slow one: a failure leaves no other trace there. The folder is known only once the
+    scenario is read and checked, so `run` names it by calling `record_start`."""
+
+    @functools.wraps(run)
+    def recorded(*args, **kwargs) -> RunResult:
+        token = _run_state.set(None)
+        outcome = {"state": "failed", "error": "interrupted (Ctrl-C or SIGTERM)"}
+        try:
+            result = run(*args, **kwargs)
+            outcome = {"state": "finished"}
+            return result
+        except Exception as err:
+            outcome["error"] = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+            raise
+        finally:
+            started = _run_state.get()
+            _run_state.reset(token)
+            if started is not None:  # a run refused before it had a folder leaves none
+                path, record = started
+                write_json(path, {**record, **outcome, "ended": time.time()})
+
+    return recorded
+
+
+def record_start(run_dir: Path) -> None:
+    """Record the run in `run_dir` as running, with this process's id and host (a runner killed
+    without a chance to record its outcome can then be told apart from one still running)."""
+    record = {"state": "running", "started": time.time(), "pid": os.getpid(), "host": socket.gethostname()}
+    write_json(run_dir / RUN_STATE, record)
+    _run_state.set((run_dir / RUN_STATE, record))
+
+
+def write_json(path: Path, value: dict) -> None:
+    """Write `value` whole or not at all (a reader polling the file never sees half of it)."""
+    from fedssl.storage import atomic_write
+
+    atomic_write(path, lambda f: f.write(json.dumps(value).encode() + b"\n"))
+
+
+@recorded_outcome
 def run_scenario(path: str | Path, out_dir: str | Path | None = None, *, verbose: bool = False,
                  timeout: float | None = None, resume: bool = False, overwrite: bool = False,
                  echo: Echo = print) -> RunResult:
@@ -99,6 +150,7 @@ def run_scenario(path: str | Path, out_dir: str | Path | None = None, *, verbose
     scenario_path = run.scenario
     save_scenario(scenario, scenario_path)
     echo(f"run folder: {run_dir}")
+    record_start(run_dir)
 
     data_dir = run.data
     materialise_data(scenario, data_dir, echo)
@@ -133,14 +185,20 @@ def run_scenario(path: str | Path, out_dir: str | Path | None = None, *, verbose
         "baseline_seconds": round(time.perf_counter() - federation_done, 1),
         "final_loss": rounds[-1].get("loss"),
         "probe_macro_auroc_by_round": [r.get("probe_macro_auroc") for r in rounds],
+        "probe_macro_auroc_ci95_by_round": [r.get("probe_macro_auroc_ci95") for r in rounds],
         # DP sites' epsilon spent after each round (null: the site sent no update that round)
         "epsilon_by_site": epsilon_by_site(rounds),
         # site-level (federation.central_dp) epsilon after each round, all rounds composed
         **({"central_epsilon_by_round": [r.get("central_epsilon") for r in rounds]}
            if any("central_epsilon" in r for r in rounds) else {}),
         "declined_by_round": [[d.get("site") or d.get("node_id") for d in r.get("declined", [])] for r in rounds],
-        "encoders": {name: {"macro_auroc": result_auroc(result), **_extra(result)}
-                     for name, result in encoders.items()},
+        # per encoder: macro_auroc (mean over the probe's patient-level splits and, for random_init,
+        # over its initialisations), ci95 [low, high] (bootstrap over splits, then test patients),
+        # runs (each probe's macro AUROC), per_class, and federated_minus (paired difference)
+        "encoders": encoders,
+        "evaluation": {"splits": scenario.evaluation.seeds, "test_fraction": scenario.evaluation.test_fraction,
+                       "random_inits": scenario.evaluation.random_inits,
+                       "bootstrap_replicates": scenario.evaluation.bootstrap},
         "flower_run_id": run_id,
     }
     run.summary.write_text(json.dumps(summary, indent=2) + "\n")
@@ -193,7 +251,7 @@ def materialise_data(scenario, data_dir: Path, echo: Echo) -> None:
     """Load every site once (and the probe data) so that failures happen before Flower starts."""
     from fedssl.check import MIN_SITE_WINDOWS
     from fedssl.data.site import load_site
-    from fedssl.evaluate import probe_classes, probe_data
+    from fedssl.evaluate import probe_data, usable_classes
 
     for site in scenario.sites:
         echo(f"site {site.name}: preparing data ...")
@@ -204,7 +262,7 @@ def materialise_data(scenario, data_dir: Path, echo: Echo) -> None:
         echo(f"site {site.name}: {len(windows.records)} records, {len(windows)} windows")
     train, test = probe_data(scenario, data_dir)
     try:
-        probe_classes(train, test)
+        usable_classes(train, test)
     except ValueError as err:
         raise ConfigError(f"evaluation: the held-out set cannot be probed ({len(train)} train / {len(test)} test "
                           f"windows): {err}; give more records or another evaluation.test_fraction") from None
@@ -470,21 +528,18 @@ def _usable_cpus() -> int:
 
 # -- results ------------------------------------------------------------------------------------
 
-def result_auroc(result) -> float | None:
-    if isinstance(result, dict):
-        return result.get("macro_auroc")
-    return getattr(result, "macro_auroc", result)
-
-
-def _extra(result) -> dict:
-    return {k: v for k, v in result.items() if k != "macro_auroc"} if isinstance(result, dict) else {}
-
-
 def summary_table(summary: dict) -> str:
-    rows = [(name, e["macro_auroc"]) for name, e in summary["encoders"].items()]
-    width = max([len("encoder")] + [len(name) for name, _ in rows])
-    lines = [f"{'encoder':<{width}}  macro AUROC", f"{'-' * width}  -----------"]
-    lines += [f"{name:<{width}}  {'-' if v is None else f'{v:.3f}':>11}" for name, v in rows]
+    """Macro AUROC with its 95 % interval per encoder, and federated minus each other encoder."""
+    def interval(value, ci95) -> str:
+        return "-" if value is None else f"{value:.3f} [{ci95[0]:.3f}, {ci95[1]:.3f}]" if ci95 else f"{value:.3f}"
+
+    rows = [(name, interval(e["macro_auroc"], e.get("ci95")),
+             interval(e["federated_minus"]["mean"], e["federated_minus"]["ci95"]) if "federated_minus" in e else "")
+            for name, e in summary["encoders"].items()]
+    width = max([len("encoder")] + [len(name) for name, _, _ in rows])
+    lines = [f"{'encoder':<{width}}  {'macro AUROC [95 % CI]':<22}  federated minus this",
+             f"{'-' * width}  {'-' * 22}  {'-' * 22}"]
+    lines += [f"{name:<{width}}  {value:<22}  {minus}".rstrip() for name, value, minus in rows]
     lines.append(f"{summary['rounds']} rounds, {len(summary['sites'])} sites, "
                  f"{summary['wall_seconds']:.0f}s; summary: {Path(summary['run_dir']) / 'summary.json'}")
     return "\n".join(lines)

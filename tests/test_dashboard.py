@@ -354,7 +354,11 @@ def dashboard_url(tmp_path):
     url = re.search(r"http://127\.0\.0\.1:\d+/", "".join(lines)).group(0)
     yield url, run
     process.terminate()
-    process.wait(timeout=10)
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def test_the_page_follows_a_run_round_by_round(browser, dashboard_url, tmp_path):

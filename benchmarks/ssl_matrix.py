@@ -153,7 +153,7 @@ class CincProbe:
         pooled = WindowSet.concat([load_site(site, scenario.data, data_dir, scenario.seed) for site in scenario.sites])
         self.data, self.classes = restrict_to_frequent_labels(pooled, CINC_MIN_POSITIVE_RECORDS)
         self.l2 = scenario.evaluation.probe_l2
-        self.splits = [self.data.split_by_record(0.5, seed) for seed in range(CINC_PROBE_SPLITS)]
+        self.splits = [self.data.split_by_patient(0.5, seed) for seed in range(CINC_PROBE_SPLITS)]
         self.description = (f"linear probe on the pooled {len(self.data.records)} records, SNOMED codes with >= "
                             f"{CINC_MIN_POSITIVE_RECORDS} positive records ({', '.join(self.classes)}), "
                             f"mean ± std over {CINC_PROBE_SPLITS} random 50/50 splits by record")

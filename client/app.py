@@ -148,13 +148,13 @@ def train_site(scenario: Scenario, site: SiteConfig, msg: Message, context: Cont
 
 def evaluate_site(scenario: Scenario, site: SiteConfig, msg: Message, context: Context) -> dict:
     """Linear-probe macro AUROC of the received encoder on the site's labelled windows, split by
-    record (and patient) as the central probe is. A site whose labels cannot be probed (no class
+    patient (by record where no patient id is known) as the central probe is. A site whose labels cannot be probed (no class
     with positives and negatives on both sides) replies with `num-examples` 0, which the server
     leaves out of the mean, instead of failing the round."""
     encoder = build_objective(scenario).encoder
     encoder.load_state_dict(encoder_state(msg.content["arrays"].to_torch_state_dict()))
     evaluation = scenario.evaluation
-    train, test = site_windows(scenario, site, context).split_by_record(evaluation.test_fraction, scenario.seed)
+    train, test = site_windows(scenario, site, context).split_by_patient(evaluation.test_fraction, scenario.seed)
     try:
         auroc, windows = linear_probe(encoder, train, test, evaluation.probe_l2).macro_auroc, len(test)
     except ValueError as err:  # no usable class at this site

@@ -9,6 +9,7 @@ size as all sites together took (sites x rounds x local steps): the same number 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -20,7 +21,7 @@ import torch
 from fedssl.config import Scenario
 from fedssl.data.site import load_site
 from fedssl.data.windows import WindowSet
-from fedssl.evaluate import linear_probe, probe_data
+from fedssl.evaluate import ProbeResult, ProbeSplits, difference, summarise
 from fedssl.objectives import build_objective
 from fedssl.train import TrainResult, train_local
 
@@ -70,16 +71,40 @@ def local_only_states(scenario: Scenario, workdir: Path) -> dict[str, dict[str, 
     return {site.name: states[site.name] for site in scenario.sites}
 
 
-def compare(scenario: Scenario, workdir: Path, federated_encoder_state: dict[str, torch.Tensor]) -> dict[str, dict]:
-    """Linear-probe results by encoder name: random_init, federated, local_only/<site>."""
-    train, test = probe_data(scenario, workdir)
-    states = {"random_init": build_objective(scenario).encoder.state_dict(), "federated": federated_encoder_state}
-    if scenario.evaluation.local_baselines:
-        states |= {f"local_only/{name}": state for name, state in local_only_states(scenario, workdir).items()}
-    results = {}
-    for name, state in states.items():
-        encoder = build_objective(scenario).encoder
+def random_init_states(scenario: Scenario) -> list[dict[str, torch.Tensor]]:
+    """`evaluation.random_inits` untrained encoders: the first is the federation's starting point
+    (seeded by `scenario.seed`), the others seeded by seed + 1, seed + 2, ... One initialisation
+    alone swings a small probe by several hundredths, so the reference is their mean."""
+    return [build_objective(dataclasses.replace(scenario, seed=scenario.seed + i)).encoder.state_dict()
+            for i in range(scenario.evaluation.random_inits)]
+
+
+def probe_states(scenario: Scenario, probe: ProbeSplits, states: list[dict[str, torch.Tensor]]) -> list[ProbeResult]:
+    """Every encoder state probed on every split of `probe`."""
+    encoder = build_objective(scenario).encoder
+    results = []
+    for state in states:
         encoder.load_state_dict(state)
-        probe = linear_probe(encoder, train, test, scenario.evaluation.probe_l2)
-        results[name] = {"macro_auroc": probe.macro_auroc, "per_class": probe.per_class}
+        results += probe.probe(encoder)
     return results
+
+
+def compare(scenario: Scenario, workdir: Path, federated_encoder_state: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """Linear-probe results by encoder name: random_init, federated, local_only/<site>.
+
+    Each entry (`fedssl.evaluate.summarise`): `macro_auroc` (mean over the probe's splits, and for
+    random_init over its initialisations too), `ci95`, `runs` and the mean `per_class`; entries
+    other than federated also have `federated_minus`: federated minus this encoder with its paired
+    interval.
+    """
+    probe = ProbeSplits.of(scenario, workdir)
+    states = {"random_init": random_init_states(scenario), "federated": [federated_encoder_state]}
+    if scenario.evaluation.local_baselines:
+        states |= {f"local_only/{name}": [state] for name, state in local_only_states(scenario, workdir).items()}
+    replicates = scenario.evaluation.bootstrap
+    results = {name: probe_states(scenario, probe, group) for name, group in states.items()}
+    summaries = {name: summarise(runs, replicates, scenario.seed) for name, runs in results.items()}
+    for name, runs in results.items():
+        if name != "federated":
+            summaries[name]["federated_minus"] = difference(results["federated"], runs, replicates, scenario.seed)
+    return summaries

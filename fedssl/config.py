@@ -199,6 +199,10 @@ class SiteConfig:
     name: str
     folder: str | None = None
     synthetic: SyntheticSiteConfig | None = None
+    # the hospital's own labels and patient ids: a CSV `record,labels[,patient]`, labels separated
+    # by `;` (fedssl/data/records.py: read_labels_csv); they replace `# Dx:` / ptbxl_database.csv
+    # labels of the records it lists
+    labels_csv: str | None = None
     # this site's DP-SGD setting, replacing the scenario's `privacy` section for this site only
     # (null: the scenario's); see `Scenario.privacy_of`
     privacy: PrivacyConfig | None = None
@@ -277,11 +281,17 @@ class EvaluationConfig:
     synthetic: SyntheticSiteConfig | None = field(
         default_factory=lambda: SyntheticSiteConfig(records=240, sample_rate=500)
     )
+    labels_csv: str | None = None  # labels (and patients) of `folder`'s records, as SiteConfig.labels_csv
+    # the probe's test side: this fraction of the held-out patients (records without a patient id
+    # count as their own patient), redrawn for each of `seeds` splits (seed, seed + 1, ...)
     test_fraction: float = 0.5
+    seeds: int = 3
+    random_inits: int = 3  # random-init reference: the mean over this many initialisations
+    bootstrap: int = 1000  # replicates of the 95 % interval (resampling splits, then test patients)
     probe_l2: float = 1e-3
     every_round: bool = True
     local_baselines: bool = True
-    # each site also probes the global encoder on its own labelled windows (split by record, test_fraction)
+    # each site also probes the global encoder on its own labelled windows (split by patient, test_fraction)
     # after every round; the server logs the test-window-weighted mean AUROC (only scalars leave a site)
     federated: bool = False
 
@@ -416,18 +426,21 @@ def to_dict(config: Any) -> Any:
 
 
 def load_scenario(path: str | Path) -> Scenario:
-    """Read a scenario YAML file; relative site folders are resolved against the file."""
+    """Read a scenario YAML file; relative folders and labels CSVs are resolved against the file."""
     path = Path(path)
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
         raise ConfigError(f"cannot read scenario {path}: {err}") from None
     scenario = from_dict(Scenario, values)
-    sites = tuple(
-        dataclasses.replace(s, folder=str((path.parent / s.folder).resolve())) if s.folder else s
-        for s in scenario.sites
-    )
-    return dataclasses.replace(scenario, sites=sites)
+    def resolved(relative: str | None) -> str | None:
+        return None if relative is None else str((path.parent / relative).resolve())
+
+    sites = tuple(dataclasses.replace(s, folder=resolved(s.folder), labels_csv=resolved(s.labels_csv))
+                  for s in scenario.sites)
+    evaluation = dataclasses.replace(scenario.evaluation, folder=resolved(scenario.evaluation.folder),
+                                     labels_csv=resolved(scenario.evaluation.labels_csv))
+    return dataclasses.replace(scenario, sites=sites, evaluation=evaluation)
 
 
 def save_scenario(scenario: Scenario, path: str | Path) -> None:

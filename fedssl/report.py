@@ -20,7 +20,7 @@ REPORT = "report.md"
 # metrics.jsonl keys that are bookkeeping, not loss terms (the rest of a line are the loss terms,
 # the sites' weighted means)
 NOT_LOSS_TERMS = frozenset({
-    "round", "probe_macro_auroc", "site_probe_macro_auroc", "federated_macro_auroc", "seconds", "probe_seconds",
+    "round", "probe_macro_auroc", "probe_macro_auroc_ci95", "site_probe_macro_auroc", "federated_macro_auroc", "seconds", "probe_seconds",
     "sites", "site_windows", "examples", "rejected", "epsilon", "delta", "declined", "errors",
     "examples-seen", "fedema-mu", "central_epsilon", "central_delta", "embedding_rank", "embedding_std",
 })
@@ -140,7 +140,8 @@ def render(run: Run, plots: dict[str, str]) -> str:
         f"| encoder | {s.model.encoder} {s.model.size} |",
         f"| privacy | {privacy_text(s)} |",
         f"| final loss | {_number(last.get('loss'), '.4f')} |",
-        f"| final probe macro AUROC | {_number(probes[-1] if probes else None, '.3f')} |",
+        (f"| final probe macro AUROC | {_number(probes[-1] if probes else None, '.3f')}"
+         f"{' ' + interval_text(last['probe_macro_auroc_ci95']) if last.get('probe_macro_auroc_ci95') else ''} |"),
         f"| wall time of the rounds | {sum(r.get('seconds', 0) + r.get('probe_seconds', 0) for r in run.rounds):.1f} s |",
         "",
         "## Loss terms per round",
@@ -170,16 +171,38 @@ def render(run: Run, plots: dict[str, str]) -> str:
     lines += ["", "## Round wall time", "", f"![round wall time]({plots['seconds']})", "",
               "## Participation", "", participation_table(run)]
     if run.summary and run.summary.get("encoders"):
-        lines += ["", "## Comparison with baselines", "",
-                  "Linear-probe macro AUROC of each encoder on the held-out labelled set (`summary.json`).", "",
-                  "| encoder | macro AUROC |", "|---|---|"]
-        lines += [f"| {name} | {_number(e.get('macro_auroc'), '.3f')} |" for name, e in run.summary["encoders"].items()]
+        lines += ["", "## Comparison with baselines", "", comparison_text(run.summary), "",
+                  "| encoder | macro AUROC | 95 % interval | probes | federated minus this (95 % interval) |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {name} | {_number(e.get('macro_auroc'), '.3f')} | {interval_text(e.get('ci95'))} | "
+                  f"{len(e.get('runs', [])) or '-'} | {difference_text(e.get('federated_minus'))} |"
+                  for name, e in run.summary["encoders"].items()]
     problems = [(r["round"], kind, e) for r in run.rounds for kind in ("rejected", "errors") for e in r.get(kind, [])]
     if problems:
         lines += ["", "## Rejected updates and errors", "", "| round | site | what | reason |", "|---|---|---|---|"]
         lines += [f"| {rnd} | {e.get('site') or e.get('node_id')} | {kind} | {e.get('reason', '')} |"
                   for rnd, kind, e in problems]
     return "\n".join(lines) + "\n"
+
+
+def comparison_text(summary: dict) -> str:
+    """How the baseline table was measured, from the summary's `evaluation` section."""
+    ev = summary.get("evaluation", {})
+    if not ev:
+        return "Linear-probe macro AUROC of each encoder on the held-out labelled set (`summary.json`)."
+    return (f"Linear-probe macro AUROC of each encoder on the held-out labelled set (`summary.json`): the mean "
+            f"over {ev['splits']} patient-level split(s) (test: {ev['test_fraction']:g} of the patients), for "
+            f"random init also over {ev['random_inits']} initialisations; 95 % intervals from "
+            f"{ev['bootstrap_replicates']} bootstrap replicates (splits, then test patients). A difference whose "
+            f"interval contains 0 is no difference.")
+
+
+def interval_text(ci95) -> str:
+    return "-" if not ci95 else f"[{ci95[0]:.3f}, {ci95[1]:.3f}]"
+
+
+def difference_text(diff: dict | None) -> str:
+    return "" if not diff else f"{diff['mean']:+.3f} {interval_text(diff['ci95'])}"
 
 
 def privacy_text(s: Scenario) -> str:
@@ -263,14 +286,24 @@ def _loss_figure(run: Run):
 def _auroc_figure(run: Run):
     rounds = [r["round"] for r in run.rounds]
     figure, (ax,) = _figure()
-    ax.plot(rounds, [r.get("probe_macro_auroc") for r in run.rounds], marker="o", label="global encoder")
+    ax.plot(rounds, [r.get("probe_macro_auroc") for r in run.rounds], marker="o", color="C0", label="global encoder")
+    band = [(r["round"], *r["probe_macro_auroc_ci95"]) for r in run.rounds if r.get("probe_macro_auroc_ci95")]
+    if band:
+        x, low, high = zip(*band)
+        ax.fill_between(x, low, high, color="C0", alpha=0.2, label="global encoder, 95 % interval")
     if any(r.get("federated_macro_auroc") is not None for r in run.rounds):
-        ax.plot(rounds, [r.get("federated_macro_auroc") for r in run.rounds], marker="s",
+        ax.plot(rounds, [r.get("federated_macro_auroc") for r in run.rounds], marker="s", color="C1",
                 label="federated evaluation (sites' mean)")
     baselines = (run.summary or {}).get("encoders", {})
+    # random init is the reference every other line is read against: solid and black
+    styles = {"random_init": {"color": "k", "linestyle": "-", "linewidth": 1.2}}
     for i, (name, result) in enumerate((n, e) for n, e in baselines.items() if n != "federated"):
-        if result.get("macro_auroc") is not None:
-            ax.axhline(result["macro_auroc"], linestyle=":", color=f"C{i + 2}", label=f"{name} (end of run)")
+        if result.get("macro_auroc") is None:
+            continue
+        style = styles.get(name, {"color": f"C{i + 2}", "linestyle": ":"})
+        ax.axhline(result["macro_auroc"], **style, label=f"{name} (end of run)")
+        if result.get("ci95"):
+            ax.axhspan(*result["ci95"], color=style["color"], alpha=0.08)
     ax.set_ylabel("macro AUROC")
     ax.set_title("linear-probe macro AUROC of the global encoder")
     ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))

@@ -29,7 +29,7 @@ from flwr.serverapp.strategy import (FedAdam, FedAvg, FedAvgM, FedMedian,
 
 from fedssl.check import check_scenario
 from fedssl.config import ConfigError, FederationConfig, Scenario, load_scenario
-from fedssl.evaluate import linear_probe, probe_data
+from fedssl.evaluate import ProbeSplits, summarise
 from fedssl.federated import LOCAL_UPDATES, SHARE_MODES, TRANSFER_DTYPES, encoder_state, shared_state
 from fedssl.objectives import build_objective
 from fedssl.report import save_run_config, write_report
@@ -92,11 +92,11 @@ def main(grid: Grid, context: Context) -> None:
             tracker.start_round(done + 1)
             return None
         tracker.require_update(server_round)
-        auroc, seconds = None, 0.0
+        auroc, ci95, seconds = None, None, 0.0
         if scenario.evaluation.every_round or server_round == fed.rounds:
-            auroc, seconds = probe(scenario, run_dir, encoder_state(tracker.state_dict(arrays)))
+            auroc, ci95, seconds = probe(scenario, run_dir, encoder_state(tracker.state_dict(arrays)))
         sampled = max(int(len(list(grid.get_node_ids())) * fed.fraction_train), fed.min_sites)
-        tracker.finish_round(server_round, arrays, auroc, seconds, expected=sampled)
+        tracker.finish_round(server_round, arrays, auroc, seconds, expected=sampled, probe_ci95=ci95)
         ServerCheckpoint(server_round, fed.strategy, {k: a.numpy() for k, a in arrays.items()},
                          optimizer_state(strategy), random.getstate(), dict(tracker.epsilon)).save(run_dir)
         return None if auroc is None else MetricRecord({"probe-macro-auroc": auroc})
@@ -193,14 +193,14 @@ def strategy_options(fed: FederationConfig) -> dict:
 _probe_sets: dict = {}
 
 
-def probe(scenario: Scenario, run_dir: Path, state: dict) -> tuple[float, float]:
-    """Macro AUROC of the linear probe of the encoder `state`, and the seconds it took."""
+def probe(scenario: Scenario, run_dir: Path, state: dict) -> tuple[float, list[float], float]:
+    """Linear-probe macro AUROC of the encoder `state` (mean over the held-out set's patient-level
+    splits), its 95 % bootstrap interval and the seconds it took."""
     start = time.perf_counter()
     workdir = run_dir / "data"
     if workdir not in _probe_sets:
-        _probe_sets[workdir] = probe_data(scenario, workdir)
-    train, test = _probe_sets[workdir]
+        _probe_sets[workdir] = ProbeSplits.of(scenario, workdir)
     encoder = build_objective(scenario).encoder
     encoder.load_state_dict(state)
-    result = linear_probe(encoder, train, test, scenario.evaluation.probe_l2)
-    return result.macro_auroc, time.perf_counter() - start
+    result = summarise(_probe_sets[workdir].probe(encoder), scenario.evaluation.bootstrap, scenario.seed)
+    return result["macro_auroc"], result["ci95"], time.perf_counter() - start

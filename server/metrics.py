@@ -156,7 +156,7 @@ class RoundTracker:
                                 "see the site errors above")
 
     def finish_round(self, server_round: int, arrays: ArrayRecord, probe_auroc: float | None,
-                     probe_seconds: float, expected: int) -> dict:
+                     probe_seconds: float, expected: int, probe_ci95: list[float] | None = None) -> dict:
         """Checkpoint the round's global encoder, append its metrics line and log progress.
 
         When more than the encoder is shared (`share: all`), `global.pt` holds the whole
@@ -175,6 +175,7 @@ class RoundTracker:
             "round": server_round,
             **train["losses"],
             "probe_macro_auroc": probe_auroc,
+            "probe_macro_auroc_ci95": probe_ci95,  # [low, high]: bootstrap over test patients (fedssl.evaluate)
             **self._site_probes.pop(server_round, {}),
             "seconds": round(train["seconds"], 3),  # round wall time: sending, site work, replies, aggregation
             "compute_seconds": train["compute_seconds"],  # {site: seconds in its training loop}
@@ -221,12 +222,14 @@ def site_index(msg: Message):
 
 
 def progress_line(record: dict, rounds: int) -> str:
-    """`round 2/5 | loss 0.4123 | probe AUROC 0.712 | 12.3s + 2.1s probe | 3 sites`."""
+    """`round 2/5 | loss 0.4123 | probe AUROC 0.712 [0.641, 0.779] | 12.3s + 2.1s probe | 3 sites`."""
     auroc = record.get("probe_macro_auroc")
     parts = [
         f"round {record['round']}/{rounds}",
         f"loss {record['loss']:.4f}" if isinstance(record.get("loss"), float) else "loss ?",
-        f"probe AUROC {auroc:.3f}" if auroc is not None and math.isfinite(auroc) else "probe AUROC -",
+        (f"probe AUROC {auroc:.3f}" + (" [{:.3f}, {:.3f}]".format(*record["probe_macro_auroc_ci95"])
+                                        if record.get("probe_macro_auroc_ci95") else "")
+         if auroc is not None and math.isfinite(auroc) else "probe AUROC -"),
         *([f"site probes {record['federated_macro_auroc']:.3f}"] if record.get("federated_macro_auroc") else []),
         f"{record['seconds']:.1f}s" + (f" + {record['probe_seconds']:.1f}s probe" if record["probe_seconds"] else ""),
         f"{record['sites']} site" + ("" if record["sites"] == 1 else "s"),

@@ -185,14 +185,20 @@ def run_scenario(path: str | Path, out_dir: str | Path | None = None, *, verbose
         "baseline_seconds": round(time.perf_counter() - federation_done, 1),
         "final_loss": rounds[-1].get("loss"),
         "probe_macro_auroc_by_round": [r.get("probe_macro_auroc") for r in rounds],
+        "probe_macro_auroc_ci95_by_round": [r.get("probe_macro_auroc_ci95") for r in rounds],
         # DP sites' epsilon spent after each round (null: the site sent no update that round)
         "epsilon_by_site": epsilon_by_site(rounds),
         # site-level (federation.central_dp) epsilon after each round, all rounds composed
         **({"central_epsilon_by_round": [r.get("central_epsilon") for r in rounds]}
            if any("central_epsilon" in r for r in rounds) else {}),
         "declined_by_round": [[d.get("site") or d.get("node_id") for d in r.get("declined", [])] for r in rounds],
-        "encoders": {name: {"macro_auroc": result_auroc(result), **_extra(result)}
-                     for name, result in encoders.items()},
+        # per encoder: macro_auroc (mean over the probe's patient-level splits and, for random_init,
+        # over its initialisations), ci95 [low, high] (bootstrap over splits, then test patients),
+        # runs (each probe's macro AUROC), per_class, and federated_minus (paired difference)
+        "encoders": encoders,
+        "evaluation": {"splits": scenario.evaluation.seeds, "test_fraction": scenario.evaluation.test_fraction,
+                       "random_inits": scenario.evaluation.random_inits,
+                       "bootstrap_replicates": scenario.evaluation.bootstrap},
         "flower_run_id": run_id,
     }
     run.summary.write_text(json.dumps(summary, indent=2) + "\n")
@@ -245,7 +251,7 @@ def materialise_data(scenario, data_dir: Path, echo: Echo) -> None:
     """Load every site once (and the probe data) so that failures happen before Flower starts."""
     from fedssl.check import MIN_SITE_WINDOWS
     from fedssl.data.site import load_site
-    from fedssl.evaluate import probe_classes, probe_data
+    from fedssl.evaluate import probe_data, usable_classes
 
     for site in scenario.sites:
         echo(f"site {site.name}: preparing data ...")
@@ -256,7 +262,7 @@ def materialise_data(scenario, data_dir: Path, echo: Echo) -> None:
         echo(f"site {site.name}: {len(windows.records)} records, {len(windows)} windows")
     train, test = probe_data(scenario, data_dir)
     try:
-        probe_classes(train, test)
+        usable_classes(train, test)
     except ValueError as err:
         raise ConfigError(f"evaluation: the held-out set cannot be probed ({len(train)} train / {len(test)} test "
                           f"windows): {err}; give more records or another evaluation.test_fraction") from None
@@ -522,21 +528,18 @@ def _usable_cpus() -> int:
 
 # -- results ------------------------------------------------------------------------------------
 
-def result_auroc(result) -> float | None:
-    if isinstance(result, dict):
-        return result.get("macro_auroc")
-    return getattr(result, "macro_auroc", result)
-
-
-def _extra(result) -> dict:
-    return {k: v for k, v in result.items() if k != "macro_auroc"} if isinstance(result, dict) else {}
-
-
 def summary_table(summary: dict) -> str:
-    rows = [(name, e["macro_auroc"]) for name, e in summary["encoders"].items()]
-    width = max([len("encoder")] + [len(name) for name, _ in rows])
-    lines = [f"{'encoder':<{width}}  macro AUROC", f"{'-' * width}  -----------"]
-    lines += [f"{name:<{width}}  {'-' if v is None else f'{v:.3f}':>11}" for name, v in rows]
+    """Macro AUROC with its 95 % interval per encoder, and federated minus each other encoder."""
+    def interval(value, ci95) -> str:
+        return "-" if value is None else f"{value:.3f} [{ci95[0]:.3f}, {ci95[1]:.3f}]" if ci95 else f"{value:.3f}"
+
+    rows = [(name, interval(e["macro_auroc"], e.get("ci95")),
+             interval(e["federated_minus"]["mean"], e["federated_minus"]["ci95"]) if "federated_minus" in e else "")
+            for name, e in summary["encoders"].items()]
+    width = max([len("encoder")] + [len(name) for name, _, _ in rows])
+    lines = [f"{'encoder':<{width}}  {'macro AUROC [95 % CI]':<22}  federated minus this",
+             f"{'-' * width}  {'-' * 22}  {'-' * 22}"]
+    lines += [f"{name:<{width}}  {value:<22}  {minus}".rstrip() for name, value, minus in rows]
     lines.append(f"{summary['rounds']} rounds, {len(summary['sites'])} sites, "
                  f"{summary['wall_seconds']:.0f}s; summary: {Path(summary['run_dir']) / 'summary.json'}")
     return "\n".join(lines)

@@ -72,6 +72,7 @@ def test_label_efficiency_reports_per_class_fractions_and_seed_spread():
         assert set(by_fraction) == {"0.05", "1.0"}
         low = by_fraction["0.05"]
         assert len(low["macro_auroc"]["runs"]) == 3 and low["macro_auroc"]["std"] > 0  # seeds draw other records
+        assert low["macro_auroc"]["ci95"][0] <= low["macro_auroc"]["mean"] <= low["macro_auroc"]["ci95"][1]
         assert set(low["per_class"]) == {"A", "B"} and all(v["runs"] == 3 for v in low["per_class"].values())
         assert low["labelled_records"] == [8, 8, 8]
 

@@ -68,3 +68,36 @@ def test_cinc2021_site(tmp_path):
     assert windows.windows.shape == (50, 12, 1000) and np.isfinite(windows.windows).all()
     assert len(windows.records) == 50 and all(r.labels for r in windows.records)
     assert "426783006" in windows.classes()  # sinus rhythm
+
+
+def test_ludb_labels_from_a_labels_csv_and_patient_level_probe_split(tmp_path):
+    """LUDB keeps its rhythm in free-text header comments; a hospital would hand over such labels
+    as a CSV. A symlinked 30-record slice keeps the test fast without copying data."""
+    import csv
+
+    from fedssl.evaluate import ProbeSplits
+
+    rows = list(csv.DictReader((DATA / "ludb" / "labels_from_headers.csv").open()))[:30]
+    folder = tmp_path / "ludb" / "data"
+    folder.mkdir(parents=True)
+    for row in rows:
+        for suffix in (".hea", ".dat"):
+            name = Path(row["record"]).name + suffix
+            (folder / name).symlink_to(DATA / "ludb" / "data" / name)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("record,labels\n" + "".join(f"{r['record']},{r['rhythm'].strip()}\n" for r in rows))
+    windows = build_site(tmp_path / "ludb", DataConfig(), tmp_path / "cache", labels)
+    assert len(windows.records) == 30 and windows.windows.shape[1:] == (12, 1000)
+    assert {r.record_id: r.labels for r in windows.records}["data/1"] == ("Sinus bradycardia",)
+    assert "Sinus rhythm" in windows.classes() and all(r.patient_id is None for r in windows.records)
+    probe = ProbeSplits.from_windows(windows, test_fraction=0.5, seeds=3, seed=0, l2=1e-3)
+    for train, test in probe.splits:  # one window per 10-s record: records, hence patients, never on both sides
+        assert not set(windows.record[train]) & set(windows.record[test]) and len(test) == 15
+
+
+def test_cinc2020_sources_keep_their_dx_labels(tmp_path):
+    windows = build_site(DATA / "cinc2020", DataConfig(), tmp_path / "cache")
+    sources = {r.record_id.rstrip("0123456789") for r in windows.records}
+    assert sources == {"A", "Q", "JS", "HR", "E"}
+    af = [r for r in windows.records if "164889003" in r.labels]  # atrial fibrillation
+    assert len(af) == 29 and len(windows.records) == 222

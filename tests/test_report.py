@@ -43,13 +43,16 @@ def run_dir(tmp_path):
         round_line(1),
         round_line(2, sites=2, site_windows={"a": 10, "b": 12}, examples=22,
                    rejected=[{"round": 2, "node_id": 7, "site": "c", "reason": "norm 9.1 > 5 x median"}]),
-        round_line(3, sites=2, site_windows={"b": 12, "c": 8}, examples=20, epsilon={},
+        round_line(3, sites=2, site_windows={"b": 12, "c": 8}, examples=20, epsilon={}, probe_macro_auroc_ci95=[0.7, 0.79],
                    declined=[{"node_id": 5, "site": "a", "code": 1001, "reason": "privacy budget exhausted"}]),
     ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
-    encoders = {"random_init": {"macro_auroc": 0.61}, "federated": {"macro_auroc": 0.75},
+    encoders = {"random_init": {"macro_auroc": 0.61, "ci95": [0.55, 0.67], "runs": [0.6, 0.62, 0.61],
+                                "federated_minus": {"mean": 0.14, "ci95": [0.05, 0.22]}},
+                "federated": {"macro_auroc": 0.75, "ci95": [0.7, 0.8], "runs": [0.75]},
                 "local_only/a": {"macro_auroc": 0.66}}
-    (tmp_path / "summary.json").write_text(json.dumps({"encoders": encoders}))
+    evaluation = {"splits": 1, "test_fraction": 0.5, "random_inits": 3, "bootstrap_replicates": 1000}
+    (tmp_path / "summary.json").write_text(json.dumps({"encoders": encoders, "evaluation": evaluation}))
     return tmp_path
 
 
@@ -61,11 +64,13 @@ def test_report_has_every_section_and_readable_plots(run_dir):
         image = imread(run_dir / plot)
         assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 300
         assert np.ptp(image[..., :3]) > 0.5  # something is drawn, not a blank canvas
-    assert "| final probe macro AUROC | 0.750 |" in text
+    assert "| final probe macro AUROC | 0.750 [0.700, 0.790] |" in text
     assert "| rounds | 3 of 2 planned;" in text  # the scenario's rounds, not the metrics', are the plan
     assert "| a | 2.000 | 1e-05 | patient | 4 |" in text  # epsilon spent by the last round a trained
     assert "DP-SGD at a (target epsilon 4 per patient); no DP at b, c" in text
-    assert "| local_only/a | 0.660 |" in text
+    assert "| local_only/a | 0.660 | - | - |" in text
+    assert "| random_init | 0.610 | [0.550, 0.670] | 3 | +0.140 [0.050, 0.220] |" in text
+    assert "over 3 initialisations" in text
     assert "| 2 | c | rejected | norm 9.1 > 5 x median |" in text
     assert write_report(run_dir).read_text() == text  # regenerating gives the same report
 

@@ -85,8 +85,11 @@ class RawRecord:
 
 def read_record(header: Path, record_id: str | None = None,
                 catalogue: Mapping[str, CatalogueEntry] | None = None) -> RawRecord:
-    """Read the record whose header is `header`; labels come from `catalogue` if it knows the
-    record, else from CinC `# Dx:` header comments."""
+    """Read the record whose header is `header`.
+
+    Labels come from `catalogue` if it knows the record (by `record_id`, the path in its site
+    folder, or by the header's name), else from CinC `# Dx:` header comments; the patient from
+    the catalogue, else from a `# Patient:` header comment, else it stays unknown."""
     record_line = _record_line(header)
     if "/" in record_line.split()[0]:
         raise RecordError("unsupported record: multi-segment (its segments are read as records)")
@@ -120,10 +123,11 @@ def read_record(header: Path, record_id: str | None = None,
             # WFDB's invalid-sample value sits at the ADC limit: NaN samples are not saturation
             saturated[lead] = _is_saturated(rec.d_signal[:, channel], np.isfinite(physical[:, channel]), rate,
                                             _adc_limits(rec, channel))
-    entry = (catalogue or {}).get(header.stem)
+    record_id = record_id or header.stem
+    entry = (catalogue or {}).get(record_id) or (catalogue or {}).get(header.stem)
     return RawRecord(
-        record_id=record_id or header.stem,
-        patient_id=entry.patient_id if entry else None,
+        record_id=record_id,
+        patient_id=(entry.patient_id if entry else None) or _header_patient(rec.comments),
         labels=entry.labels if entry else _header_labels(rec.comments),
         sample_rate=rate,
         signal=signal,
@@ -150,6 +154,42 @@ def read_ptbxl_catalogue(path: Path) -> dict[str, CatalogueEntry]:
         raise ValueError(f"cannot read PTB-XL catalogue {path}: no column {err}") from None
     except (OSError, csv.Error, ValueError, SyntaxError, TypeError) as err:
         raise ValueError(f"cannot read PTB-XL catalogue {path}: {err}") from None
+    return entries
+
+
+LABEL_SEPARATOR = ";"  # between the labels of one record in a labels CSV (commas separate columns)
+
+
+def read_labels_csv(path: Path) -> dict[str, CatalogueEntry]:
+    """A hospital's own labels: a CSV with a header row naming the columns `record` and `labels`,
+    and optionally `patient` (other columns are ignored).
+
+    `record` is the record's path in its site folder without suffix (`data/1`) or its header's
+    name (`A0001`); `labels` holds its codes separated by `;` (`426783006;59118001`; an empty
+    cell: no label); `patient` its patient id (empty: unknown). A record listed twice is refused
+    rather than one of its rows silently chosen.
+    """
+    entries: dict[str, CatalogueEntry] = {}
+    try:
+        with path.open(newline="") as file:
+            reader = csv.DictReader(file)
+            columns = [c.strip() for c in reader.fieldnames or ()]
+            missing = [c for c in ("record", "labels") if c not in columns]
+            if missing:
+                raise ValueError(f"no column {' or '.join(map(repr, missing))} (header row: {','.join(columns)}; "
+                                 f"expected record,labels[,patient])")
+            reader.fieldnames = columns
+            for line, row in enumerate(reader, start=2):
+                record = (row["record"] or "").strip()
+                if not record:
+                    raise ValueError(f"line {line}: empty record name")
+                if record in entries:
+                    raise ValueError(f"line {line}: record {record!r} is listed twice")
+                labels = [code.strip() for code in (row["labels"] or "").split(LABEL_SEPARATOR)]
+                entries[record] = CatalogueEntry(_patient_id(row.get("patient") or ""),
+                                                 tuple(dict.fromkeys(code for code in labels if code)))
+    except (OSError, csv.Error, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"cannot read labels CSV {path}: {err}") from None
     return entries
 
 
@@ -192,6 +232,15 @@ def _patient_id(text: str) -> str | None:
     except ValueError:
         return text or None
     return str(int(number)) if number.is_integer() else text
+
+
+def _header_patient(comments: list[str]) -> str | None:
+    """The patient id of a `# Patient: 1234` (or `# Patient ID:` / `# patient_id:`) comment line."""
+    for comment in comments:
+        key, _, value = comment.partition(":")
+        if key.strip().lower().replace("_", " ") in ("patient", "patient id") and value.strip():
+            return value.strip()
+    return None
 
 
 def _header_labels(comments: list[str]) -> tuple[str, ...]:

@@ -25,8 +25,8 @@ import numpy as np
 
 from fedssl.config import DataConfig, SiteConfig, to_dict
 from fedssl.data.preprocess import RecordWindows, make_windows
-from fedssl.data.records import (CatalogueEntry, RawRecord, RecordError, read_ptbxl_catalogue,
-                                 read_record, reason_kind)
+from fedssl.data.records import (CatalogueEntry, RawRecord, RecordError, read_labels_csv,
+                                 read_ptbxl_catalogue, read_record, reason_kind)
 from fedssl.data.synthetic import write_synthetic_site
 from fedssl.data.windows import STANDARD_LEADS, WindowSet
 from fedssl.runfolder import inside
@@ -60,7 +60,8 @@ def load_site(site: SiteConfig, data: DataConfig, workdir: Path, seed: int) -> W
             _materialise_synthetic(site, folder, seed_for(site.name, seed))
         else:
             folder = Path(site.folder)
-        return build_site(folder, data, cache)
+        labels_csv = Path(site.labels_csv) if site.labels_csv else None
+        return build_site(folder, data, cache, labels_csv)
 
 
 def seed_for(name: str, seed: int) -> int:
@@ -68,20 +69,24 @@ def seed_for(name: str, seed: int) -> int:
     return zlib.crc32(f"{name}:{seed}".encode())
 
 
-def build_site(folder: Path, cfg: DataConfig, cache_dir: Path) -> WindowSet:
+def build_site(folder: Path, cfg: DataConfig, cache_dir: Path, labels_csv: Path | None = None) -> WindowSet:
+    """The windows of every usable record in `folder`; labels (and patients) from `labels_csv`
+    where it lists a record, else from the folder's ptbxl_database.csv or the headers."""
     folder, cache_dir = Path(folder), Path(cache_dir)
     files = _list_files(folder, cache_dir)
     headers = [f for f in files if f.suffix == ".hea"]
     if not headers:
         raise SiteDataError(no_header_message(folder, files))
-    fingerprint = _fingerprint(folder, files, cfg)
+    if labels_csv is not None and not labels_csv.is_file():
+        raise SiteDataError(f"labels CSV {labels_csv} does not exist or is not a file")
+    fingerprint = _fingerprint(folder, files, cfg, labels_csv)
     cached = _load_cache(cache_dir, fingerprint)
     if cached is not None:
         windows, report = cached
         log.info("%s (cached)", _summary(report))
         return windows
 
-    catalogue = _catalogue([f for f in files if f.name == PTBXL_CATALOGUE])
+    catalogue = _catalogue([f for f in files if f.name == PTBXL_CATALOGUE], labels_csv)
     index, used = [], []  # used: (info, windows) of each usable record
     for header in headers:
         entry, result, raw = _process(header, folder, catalogue, cfg)
@@ -200,12 +205,14 @@ def _list_files(folder: Path, cache_dir: Path) -> list[Path]:
     return sorted(files)
 
 
-def _fingerprint(folder: Path, files: list[Path], cfg: DataConfig) -> str:
+def _fingerprint(folder: Path, files: list[Path], cfg: DataConfig, labels_csv: Path | None) -> str:
     stats = [(f.relative_to(folder).as_posix(), f.stat()) for f in files]
+    labels = labels_csv.stat() if labels_csv else None
     content = {
         "version": CACHE_VERSION,
         "data": dataclasses.asdict(cfg),
         "files": [(name, s.st_size, s.st_mtime_ns) for name, s in stats],
+        "labels_csv": [str(labels_csv.resolve()), labels.st_size, labels.st_mtime_ns] if labels else None,
     }
     return hashlib.sha256(json.dumps(content).encode()).hexdigest()
 
@@ -220,13 +227,16 @@ def _load_cache(cache_dir: Path, fingerprint: str) -> tuple[WindowSet, dict] | N
         return None  # no cache, or a damaged one: rebuild
 
 
-def _catalogue(paths: list[Path]) -> dict[str, CatalogueEntry]:
+def _catalogue(ptbxl: list[Path], labels_csv: Path | None) -> dict[str, CatalogueEntry]:
+    """What is known of the records beyond their headers; the labels CSV, given explicitly, wins."""
     catalogue = {}
-    for path in paths:
-        try:
+    try:
+        for path in ptbxl:
             catalogue |= read_ptbxl_catalogue(path)
-        except ValueError as err:
-            raise SiteDataError(str(err)) from None
+        if labels_csv is not None:
+            catalogue |= read_labels_csv(labels_csv)
+    except ValueError as err:
+        raise SiteDataError(str(err)) from None
     return catalogue
 
 

@@ -65,14 +65,33 @@ class WindowSet:
     def subset(self, index: np.ndarray) -> "WindowSet":
         return WindowSet(self.windows[index], self.lead_mask[index], self.record[index], self.records)
 
-    def split_by_record(self, test_fraction: float, seed: int) -> tuple["WindowSet", "WindowSet"]:
-        """Split so that all windows of a record (and of a patient) fall on one side."""
-        groups = np.array([r.patient_id or f"record:{r.record_id}" for r in self.records])
+    def patient_groups(self) -> np.ndarray:
+        """The patient of every window, as a string: its record's patient id where one is known,
+        else the record itself (a record without a patient id cannot be linked to other records).
+
+        Held-out evaluation splits and resamples these groups, never windows: windows of one
+        recording (or one patient's recordings) are near-copies, and a probe tested on a copy of
+        what it was trained on measures memory, not the encoder."""
+        per_record = np.array([f"patient:{r.patient_id}" if r.patient_id else f"record:{i}"
+                               for i, r in enumerate(self.records)])
+        return per_record[self.record]
+
+    def patient_split(self, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """Window indices (train, test) such that all windows of a patient (or, without a patient
+        id, of a record) fall on one side; `round(test_fraction x patients)` patients, drawn with
+        `seed`, are the test side."""
+        if not 0 < test_fraction < 1:
+            raise ValueError(f"test fraction must be in (0, 1), got {test_fraction}")
+        groups = self.patient_groups()
         unique = np.unique(groups)
         rng = np.random.default_rng(seed)
-        test_groups = set(rng.permutation(unique)[: int(round(test_fraction * len(unique)))])
-        is_test = np.array([groups[k] in test_groups for k in self.record])
-        return self.subset(np.flatnonzero(~is_test)), self.subset(np.flatnonzero(is_test))
+        is_test = np.isin(groups, rng.permutation(unique)[: int(round(test_fraction * len(unique)))])
+        return np.flatnonzero(~is_test), np.flatnonzero(is_test)
+
+    def split_by_patient(self, test_fraction: float, seed: int) -> tuple["WindowSet", "WindowSet"]:
+        """`patient_split` as the two window sets."""
+        train, test = self.patient_split(test_fraction, seed)
+        return self.subset(train), self.subset(test)
 
     @staticmethod
     def concat(sets: Sequence["WindowSet"]) -> "WindowSet":

@@ -354,6 +354,7 @@ class Scenario:
 
     def __post_init__(self) -> None:
         check_name(self.name, "name")  # the default run folder is runs/<name>-<time>
+        require(self.seed >= 0, "seed", "must be >= 0 (numpy's generators take no negative seed)", self.seed)
         names = [s.name for s in self.sites]
         if len(set(names)) != len(names):
             raise ConfigError(f"sites: site names must be unique, got {names}")

@@ -14,6 +14,7 @@ is the second line of defence for paths that do not come from a scenario (a node
 
 from __future__ import annotations
 
+import os
 from datetime import datetime
 from pathlib import Path
 
@@ -33,10 +34,14 @@ class UnsafePathError(ConfigError):
 
 
 def inside(base: str | Path, *parts: str) -> Path:
-    """`base / parts...` resolved, refused unless it lies inside `base` (and is not `base` itself
-    when parts are given: a site folder that is the whole data folder is as wrong as `../x`)."""
+    """`base / parts...`, refused unless it lies inside `base` (and is not `base` itself when parts
+    are given: a site folder that is the whole data folder is as wrong as `../x`).
+
+    The parts are normalised as written (`..` and absolute parts are caught), not through symlinks:
+    a link the user placed inside the folder (e.g. `data` -> a shared cache) is theirs to follow.
+    """
     root = Path(base).resolve()
-    path = root.joinpath(*parts).resolve()
+    path = Path(os.path.normpath(root.joinpath(*parts)))
     if (path == root and parts) or not path.is_relative_to(root):
         raise UnsafePathError(f"{'/'.join(parts)!r} would be {path}, outside {root}: refused")
     return path

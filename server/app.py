@@ -131,6 +131,7 @@ def check_federation(fed: FederationConfig, num_sites: int) -> None:
                               ("transfer_dtype", fed.transfer_dtype, tuple(TRANSFER_DTYPES))):
         if value not in known:
             raise ConfigError(f"federation.{key}: unknown value {value!r}; known: {list(known)}")
+    robust_options(fed, num_sites)  # refuses robust settings these sites cannot meet
     if fed.central_dp not in ("none", *CENTRAL_DP):
         raise ConfigError(f"federation.central_dp: expected none, server or client, got {fed.central_dp!r}")
     if fed.central_dp != "none":

@@ -207,3 +207,13 @@ def test_sigterm_mid_federation_stops_every_process_of_the_run(tmp_path):
             runner.kill()
         for pid in flower_processes(run / "flower"):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_data_folder_linked_by_the_user_is_followed(tmp_path):
+    """Benchmarks share one data folder between run folders through a symlink."""
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "data").symlink_to(tmp_path / "shared", target_is_directory=True)
+    run = RunFolder(tmp_path / "run")
+    assert run.data == tmp_path / "run" / "data" and run.data.resolve() == tmp_path / "shared"
+    prepare_run_folder(run, resume=False, overwrite=False, echo=print)

@@ -105,6 +105,9 @@ BAD = {
     "lowpass above Nyquist": ({"data.lowpass_hz": 60.0}, "data.lowpass_hz: must be below half of sample_rate"),
     "strategy unknown": ({"federation.strategy": "fedmagic"}, "federation.strategy: unknown strategy"),
     "min_sites above the sites": ({"federation.min_sites": 3}, "federation.min_sites must be between 1"),
+    "krum with too few sites": ({"federation.strategy": "krum", "federation.malicious_sites": 1},
+                                "federation.malicious_sites: krum tolerates f malicious sites only with at least"),
+    "negative seed": ({"seed": -1}, "seed: must be >= 0"),
 }
 # site and scenario names that were used as paths (issue item 1)
 BAD_NAMES = {

@@ -12,7 +12,6 @@ is stopped by pid. Run it (like everything that starts Flower) under the shared 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -29,12 +28,13 @@ from pathlib import Path
 import pytest
 from cryptography.x509.verification import VerificationError
 
+from fedssl.cli import main
 from fedssl.config import SyntheticSiteConfig
 from fedssl.data.synthetic import write_synthetic_site
-from fedssl.deploy import (Certificates, NodeKey, load_node_key, load_node_public_key, make_certificates,
-                           make_node_key, register, verify_server_certificate)
-from simulations.processes import TOKEN_VARIABLE, free_port, marked_processes, pid_alive, stop_pids, terminate
-from simulations.run import stage_app
+from ops.bundle import stage_app
+from ops.deploy import (Certificates, NodeKey, load_node_key, load_node_public_key, make_certificates,
+                        make_node_key, verify_server_certificate)
+from ops.processes import TOKEN_VARIABLE, free_port, marked_processes, pid_alive, stop_pids, terminate
 
 SITES = ("hospital_a", "clinic_b", "cardiology_c")
 CONNECTION = "fedssl-deploy"
@@ -101,13 +101,9 @@ def test_node_key_loads_as_flower_expects(tmp_path):
 
 
 def test_cli_subcommands(tmp_path, capsys):
-    top = argparse.ArgumentParser(prog="fedssl")
-    register(top.add_subparsers(dest="command", required=True))
-    args = top.parse_args(["certs", str(tmp_path / "c"), "--host", "lead.example.org"])
-    args.run(args)
+    assert main(["certs", str(tmp_path / "c"), "--host", "lead.example.org"]) == 0
     verify_server_certificate(tmp_path / "c" / "server.pem", tmp_path / "c" / "ca.crt", "lead.example.org")
-    args = top.parse_args(["node-key", str(tmp_path / "k"), "--site", "clinic_b"])
-    args.run(args)
+    assert main(["node-key", str(tmp_path / "k"), "--site", "clinic_b"]) == 0
     load_node_key(tmp_path / "k" / "clinic_b.key")
     assert "flwr supernode register" in capsys.readouterr().out
 

@@ -44,12 +44,12 @@ from client.app import site_windows
 from fedssl.config import FederationConfig, SiteConfig, SyntheticSiteConfig, load_scenario
 from fedssl.data.site import SiteDataError, load_site
 from fedssl.data.synthetic import write_synthetic_site
-from fedssl.deploy import make_certificates
 from fedssl.privacy import LEDGER_FILE
 from server.checkpoint import ServerCheckpoint
 from server.presence import PatientGrid
-from simulations.processes import marked_processes, send_signal
 from fedssl.report import read_metrics
+from ops.deploy import make_certificates
+from ops.processes import marked_processes, send_signal
 
 SCENARIO = """
 name: faults-test

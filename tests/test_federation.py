@@ -22,7 +22,8 @@ from fedssl.federated import shared_state
 from fedssl.objectives import build_objective
 from server.app import STRATEGIES, make_strategy
 from server.metrics import RoundTracker
-from simulations.run import pid_alive, run_scenario
+from ops.processes import pid_alive
+from simulations.run import run_scenario
 
 TINY = """
 name: tiny-federation

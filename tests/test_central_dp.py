@@ -22,8 +22,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import get_privacy_spent
 
-from client.app import PRIVACY_BUDGET_CODE, PRIVACY_BUDGET_REASON
 from fedssl.config import ConfigError, FederationConfig
+from fedssl.protocol import PRIVACY_BUDGET_CODE, PRIVACY_BUDGET_REASON
 from server.app import check_federation, make_strategy
 from server.central_dp import CENTRAL_DP, FixedDenominator, SiteLevelAccountant
 from server.metrics import RoundTracker

@@ -18,9 +18,10 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flwr.supercore.task_identity import TaskIdentity
 
 from client import app as client_app
-from client.app import PRIVACY_BUDGET_CODE, PRIVACY_BUDGET_REASON, privacy_metrics
+from client.app import privacy_metrics
 from fedssl.config import load_scenario
 from fedssl.privacy import LEDGER_FILE, PrivacyLedger, compute_epsilon
+from fedssl.protocol import PRIVACY_BUDGET_CODE, PRIVACY_BUDGET_REASON
 from server import metrics as server_metrics
 from server.metrics import RoundTracker
 from server.validation import validate_replies

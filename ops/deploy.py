@@ -159,21 +159,3 @@ def make_node_key(folder: str | Path, site: str, *, overwrite: bool = False) -> 
     _write(out.private_key, private, private=True)
     _write(out.public_key, public + f" fedssl-{site}\n".encode())
     return out
-
-
-def load_node_key(private_key: str | Path) -> ec.EllipticCurvePrivateKey:
-    """Load a node private key as flower-supernode does (OpenSSH, EC); raise ValueError otherwise."""
-    key = serialization.load_ssh_private_key(Path(private_key).read_bytes(), None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise ValueError(f"{private_key}: not an EC private key")
-    return key
-
-
-def load_node_public_key(public_key: str | Path) -> ec.EllipticCurvePublicKey:
-    """Load a node public key as `flwr supernode register` does (OpenSSH, NIST EC curve)."""
-    key = serialization.load_ssh_public_key(Path(public_key).read_bytes())
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise ValueError(f"{public_key}: not an EC public key")
-    if key.curve.name not in ("secp256r1", "secp384r1", "secp521r1"):
-        raise ValueError(f"{public_key}: curve {key.curve.name} is not a NIST curve")
-    return key

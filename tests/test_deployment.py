@@ -26,14 +26,15 @@ import uuid
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import VerificationError
 
 from fedssl.cli import main
 from fedssl.config import SyntheticSiteConfig
 from fedssl.data.synthetic import write_synthetic_site
 from ops.bundle import stage_app
-from ops.deploy import (Certificates, NodeKey, load_node_key, load_node_public_key, make_certificates,
-                        make_node_key, verify_server_certificate)
+from ops.deploy import Certificates, NodeKey, make_certificates, make_node_key, verify_server_certificate
 from ops.processes import TOKEN_VARIABLE, free_port, marked_processes, pid_alive, stop_pids, terminate
 
 SITES = ("hospital_a", "clinic_b", "cardiology_c")
@@ -59,6 +60,24 @@ sites:
 
 
 # -- key material -------------------------------------------------------------------------------
+
+def load_node_key(private_key: str | Path) -> ec.EllipticCurvePrivateKey:
+    """Load a node private key as flower-supernode does (OpenSSH, EC); raise ValueError otherwise."""
+    key = serialization.load_ssh_private_key(Path(private_key).read_bytes(), None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{private_key}: not an EC private key")
+    return key
+
+
+def load_node_public_key(public_key: str | Path) -> ec.EllipticCurvePublicKey:
+    """Load a node public key as `flwr supernode register` does (OpenSSH, NIST EC curve)."""
+    key = serialization.load_ssh_public_key(Path(public_key).read_bytes())
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise ValueError(f"{public_key}: not an EC public key")
+    if key.curve.name not in ("secp256r1", "secp384r1", "secp521r1"):
+        raise ValueError(f"{public_key}: curve {key.curve.name} is not a NIST curve")
+    return key
+
 
 def test_certificate_chain_verifies_for_loopback_only(tmp_path):
     certs = make_certificates(tmp_path / "certs")

@@ -76,6 +76,16 @@ def test_every_package_keeps_to_its_import_rules():
     assert found == [], "\n".join(found)
 
 
+def test_test_modules_do_not_import_each_other():
+    """Shared helpers and fixtures live in tests/conftest.py: a test module imported by another runs
+    its module-level code twice and hides what the importing test depends on."""
+    found = [f"{path.relative_to(ROOT)}:{line}: imports {imported}"
+             for path in sorted((ROOT / "tests").glob("test_*.py"))
+             for imported, _, line in imports(path.read_text())
+             if imported.split(".")[-1].startswith("test_") or imported.startswith("tests.test_")]
+    assert found == [], "\n".join(found)
+
+
 @pytest.mark.parametrize("path, source, expected", [
     ("fedssl/report.py", "import flwr\n", ["fedssl imports flwr at module level"]),
     ("fedssl/report.py", "def f():\n    from ops.deploy import make_node_key\n", ["fedssl imports ops.deploy inside"]),

@@ -5,7 +5,7 @@ own windows for `train.local_steps` steps, keeps the heads on disk and replies w
 weights and scalar metrics only. What is shared is `federation.share`: the encoder (the heads
 never leave the site) or the whole objective. With `federation.local_update: fedema` the site
 starts from a blend of the global model and its own previous one; with FedProx (the strategy
-sends `proximal-mu`, fedssl/protocol.py) the local loss gets a proximal term. Recordings and windows never leave.
+sends `proximal-mu`) the local loss gets a proximal term. Recordings and windows never leave.
 
 With DP-SGD enabled for the site (`sites[i].privacy`, else the scenario's `privacy`), the site
 trains with the privacy ledger of its state folder, reports the epsilon it has spent so far and
@@ -52,7 +52,6 @@ from fedssl.runfolder import RunFolder
 from fedssl.train import train_local
 
 app = ClientApp()
-
 
 
 @app.train()

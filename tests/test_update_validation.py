@@ -55,7 +55,8 @@ def scaled(encoder: dict, update: dict, factor: float) -> dict:
 
 def run_round(strategy: Strategy, encoder: dict, updates: list, metrics: list[dict] | None = None):
     """One round: `updates[i]` (state dict or full RecordDict) is the reply of node NODES[i]."""
-    sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, ArrayRecord(encoder), ConfigRecord(), NodeGrid(NODES))}
+    sent = {m.metadata.dst_node_id: m
+            for m in strategy.configure_train(1, ArrayRecord(encoder), ConfigRecord(), NodeGrid(NODES))}
     replies = []
     for i, update in enumerate(updates):
         metric = metrics[i] if metrics else {"num-examples": 8, "loss": 1.0}

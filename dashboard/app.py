@@ -158,8 +158,8 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8050, token:
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise DashboardError(f"{run_dir} is not a folder (give the run folder of `fedssl simulate`, "
-                             "or the ServerApp's run-dir)")
+        raise DashboardError(f"{run_dir} is not a folder: give the run folder of `fedssl simulate --out` or the "
+                             "ServerApp's run-dir" + ("" if run_dir.exists() else " (once the run has created it)"))
     check_exposure(host, token)
     app = create_app(run_dir, token, allowed_hosts=[*LOOPBACK_NAMES, "[::1]", host])
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

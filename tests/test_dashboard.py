@@ -336,32 +336,42 @@ def browser(chromium):
 
 
 @pytest.fixture
-def dashboard_url(tmp_path):
-    """`fedssl dashboard` as a user starts it, on a free loopback port, following tmp_path/run."""
-    run = tmp_path / "run"
-    run.mkdir()
-    process = subprocess.Popen([sys.executable, "-m", "fedssl.cli", "dashboard", str(run), "--port", "0"],
-                               cwd=PROJECT_ROOT, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
-    reader.start()
-    deadline = time.monotonic() + 60
-    while not any("http://" in line for line in lines):
-        assert process.poll() is None, f"fedssl dashboard exited: {lines}"
-        assert time.monotonic() < deadline, f"fedssl dashboard printed no address within 60 s: {lines}"
-        time.sleep(0.05)
-    url = re.search(r"http://127\.0\.0\.1:\d+/", "".join(lines)).group(0)
-    yield url, run
-    process.terminate()
-    process.wait(timeout=10)
+def start_dashboard():
+    """Start `fedssl dashboard RUN ARGS...` as a user does, on a free loopback port; return its URL.
+    Every dashboard started is stopped at the end of the test."""
+    processes = []
+
+    def start(run: Path, *args: str) -> str:
+        process = subprocess.Popen([sys.executable, "-m", "fedssl.cli", "dashboard", str(run), "--port", "0", *args],
+                                   cwd=PROJECT_ROOT, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        processes.append(process)
+        lines: list[str] = []
+        threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
+        deadline = time.monotonic() + 60
+        while not any("http://" in line for line in lines):
+            assert process.poll() is None, f"fedssl dashboard exited: {lines}"
+            assert time.monotonic() < deadline, f"fedssl dashboard printed no address within 60 s: {lines}"
+            time.sleep(0.05)
+        return re.search(r"http://127\.0\.0\.1:\d+/", "".join(lines)).group(0)
+
+    yield start
+    for process in processes:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
-def test_the_page_follows_a_run_round_by_round(browser, dashboard_url, tmp_path):
+def test_the_page_follows_a_run_round_by_round(browser, start_dashboard, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    url, run = dashboard_url
+    run = tmp_path / "run"
+    run.mkdir()
+    url = start_dashboard(run)
     wait = WebDriverWait(browser, 15)
     browser.get(url)
     wait.until(lambda d: d.find_element(By.ID, "state").text == "waiting")
@@ -389,7 +399,7 @@ def test_the_page_follows_a_run_round_by_round(browser, dashboard_url, tmp_path)
     (run / "run_state.json").write_text(json.dumps(running_state(state="finished", ended=time.time())))
     wait.until(lambda d: d.find_element(By.ID, "state").text == "finished")
     wait.until(lambda d: "random init (mean of 3 inits)" in d.find_element(By.ID, "auroc").text)
-    assert "0.220 (0.180 \u2013 0.260)" in browser.find_element(By.ID, "encoders").text
+    assert "0.220 [0.180, 0.260]" in browser.find_element(By.ID, "encoders").text  # federated minus random init
     origins = browser.execute_script(
         "return performance.getEntriesByType('resource').map(e => new URL(e.name).origin)")
     assert set(origins) == {url.rstrip("/")}  # nothing loaded from anywhere else: no CDN
@@ -397,3 +407,17 @@ def test_the_page_follows_a_run_round_by_round(browser, dashboard_url, tmp_path)
     assert severe == []  # no script error, no CSP violation
     screenshot = tmp_path / "dashboard.png"
     assert browser.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 20_000
+
+
+def test_the_page_behind_a_token_works_once_opened_with_it(browser, start_dashboard, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    run = write_run(tmp_path / "run", [round_line(1), declined_round(2)], state=running_state())
+    url = start_dashboard(run, "--token", "s3cret")
+    browser.get(url)
+    assert "needs its token" in browser.find_element(By.TAG_NAME, "body").text
+    browser.get(url + "?token=s3cret")
+    WebDriverWait(browser, 15).until(lambda d: d.find_element(By.ID, "round-counter").text == "2")
+    assert browser.current_url == url  # the token left the address bar; the page's requests carry the cookie
+    assert browser.find_element(By.CSS_SELECTOR, '.cell.declined[data-site="a"][data-round="2"]')

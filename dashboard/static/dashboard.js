@@ -229,7 +229,7 @@ function renderWall() {
 }
 
 function interval(ci) {
-  return Array.isArray(ci) ? `${number(ci[0])} \u2013 ${number(ci[1])}` : "-";
+  return Array.isArray(ci) ? `[${number(ci[0])}, ${number(ci[1])}]` : "-";
 }
 
 function renderEncoders() {
@@ -240,7 +240,7 @@ function renderEncoders() {
     return el("tr", {},
       el("td", {text: name}), el("td", {class: "num", text: number(result.macro_auroc)}),
       el("td", {class: "num", text: interval(result.ci95)}),
-      el("td", {class: "num", text: difference ? `${number(difference.mean)} (${interval(difference.ci95)})` : "-"}));
+      el("td", {class: "num", text: difference ? `${number(difference.mean)} ${interval(difference.ci95)}` : "-"}));
   }));
 }
 

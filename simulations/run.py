@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import io
 import json
 import os
 import queue
@@ -45,6 +46,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
 
 from fedssl.config import ConfigError
 from fedssl.report import epsilon_by_site, read_metrics, write_report
@@ -498,20 +503,22 @@ def _usable_cpus() -> int:
 # -- results ------------------------------------------------------------------------------------
 
 def summary_table(summary: dict) -> str:
-    """Macro AUROC with its 95 % interval per encoder, and federated minus each other encoder."""
+    """Macro AUROC with its 95 % interval per encoder, and federated minus each other encoder, as
+    plain text (it goes to `echo`, which may be a log rather than a terminal)."""
     def interval(value, ci95) -> str:
         return "-" if value is None else f"{value:.3f} [{ci95[0]:.3f}, {ci95[1]:.3f}]" if ci95 else f"{value:.3f}"
 
-    rows = [(name, interval(e["macro_auroc"], e.get("ci95")),
-             interval(e["federated_minus"]["mean"], e["federated_minus"]["ci95"]) if "federated_minus" in e else "")
-            for name, e in summary["encoders"].items()]
-    width = max([len("encoder")] + [len(name) for name, _, _ in rows])
-    lines = [f"{'encoder':<{width}}  {'macro AUROC [95 % CI]':<22}  federated minus this",
-             f"{'-' * width}  {'-' * 22}  {'-' * 22}"]
-    lines += [f"{name:<{width}}  {value:<22}  {minus}".rstrip() for name, value, minus in rows]
-    lines.append(f"{summary['rounds']} rounds, {len(summary['sites'])} sites, "
-                 f"{summary['wall_seconds']:.0f}s; summary: {Path(summary['run_dir']) / 'summary.json'}")
-    return "\n".join(lines)
+    table = Table("encoder", "macro AUROC [95 % CI]", "federated minus this", box=box.SIMPLE_HEAD,
+                  caption=f"{summary['rounds']} rounds, {len(summary['sites'])} sites, {summary['wall_seconds']:.0f}s; "
+                          f"summary: {Path(summary['run_dir']) / 'summary.json'}", caption_justify="left")
+    for name, e in summary["encoders"].items():
+        minus = e.get("federated_minus")
+        table.add_row(name, interval(e["macro_auroc"], e.get("ci95")),
+                      interval(minus["mean"], minus["ci95"]) if minus else "")
+    console = Console(width=120, color_system=None, force_terminal=False, file=io.StringIO())
+    with console.capture() as captured:
+        console.print(table)
+    return "\n".join(line.rstrip() for line in captured.get().splitlines()).strip("\n")
 
 
 def tail(path: Path, lines: int = 40) -> str:

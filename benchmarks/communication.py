@@ -31,10 +31,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.app import SITE_INDEX_KEY
 from fedssl.config import Scenario, load_scenario, save_scenario
 from fedssl.federated import SHARE_MODES, TRANSFER_DTYPES, cast_floating, shared_state
 from fedssl.objectives import build_objective
+from fedssl.protocol import SITE_INDEX_KEY
 
 
 def wire_bytes(message: Message) -> int:

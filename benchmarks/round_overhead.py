@@ -37,10 +37,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedssl.deploy import FAST_POLLING_ENV
-from server.presence import REPLY_POLL_SECONDS
-from simulations.processes import free_port
 from fedssl.report import read_metrics
+from ops.deploy import FAST_POLLING_ENV
+from ops.processes import free_port
+from server.presence import REPLY_POLL_SECONDS
 from simulations.run import LocalSimulation, materialise_data
 
 # What fedssl recommends (FAST_POLLING_ENV); Flower's other intervals (a SuperNode polls the

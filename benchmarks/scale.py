@@ -6,7 +6,7 @@ Each federation is `python -m simulations <scenario> --out <dir>` (the runner `f
 uses) with small synthetic sites, the default tiny encoder and one round of a few local steps.
 The runner is started with a marker variable in its environment that every process it starts
 inherits (SuperLink, SuperExec, flwr-simulation, Ray's raylet, GCS and workers), so the run's
-process tree is found via /proc as simulations/processes.py does; it is sampled every
+process tree is found via /proc as ops/processes.py does; it is sampled every
 `--interval` seconds. Peak memory is reported as the largest sum over the tree of RSS (pages
 shared between processes, e.g. torch's libraries in every Ray worker, counted once per process:
 an upper bound) and of PSS (shared pages split between their processes: what the tree really
@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from simulations.processes import marked_processes, stop_pids, terminate
+from ops.processes import marked_processes, stop_pids, terminate
 
 MARKER = "FEDSSL_SCALE_BENCHMARK"  # inherited by every process of the measured run
 MEMORY_LIMIT_GB = 8.0

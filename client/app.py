@@ -44,15 +44,14 @@ from fedssl.evaluate import linear_probe
 from fedssl.federated import cast_floating, encoder_state, fedema_start, shared_state
 from fedssl.objectives import build_objective
 from fedssl.privacy import PrivacyBudgetExceeded, PrivacyLedger
+from fedssl.protocol import (COMPUTE_SECONDS_KEY, DELTA_KEY, DP_SGD_KEY, EPSILON_KEY, EXAMPLES_SEEN_KEY,
+                             FEDEMA_MU_KEY, NEW_HEADS_KEY, PRIVACY_BUDGET_CODE, PRIVACY_BUDGET_REASON,
+                             PROBE_AUROC_KEY, PROXIMAL_MU_KEY, SERVER_ROUND_KEY, SITE_ERROR_CODE, SITE_INDEX_KEY,
+                             WEIGHT_KEY)
 from fedssl.runfolder import RunFolder
 from fedssl.train import train_local
 
 app = ClientApp()
-
-SITE_ERROR_CODE = 1000  # error replies from this app (Flower reserves small codes)
-PRIVACY_BUDGET_CODE = 1001  # the site declines the round: it would pass its target epsilon
-PRIVACY_BUDGET_REASON = "privacy budget exhausted"  # fixed: says nothing about the site's data
-SITE_INDEX_KEY = "site-index"  # metric: the site's index in `scenario.sites` (server/validation.py)
 
 
 @app.train()
@@ -104,7 +103,7 @@ def train_site(scenario: Scenario, site: SiteConfig, msg: Message, context: Cont
     run_dir = Path(str(context.run_config["run-dir"]))
     state_folder = Path(str(context.node_config.get("state-folder", RunFolder(run_dir).site(site.name))))
     config, fed = msg.content["config"], scenario.federation
-    server_round = int(config["server-round"])
+    server_round = int(config[SERVER_ROUND_KEY])
 
     data = site_windows(scenario, site, context)
     objective = build_objective(scenario)
@@ -115,10 +114,10 @@ def train_site(scenario: Scenario, site: SiteConfig, msg: Message, context: Cont
     if fed.local_update == "fedema":
         previous, scale = load_fedema_state(state_folder)
         start, scale, mu = fedema_start(previous, received, fed.fedema_lambda or scale, fed.fedema_tau)
-        extra = {"fedema-mu": mu}
+        extra = {FEDEMA_MU_KEY: mu}
     objective.load_state_dict(start, strict=False)
 
-    proximal_mu = float(config.get("proximal-mu", 0.0))  # sent by FedProx
+    proximal_mu = float(config.get(PROXIMAL_MU_KEY, 0.0))  # sent by FedProx
     privacy = scenario.privacy_of(site)
     ledger = load_privacy_ledger(state_folder, privacy, data) if privacy.enabled else None
     result = train_local(objective, data, scenario.train, steps=scenario.train.local_steps,
@@ -142,9 +141,9 @@ def train_site(scenario: Scenario, site: SiteConfig, msg: Message, context: Cont
         "new heads" if new_heads else "its own heads")
     # FedAvg weights each site by its number of training windows (McMahan et al.'s n_k)
     # compute-seconds: the training loop alone, so the server can tell Flower's round overhead apart
-    metrics = MetricRecord({"num-examples": len(data), "examples-seen": int(result.examples),
-                            SITE_INDEX_KEY: scenario.sites.index(site), "compute-seconds": float(result.seconds),
-                            "new-heads": int(new_heads),
+    metrics = MetricRecord({WEIGHT_KEY: len(data), EXAMPLES_SEEN_KEY: int(result.examples),
+                            SITE_INDEX_KEY: scenario.sites.index(site), COMPUTE_SECONDS_KEY: float(result.seconds),
+                            NEW_HEADS_KEY: int(new_heads),
                             **{k: float(v) for k, v in result.losses.items()}, **extra})
     return {"arrays": ArrayRecord(cast_floating(shared, fed.transfer_dtype)), "metrics": metrics}
 
@@ -163,7 +162,7 @@ def evaluate_site(scenario: Scenario, site: SiteConfig, msg: Message, context: C
     except ValueError as err:  # no usable class at this site
         log(INFO, "fedssl | site %s: no federated probe: %s", site.name, err)
         auroc, windows = 0.0, 0
-    return {"metrics": MetricRecord({"num-examples": windows, "probe-macro-auroc": auroc,
+    return {"metrics": MetricRecord({WEIGHT_KEY: windows, PROBE_AUROC_KEY: auroc,
                                      SITE_INDEX_KEY: scenario.sites.index(site)})}
 
 
@@ -184,8 +183,8 @@ def site_windows(scenario: Scenario, site: SiteConfig, context: Context) -> Wind
 def privacy_metrics(ledger: PrivacyLedger | None) -> dict[str, float]:
     """`dp-sgd` (1/0) and, with DP, the site's epsilon spent so far (all rounds) and its delta."""
     if ledger is None:
-        return {"dp-sgd": 0, "epsilon": 0.0, "delta": 0.0}
-    return {"dp-sgd": 1, "epsilon": float(ledger.epsilon()), "delta": float(ledger.delta)}
+        return {DP_SGD_KEY: 0, EPSILON_KEY: 0.0, DELTA_KEY: 0.0}
+    return {DP_SGD_KEY: 1, EPSILON_KEY: float(ledger.epsilon()), DELTA_KEY: float(ledger.delta)}
 
 
 def which_site(scenario: Scenario, node_config: dict) -> SiteConfig:

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from fedssl.config import PrivacyConfig
 from fedssl.data.windows import WindowSet
 from fedssl.objectives import Objective
-from fedssl.privacy import PrivacyLedger, privacy_units
+from fedssl.privacy import PrivacyLedger, privacy_units, unit_count
 from fedssl.storage import atomic_torch_save
 
 HEADS_FILE = "local_heads.pt"
@@ -58,5 +57,4 @@ def save_fedema_state(folder: Path, state: dict[str, torch.Tensor], scale: float
 
 def load_privacy_ledger(folder: Path, privacy: PrivacyConfig, data: WindowSet) -> PrivacyLedger:
     """The site's privacy ledger in `folder`; a new one (delta from the site's units) at first."""
-    units = len(np.unique(privacy_units(data, privacy.unit)))
-    return PrivacyLedger.load(Path(folder), privacy, units)
+    return PrivacyLedger.load(Path(folder), privacy, unit_count(privacy_units(data, privacy.unit)))

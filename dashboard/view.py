@@ -22,7 +22,7 @@ from pathlib import Path
 from fedssl.config import ConfigError, Scenario, load_scenario
 from fedssl.report import ABSENT, loss_terms, participation_reasons
 from fedssl.runfolder import RUN_STATE
-from simulations.processes import pid_alive
+from ops.processes import pid_alive
 
 LOG = Path("logs") / "flower.log"
 LOG_TAIL_BYTES = 64 * 1024  # the end of Flower's log is searched for the lines that explain a failure

@@ -1,6 +1,11 @@
 """The `fedssl` command: check a scenario, simulate a federation, pretrain centrally, evaluate an
-encoder, check a site's data, write synthetic hospitals, report on a run, export its encoder and
-embed records.
+encoder, check a site's data, write synthetic hospitals, report on a run, export its encoder, embed
+records, follow a run in the browser, and make a real federation's key material.
+
+This module is the project's one entry point, so it is the one module of `fedssl` that reaches
+outside the science core: the runner (`simulations`), the dashboard and the operations tooling
+(`ops`) are imported inside the subcommand that uses them, never when the module is imported
+(tests/test_layout.py checks it).
 
 Bad input (a scenario, a folder, a file) ends a command with one line on stderr and exit code 2:
 the errors of fedssl's checks are ValueErrors (ConfigError, SiteDataError, RunFolderError, ...) or
@@ -16,7 +21,6 @@ import os
 import sys
 from pathlib import Path
 
-from fedssl import deploy
 from fedssl.config import ConfigError, DataConfig, SyntheticSiteConfig, load_scenario
 from fedssl.data.site import build_site
 
@@ -162,6 +166,28 @@ def _embed(args: argparse.Namespace) -> None:
               "their ids and reasons are in skipped_records / skipped_reasons")
 
 
+def _certs(args: argparse.Namespace) -> None:
+    from ops.deploy import DEFAULT_HOSTS, FAST_POLLING_ENV, make_certificates, verify_server_certificate
+
+    hosts = list(DEFAULT_HOSTS) + list(args.host or [])
+    out = make_certificates(args.folder, hosts, days=args.days, overwrite=args.force)
+    verify_server_certificate(out.server_cert, out.ca_cert, hosts[0])
+    print(f"CA: {out.ca_cert} (give this file to every hospital), {out.ca_key} (keep offline)")
+    print(f"SuperLink: {out.server_cert}, {out.server_key} for {', '.join(dict.fromkeys(hosts))}")
+    environment = " ".join(f"{key}={value}" for key, value in FAST_POLLING_ENV.items())
+    print(f"start: {environment} flower-superlink --ssl-ca-certfile {out.ca_cert} --ssl-certfile {out.server_cert} "
+          f"--ssl-keyfile {out.server_key} --enable-supernode-auth --database state.db ...")
+
+
+def _node_key(args: argparse.Namespace) -> None:
+    from ops.deploy import make_node_key
+
+    out = make_node_key(args.folder, args.site, overwrite=args.force)  # an invalid name: ValueError, exit 2
+    print(f"private key: {out.private_key} (stays here: flower-supernode --auth-supernode-private-key)")
+    print(f"public key:  {out.public_key} (send to the coordinator: "
+          f"flwr supernode register {out.public_key.name} <connection> --name {args.site})")
+
+
 def _dashboard(args: argparse.Namespace) -> None:
     from dashboard.app import serve  # the web server is operations, not the science core: imported on use
 
@@ -269,7 +295,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=os.environ.get("FEDSSL_DASHBOARD_TOKEN"),
                    help="secret every request must carry (required off loopback; default $FEDSSL_DASHBOARD_TOKEN)")
     p.set_defaults(run=_dashboard)
-    deploy.register(sub)  # fedssl certs, fedssl node-key
+
+    p = sub.add_parser("certs", help="make a CA and the SuperLink's TLS certificate",
+                       description="Write ca.crt/ca.key and server.pem/server.key (valid for "
+                                   "127.0.0.1, localhost and every --host) to FOLDER.")
+    p.add_argument("folder")
+    p.add_argument("--host", action="append", help="extra IP or DNS name of the SuperLink (repeatable)")
+    p.add_argument("--days", type=int, default=365)
+    p.add_argument("--force", action="store_true", help="overwrite existing files")
+    p.set_defaults(run=_certs)
+
+    p = sub.add_parser("node-key", help="make a hospital's SuperNode authentication key pair",
+                       description="Write SITE.key (OpenSSH EC P-384 private key) and "
+                                   "SITE.key.pub (to register at the SuperLink) to FOLDER.")
+    p.add_argument("folder")
+    p.add_argument("--site", required=True, help="the site's name in the scenario")
+    p.add_argument("--force", action="store_true", help="overwrite an existing key")
+    p.set_defaults(run=_node_key)
     return top
 
 

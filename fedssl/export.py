@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import json
 import pickle
-import sys
-import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
@@ -37,6 +39,7 @@ from fedssl.storage import atomic_write
 
 WEIGHTS, CONFIG, CARD = "encoder.safetensors", "encoder_config.json", "MODEL_CARD.md"
 FORMAT, FORMAT_VERSION = "fedssl-encoder", 1
+T = TypeVar("T")
 
 
 class ExportError(RunFolderError):
@@ -341,8 +344,7 @@ def embed_folder(model_dir: str | Path, records_dir: str | Path, *, progress: bo
     if not headers:
         raise SiteDataError(f"no WFDB record (.hea file) in {folder}")
     vectors, record_ids, window_index, skipped = [], [], [], []
-    bar = ProgressBar(len(headers), "embedding records") if progress else None
-    for header in headers:
+    for header in track(headers, "embedding records", show=progress):
         record_id = header.relative_to(folder).with_suffix("").as_posix()  # as in training (site.py)
         try:
             windows = make_windows(read_record(header, record_id), exported.data)
@@ -358,36 +360,20 @@ def embed_folder(model_dir: str | Path, records_dir: str | Path, *, progress: bo
                                   f"(no file written)")
             record_ids += [record_id] * n
             window_index.append(np.arange(n))
-        if bar:
-            bar.update()
-    if bar:
-        bar.close()
     if not vectors:
         raise SiteDataError(f"no usable ECG record in {folder}: {len(skipped)} skipped ({skipped_summary(skipped)})")
     return Embeddings(np.concatenate(vectors), record_ids, np.concatenate(window_index), skipped)
 
 
-class ProgressBar:
-    """A one-line progress bar on stderr (tqdm is not a dependency), redrawn at most 10 times a second."""
-
-    def __init__(self, total: int, label: str, width: int = 30) -> None:
-        self.total, self.label, self.width = total, label, width
-        self.done, self.started, self.drawn = 0, time.perf_counter(), 0.0
-
-    def update(self) -> None:
-        self.done += 1
-        now = time.perf_counter()
-        if now - self.drawn >= 0.1 or self.done == self.total:
-            self.drawn = now
-            filled = self.width * self.done // self.total
-            rate = self.done / max(now - self.started, 1e-9)
-            sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (self.width - filled)}] "
-                             f"{self.done}/{self.total} {rate:.1f}/s")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        sys.stderr.write("\n")
-        sys.stderr.flush()
+def track(items: list[T], label: str, *, show: bool) -> Iterator[T]:
+    """`items`, with a progress bar on stderr while they are consumed when `show` (stdout keeps
+    only the command's result)."""
+    if not show:
+        yield from items
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True)) as progress:
+        yield from progress.track(items, description=label)
 
 
 def skipped_summary(skipped: list[tuple[str, str]]) -> str:

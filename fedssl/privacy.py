@@ -1,11 +1,11 @@
 """Differentially private local training (DP-SGD) for per-sample self-supervised objectives.
 
-One call, `make_private(objective, optimizer, data, privacy, batch_size, ...)`, turns the
-ordinary objective + optimizer + windows into a DP-SGD step (`PrivateTraining`): Poisson sampling
+One call, `make_private(objective, data, privacy, batch_size, ...)`, turns the ordinary
+objective + windows into the DP-SGD gradient of a step (`PrivateTraining`): Poisson sampling
 over privacy units (records or patients; one window per sampled unit), per-unit gradients (by
 default book-keeping with Opacus' per-layer formulas, `LayerCalls`; or Opacus' `GradSampleModule`
 hooks, functorch, or ghost clipping), clipping to `max_grad_norm`, Gaussian noise of
-std `noise_multiplier * max_grad_norm` on the sum, and the ordinary optimizer step. The privacy
+std `noise_multiplier * max_grad_norm` on the sum; the ordinary optimizer then steps. The privacy
 spent by every round goes into a `PrivacyLedger` in the site's state folder, which composes all
 rounds with Opacus' RDP (or PRV) accountant. See docs/privacy.md for what this does guarantee.
 
@@ -59,10 +59,9 @@ def check_dp_safe(objective: Objective) -> None:
         why = "SimCLR's NT-Xent loss uses the other records of the batch as negatives"
     elif isinstance(objective, CREMA) and objective.contrastive_weight != 0:
         why = "CREMA's contrastive (NT-Xent) term uses the other records of the batch as negatives"
-    elif type(objective).__name__ == "CMSC":
-        why = "CMSC's InfoNCE loss uses the other patients' windows of the batch as negatives"
-    elif getattr(objective, "couples_batch", False):
-        why = f"{type(objective).__name__} declares a loss that couples the samples of a batch"
+    elif getattr(objective, "couples_batch", False):  # e.g. CMSC: the batch's other patients are negatives
+        why = (f"{type(objective).__name__} declares `couples_batch`: its loss uses the other samples of the "
+               "batch (e.g. as negatives)")
     elif not _has_per_sample_losses(objective):
         why = f"{type(objective).__name__} does not provide per-sample losses (a `per_sample_terms` method)"
     if why:
@@ -115,6 +114,11 @@ def privacy_units(data: WindowSet, unit: str) -> np.ndarray:
     _, per_record = np.unique(np.array(keys, dtype=object), return_inverse=True)
     _, per_window = np.unique(per_record[data.record], return_inverse=True)  # only units with windows
     return per_window.astype(np.int64)
+
+
+def unit_count(unit_of_window: np.ndarray) -> int:
+    """How many privacy units have windows, given `privacy_units` (which numbers them 0..U-1)."""
+    return int(unit_of_window.max()) + 1 if len(unit_of_window) else 0
 
 
 def default_delta(units: int) -> float:
@@ -333,15 +337,15 @@ class LayerCalls:
 class PrivateTraining:
     """DP-SGD wiring of one objective on one site's windows; made by `make_private`."""
 
-    def __init__(self, objective: Objective, optimizer: torch.optim.Optimizer, data: WindowSet,
+    def __init__(self, objective: Objective, data: WindowSet,
                  privacy: PrivacyConfig, batch_size: int, noise_multiplier: float, delta: float) -> None:
         check_dp_safe(objective)
-        self.objective, self.optimizer, self.privacy = objective, optimizer, privacy
+        self.objective, self.privacy = objective, privacy
         self.mode = privacy.grad_sample_mode
         self.max_grad_norm = privacy.max_grad_norm
         self.noise_multiplier, self.delta = noise_multiplier, delta
         self.unit = privacy_units(data, privacy.unit)
-        self.units = int(self.unit.max()) + 1 if len(self.unit) else 0
+        self.units = unit_count(self.unit)
         if self.units == 0:
             raise ValueError("no training windows")
         self.sample_rate = sample_rate_for(batch_size, self.units)
@@ -497,16 +501,6 @@ class PrivateTraining:
         self.steps_taken += 1
         return values
 
-    def step(self, x: torch.Tensor, lead_mask: torch.Tensor) -> dict[str, float] | None:
-        """One DP-SGD step: DP gradient, then the ordinary optimizer's update."""
-        self.optimizer.zero_grad(set_to_none=True)
-        values = self.backward(x, lead_mask)
-        self.optimizer.step()
-        after_step = getattr(self.objective, "after_step", None)
-        if after_step:  # e.g. BYOL's target network update (post-processing of private weights)
-            after_step()
-        return values
-
 
 def resolve_noise(privacy: PrivacyConfig, *, units: int, batch_size: int, planned_steps: int | None,
                   ledger: PrivacyLedger | None = None) -> tuple[float, float]:
@@ -531,27 +525,27 @@ def _calibrated(target_epsilon: float, delta: float, sample_rate: float, steps: 
     return calibrate_noise(target_epsilon, delta, sample_rate, steps, accountant)
 
 
-def make_private(objective: Objective, optimizer: torch.optim.Optimizer, data: WindowSet, privacy: PrivacyConfig,
+def make_private(objective: Objective, data: WindowSet, privacy: PrivacyConfig,
                  batch_size: int, *, planned_steps: int | None = None,
                  ledger: PrivacyLedger | None = None) -> PrivateTraining:
-    """Wrap objective + optimizer + data for DP-SGD (see `PrivateTraining`).
+    """Wrap objective + data for DP-SGD (see `PrivateTraining`).
 
     Refuses objectives that couple the samples of a batch. The noise multiplier is
     `privacy.noise_multiplier`, or calibrated from `privacy.target_epsilon` and `planned_steps`.
     """
     check_dp_safe(objective)
-    units = len(np.unique(privacy_units(data, privacy.unit)))
+    units = unit_count(privacy_units(data, privacy.unit))
     sigma, delta = resolve_noise(privacy, units=units, batch_size=batch_size, planned_steps=planned_steps,
                                  ledger=ledger)
-    return PrivateTraining(objective, optimizer, data, privacy, batch_size, sigma, delta)
+    return PrivateTraining(objective, data, privacy, batch_size, sigma, delta)
 
 
-def begin_private_round(objective: Objective, optimizer: torch.optim.Optimizer, data: WindowSet,
+def begin_private_round(objective: Objective, data: WindowSet,
                         privacy: PrivacyConfig, batch_size: int, *, steps: int, planned_steps: int | None = None,
                         ledger: PrivacyLedger | None = None) -> PrivateTraining:
     """`make_private`, then decline (`PrivacyBudgetExceeded`, nothing spent) a round of `steps`
     steps that would take the ledger past its target epsilon."""
-    dp = make_private(objective, optimizer, data, privacy, batch_size, planned_steps=planned_steps or steps,
+    dp = make_private(objective, data, privacy, batch_size, planned_steps=planned_steps or steps,
                       ledger=ledger)
     if ledger is not None and ledger.would_exceed(steps, dp.sample_rate, dp.noise_multiplier):
         dp.close()

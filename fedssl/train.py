@@ -6,7 +6,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -82,7 +81,6 @@ class TimedBatches:
 
 
 def train_local(objective: Objective, data: WindowSet, cfg: TrainConfig, *, steps: int, seed: int,
-                on_step: Callable[[int, dict[str, float]], None] | None = None,
                 proximal: tuple[float, dict[str, torch.Tensor]] | None = None,
                 privacy: PrivacyConfig | None = None, ledger: PrivacyLedger | None = None,
                 planned_steps: int | None = None, first_step: int = 0, round: int | None = None) -> TrainResult:
@@ -109,7 +107,7 @@ def train_local(objective: Objective, data: WindowSet, cfg: TrainConfig, *, step
                                   weight_decay=cfg.weight_decay)
     dp = None
     if privacy is not None and privacy.enabled:
-        dp = begin_private_round(objective, optimizer, data, privacy, cfg.batch_size, steps=steps,
+        dp = begin_private_round(objective, data, privacy, cfg.batch_size, steps=steps,
                                  planned_steps=planned_steps, ledger=ledger)
     windows, lead_mask = torch.from_numpy(data.windows), torch.from_numpy(data.lead_mask)
     groups = torch.from_numpy(privacy_units(data, "patient"))  # CMSC: same patient, positive pair
@@ -150,8 +148,6 @@ def train_local(objective: Objective, data: WindowSet, cfg: TrainConfig, *, step
                 totals[k] = totals.get(k, 0.0) + v
             examples += len(index)
             counted += 1
-            if on_step:
-                on_step(step, values)
     finally:
         if dp:
             dp.close()

@@ -33,6 +33,7 @@ from fedssl.evaluate import ProbeSplits, summarise
 from fedssl.federated import LOCAL_UPDATES, SHARE_MODES, TRANSFER_DTYPES, encoder_state, shared_state
 from fedssl.monitor import embedding_health
 from fedssl.objectives import build_objective
+from fedssl.protocol import NUM_ROUNDS_KEY, PROBE_AUROC_KEY
 from fedssl.report import save_run_config, write_report
 from server.central_dp import CENTRAL_DP, SITE_WEIGHT_KEY, central_dp, no_metrics
 from server.checkpoint import ContinuedStrategy, ServerCheckpoint, optimizer_state, resume_point
@@ -102,7 +103,7 @@ def main(grid: Grid, context: Context) -> None:
                              monitor=collapse_monitor(scenario, run_dir, state))
         ServerCheckpoint(server_round, fed.strategy, {k: a.numpy() for k, a in arrays.items()},
                          optimizer_state(strategy), random.getstate(), dict(tracker.epsilon)).save(run_dir)
-        return None if auroc is None else MetricRecord({"probe-macro-auroc": auroc})
+        return None if auroc is None else MetricRecord({PROBE_AUROC_KEY: auroc})
 
     # never wait without end: fail naming the missing sites after connect_timeout
     grid = PatientGrid(grid, [s.name for s in scenario.sites], fed.min_sites, timeout=fed.connect_timeout,
@@ -114,7 +115,7 @@ def main(grid: Grid, context: Context) -> None:
             timeout=fed.round_timeout,  # seconds a round waits for the sites' replies
             initial_arrays=checkpoint.array_record() if checkpoint else ArrayRecord(initial),
             num_rounds=fed.rounds - done,
-            train_config=ConfigRecord({"num-rounds": fed.rounds}),  # FedAvg adds "server-round"
+            train_config=ConfigRecord({NUM_ROUNDS_KEY: fed.rounds}),  # FedAvg adds SERVER_ROUND_KEY
             evaluate_fn=continued.evaluate_fn(evaluate),
         )
     log(INFO, "fedssl | report with plots: %s", write_report(run_dir))

@@ -48,9 +48,10 @@ from flwr.supercore.privacy_accounting import (
     SamplingMethod,
 )
 
+from fedssl.protocol import WEIGHT_KEY
+
 CENTRAL_DP = ("server", "client")  # who clips the updates
 SITE_WEIGHT_KEY = "central-dp-weight"  # every update's weight in the mean: 1
-WEIGHT_KEY = "num-examples"  # the sites' windows, which weigh the round's loss means
 
 
 class SiteLevelAccountant:

@@ -28,10 +28,9 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedssl.federated import encoder_state
 from fedssl.storage import atomic_torch_save
-from server.validation import SITE_INDEX_KEY, Rejection
-
-PRIVACY_BUDGET_CODE = 1001  # client/app.py's error code of a round declined for the privacy budget
-PER_SITE_METRICS = (SITE_INDEX_KEY, "dp-sgd", "epsilon", "delta", "compute-seconds", "new-heads")  # not averaged over sites
+from fedssl.protocol import (COMPUTE_SECONDS_KEY, DELTA_KEY, DP_SGD_KEY, EPSILON_KEY, FEDERATED_AUROC_KEY,
+                             NEW_HEADS_KEY, PER_SITE_METRICS, PRIVACY_BUDGET_CODE, PROBE_AUROC_KEY, reply_site)
+from server.validation import Rejection, reply_metrics
 
 
 class NoSiteReplied(RuntimeError):
@@ -81,14 +80,14 @@ class RoundTracker:
         new_heads: list[str] = []
         for i, reply in enumerate(replies):
             metrics = next(iter(reply.metric_records.values()))
-            site = self.site_name(metrics.get(SITE_INDEX_KEY), f"reply-{i}")
+            site = reply_site(metrics, self.sites) or f"reply-{i}"
             windows[site] = int(metrics[weight_key])  # the site's training windows (client/app.py)
-            if metrics.get("new-heads"):
+            if metrics.get(NEW_HEADS_KEY):
                 new_heads.append(site)
-            if "compute-seconds" in metrics:  # its training loop alone: the rest of `seconds` is overhead
-                compute[site] = round(float(metrics["compute-seconds"]), 3)
-            if metrics.get("dp-sgd"):
-                epsilon[site], delta[site] = float(metrics["epsilon"]), float(metrics["delta"])
+            if COMPUTE_SECONDS_KEY in metrics:  # its training loop alone: the rest of `seconds` is overhead
+                compute[site] = round(float(metrics[COMPUTE_SECONDS_KEY]), 3)
+            if metrics.get(DP_SGD_KEY):
+                epsilon[site], delta[site] = float(metrics[EPSILON_KEY]), float(metrics[DELTA_KEY])
         for key in PER_SITE_METRICS:
             aggregated.pop(key, None)
         self._train[self._round] = {
@@ -112,11 +111,11 @@ class RoundTracker:
         for i, reply in enumerate(replies):
             metrics = next(iter(reply.metric_records.values()))
             if metrics.get(weight_key, 0) > 0:
-                site = self.site_name(metrics.get(SITE_INDEX_KEY), f"reply-{i}")
-                by_site[site], weights[site] = float(metrics["probe-macro-auroc"]), int(metrics[weight_key])
+                site = reply_site(metrics, self.sites) or f"reply-{i}"
+                by_site[site], weights[site] = float(metrics[PROBE_AUROC_KEY]), int(metrics[weight_key])
         mean = sum(by_site[s] * weights[s] for s in by_site) / sum(weights.values()) if by_site else None
         self._site_probes[self._round] = {"site_probe_macro_auroc": by_site, "federated_macro_auroc": mean}
-        return MetricRecord({} if mean is None else {"federated-macro-auroc": mean})
+        return MetricRecord({} if mean is None else {FEDERATED_AUROC_KEY: mean})
 
     def record_central_dp(self, server_round: int, spent) -> None:
         """The site-level (central DP) epsilon and delta spent up to `server_round`, all rounds composed
@@ -127,20 +126,15 @@ class RoundTracker:
         """Remember an update left out of its round's aggregate (`ValidatedStrategy.on_reject`)."""
         self._rejected.setdefault(rejection.round, []).append(rejection.as_dict())
 
-    def site_name(self, index, default: str) -> str:
-        if isinstance(index, (int, float)) and float(index).is_integer() and 0 <= int(index) < len(self.sites):
-            return self.sites[int(index)]
-        return default if index is None else str(index)
-
     def observe_replies(self, server_round: int, replies: list[Message]) -> None:
         """Remember the round's error replies (a declined round or a failure) and which node is
         which site (`ValidatedStrategy.on_replies`)."""
         for msg in replies:
             node = msg.metadata.src_node_id
             if not msg.has_error():
-                index = site_index(msg)
-                if index is not None:
-                    self._nodes[node] = self.site_name(index, str(index))
+                site = reply_site(reply_metrics(msg), self.sites)
+                if site is not None:
+                    self._nodes[node] = site
                 continue
             self._errors.setdefault(server_round, []).append(
                 {"node_id": node, "site": self._nodes.get(node), "code": msg.error.code,
@@ -217,13 +211,6 @@ class RoundTracker:
             raise ValueError(f"aggregated arrays do not match the shared model: "
                              f"{sorted(set(received) ^ set(self.reference))[:5]}")
         return {k: received[k].to(self.reference[k].dtype).clone() for k in self.reference}
-
-
-def site_index(msg: Message):
-    """The `site-index` metric of a well-formed reply, else None."""
-    if len(msg.content.metric_records) != 1:
-        return None
-    return next(iter(msg.content.metric_records.values())).get(SITE_INDEX_KEY)
 
 
 def progress_line(record: dict, rounds: int) -> str:

@@ -40,8 +40,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedssl.federated import cast_floating
+from fedssl.protocol import WEIGHT_KEY, reply_site
 
-SITE_INDEX_KEY = "site-index"  # optional metric: the replying site's index in `sites`
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class ValidatedStrategy(Strategy):
     """
 
     def __init__(self, strategy: Strategy, reference: ArrayRecord, *, max_norm_ratio: float = 5.0,
-                 weight_key: str = "num-examples", sites: Sequence[str] = (), transfer_dtype: str = "float32",
+                 weight_key: str = WEIGHT_KEY, sites: Sequence[str] = (), transfer_dtype: str = "float32",
                  on_reject: Callable[[Rejection], None] | None = None,
                  on_replies: Callable[[int, list[Message]], None] | None = None) -> None:
         if max_norm_ratio != 0 and max_norm_ratio < 1:
@@ -169,7 +169,8 @@ def validate_replies(server_round: int, replies: list[Message], global_arrays: d
                 reasons[i] = f"update norm {norm:.4g} exceeds {max_norm_ratio:g} x the round's median {median:.4g}"
 
     kept = [msg for i, msg in enumerate(replies) if i not in reasons]
-    rejected = [Rejection(server_round, replies[i].metadata.src_node_id, site_name(replies[i], sites), reason)
+    rejected = [Rejection(server_round, replies[i].metadata.src_node_id, reply_site(reply_metrics(replies[i]), sites),
+                          reason)
                 for i, reason in sorted(reasons.items())]
     return kept, rejected
 
@@ -217,13 +218,12 @@ def update_norm(arrays: ArrayRecord, global_arrays: dict[str, np.ndarray]) -> fl
     return math.sqrt(total)
 
 
-def metric_keys(msg: Message) -> frozenset[str]:
-    return frozenset(next(iter(msg.content.metric_records.values())).keys())
-
-
-def site_name(msg: Message, sites: Sequence[str]) -> str | None:
-    """The replying site's name, if its reply carries a valid `site-index` metric."""
+def reply_metrics(msg: Message) -> MetricRecord | None:
+    """The one MetricRecord of a well-formed reply (fedssl/protocol.py), else None."""
     if msg.has_error() or len(msg.content.metric_records) != 1:
         return None
-    index = next(iter(msg.content.metric_records.values())).get(SITE_INDEX_KEY)
-    return sites[index] if isinstance(index, int) and 0 <= index < len(sites) else None
+    return next(iter(msg.content.metric_records.values()))
+
+
+def metric_keys(msg: Message) -> frozenset[str]:
+    return frozenset(reply_metrics(msg).keys())

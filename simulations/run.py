@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import io
 import json
 import os
 import queue
@@ -46,19 +47,21 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
 from fedssl.config import ConfigError
-from fedssl.deploy import FAST_POLLING_ENV
 from fedssl.report import epsilon_by_site, read_metrics, write_report
 from fedssl.runfolder import RUN_STATE, RunFolder
-from simulations.processes import TOKEN_VARIABLE, free_port, marked_processes, pid_alive, stop_pids  # noqa: F401
-from simulations.processes import terminate as _terminate
+from ops.bundle import stage_app
+from ops.deploy import FAST_POLLING_ENV
+from ops.processes import TOKEN_VARIABLE, free_port, marked_processes, pid_alive, stop_pids, terminate
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONNECTION = "fedssl-local"  # the SuperLink connection written to the run's FLWR_HOME
 PROGRESS_MARK = "fedssl |"  # log lines of the fedssl ServerApp/ClientApp shown to the user
 DONE_MARK = "fedssl | done:"  # the ServerApp's last line
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-APP_SUFFIXES = {".py", ".toml", ".yaml", ".yml", ".json", ".md"}  # what Flower puts in an app bundle
 STARTUP_SECONDS = 300.0  # on top of the scenario's own timeouts: Flower, Ray and the first probe starting
 EXIT_SECONDS = 60.0  # for `flwr run` to exit once its output has ended
 
@@ -366,10 +369,10 @@ class LocalSimulation:
     def stop(self) -> None:
         """Stop the CLI, the SuperLink and every process they started; verify none is left."""
         if self.cli is not None and self.cli.poll() is None:
-            _terminate(self.cli, grace=5)
+            terminate(self.cli, grace=5)
         if self.superlink is not None and self.superlink.poll() is None:
             self.seen_pids |= set(marked_processes(self.token))
-            _terminate(self.superlink, grace=15)  # SIGTERM: it stops its SuperExec itself
+            terminate(self.superlink, grace=15)  # SIGTERM: it stops its SuperExec itself
         self._stop_watch.set()
         if self._watcher is not None:
             self._watcher.join(timeout=5)
@@ -471,35 +474,6 @@ class LocalSimulation:
         return run.get("status", "unknown"), run.get("status-details", "")
 
 
-def stage_app(target: Path) -> Path:
-    """Copy the Flower App (pyproject.toml + the project's packages) to `target` and return it.
-
-    `flwr run <dir>` walks every file under <dir> to build the app bundle; on the project root that
-    includes .venv (tens of thousands of files, ~5 s) and earlier runs. The copy is also a record
-    of the exact code a run used.
-    """
-    import tomllib
-
-    pyproject = PROJECT_ROOT / "pyproject.toml"
-    if not pyproject.exists():
-        raise FederationError(f"no pyproject.toml in {PROJECT_ROOT}: run from a source checkout "
-                              "installed with `pip install -e .`")
-    config = tomllib.loads(pyproject.read_text())
-    patterns = config["tool"]["setuptools"]["packages"]["find"]["include"]
-    packages = sorted({p.split(".")[0].rstrip("*") for p in patterns})
-    if target.exists():
-        shutil.rmtree(target)
-    target.mkdir(parents=True)
-    shutil.copy2(pyproject, target / "pyproject.toml")
-    for package in packages:
-        for source in (PROJECT_ROOT / package).rglob("*"):
-            if source.suffix in APP_SUFFIXES and source.is_file() and "__pycache__" not in source.parts:
-                destination = target / source.relative_to(PROJECT_ROOT)
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(source, destination)
-    return target
-
-
 # -- processes ----------------------------------------------------------------------------------
 
 def _raise_on_sigterm():
@@ -529,20 +503,22 @@ def _usable_cpus() -> int:
 # -- results ------------------------------------------------------------------------------------
 
 def summary_table(summary: dict) -> str:
-    """Macro AUROC with its 95 % interval per encoder, and federated minus each other encoder."""
+    """Macro AUROC with its 95 % interval per encoder, and federated minus each other encoder, as
+    plain text (it goes to `echo`, which may be a log rather than a terminal)."""
     def interval(value, ci95) -> str:
         return "-" if value is None else f"{value:.3f} [{ci95[0]:.3f}, {ci95[1]:.3f}]" if ci95 else f"{value:.3f}"
 
-    rows = [(name, interval(e["macro_auroc"], e.get("ci95")),
-             interval(e["federated_minus"]["mean"], e["federated_minus"]["ci95"]) if "federated_minus" in e else "")
-            for name, e in summary["encoders"].items()]
-    width = max([len("encoder")] + [len(name) for name, _, _ in rows])
-    lines = [f"{'encoder':<{width}}  {'macro AUROC [95 % CI]':<22}  federated minus this",
-             f"{'-' * width}  {'-' * 22}  {'-' * 22}"]
-    lines += [f"{name:<{width}}  {value:<22}  {minus}".rstrip() for name, value, minus in rows]
-    lines.append(f"{summary['rounds']} rounds, {len(summary['sites'])} sites, "
-                 f"{summary['wall_seconds']:.0f}s; summary: {Path(summary['run_dir']) / 'summary.json'}")
-    return "\n".join(lines)
+    table = Table("encoder", "macro AUROC [95 % CI]", "federated minus this", box=box.SIMPLE_HEAD,
+                  caption=f"{summary['rounds']} rounds, {len(summary['sites'])} sites, {summary['wall_seconds']:.0f}s; "
+                          f"summary: {Path(summary['run_dir']) / 'summary.json'}", caption_justify="left")
+    for name, e in summary["encoders"].items():
+        minus = e.get("federated_minus")
+        table.add_row(name, interval(e["macro_auroc"], e.get("ci95")),
+                      interval(minus["mean"], minus["ci95"]) if minus else "")
+    console = Console(width=120, color_system=None, force_terminal=False, file=io.StringIO())
+    with console.capture() as captured:
+        console.print(table)
+    return "\n".join(line.rstrip() for line in captured.get().splitlines()).strip("\n")
 
 
 def tail(path: Path, lines: int = 40) -> str:

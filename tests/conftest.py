@@ -1,18 +1,37 @@
-"""Shared fixtures: small scenarios that keep the suite fast on two cores."""
+"""Shared fixtures and helpers: small scenarios that keep the suite fast on two cores, WFDB record
+writers, a finished run folder, the loopback deployment harness. Test modules import helpers from
+here, never from each other."""
 
 from __future__ import annotations
 
+import copy
+import csv
+import dataclasses
+import json
+import os
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-import dataclasses
+import wfdb
+from scipy.io import savemat
 
 from fedssl.config import (DataConfig, EvaluationConfig, FederationConfig, ModelConfig, ObjectiveConfig, Scenario,
-                           SiteConfig, SyntheticSiteConfig, TrainConfig)
-from fedssl.data.windows import RecordInfo, WindowSet
+                           SiteConfig, SyntheticSiteConfig, TrainConfig, load_scenario, save_scenario)
+from fedssl.data.synthetic import write_synthetic_site
+from fedssl.data.windows import STANDARD_LEADS, RecordInfo, WindowSet
+from fedssl.export import export_run
+from fedssl.objectives import build_objective
+from ops.bundle import stage_app
+from ops.deploy import Certificates, NodeKey, make_node_key
+from ops.processes import TOKEN_VARIABLE, free_port, marked_processes, pid_alive, stop_pids, terminate
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -20,6 +39,29 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 @pytest.fixture(autouse=True)
 def _one_thread():
     torch.set_num_threads(1)
+
+
+def stamp_messages_as_run_one(patch: pytest.MonkeyPatch) -> None:
+    """flwr 1.41 stamps every new Message with the run, node and task of the Flower process it is
+    made in (TaskIdentity); a test that makes Messages outside one gives them all id 1."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attribute in ("_run_id", "_node_id", "_task_id"):
+        patch.setattr(TaskIdentity, attribute, 1)
+
+
+@pytest.fixture
+def flower_messages(monkeypatch):
+    """New Messages can be made in this test (see `stamp_messages_as_run_one`)."""
+    stamp_messages_as_run_one(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def module_flower_messages():
+    """`flower_messages` for a module-scoped fixture."""
+    with pytest.MonkeyPatch.context() as patch:
+        stamp_messages_as_run_one(patch)
+        yield
 
 
 def small_scenario(objective: str = "hybrid", **objective_kwargs) -> Scenario:
@@ -52,3 +94,384 @@ def random_windows(n: int = 16, samples: int = 200, seed: int = 0, missing: tupl
     windows = windows.astype(np.float32) * mask[..., None]
     records = tuple(RecordInfo(f"r{i}", None, ()) for i in range(n))
     return WindowSet(windows, mask, np.arange(n), records)
+
+
+# -- WFDB records written by hand or with wfdb -------------------------------------------------
+
+CFG = DataConfig(window_seconds=2.0)  # 2-s windows keep the test records small
+
+
+GAIN = 1000.0  # adu per mV, as in CinC 2021: far from the ADC limits for ECG amplitudes
+
+
+THREE = ("I", "II", "V1")
+
+
+def ecg_like(seconds: float, fs: float, leads: int, seed: int = 0) -> np.ndarray:
+    """(T, leads) in mV: 75-bpm R waves over a slow wave, scaled per lead, with a little noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(round(seconds * fs)) / fs
+    wave = np.exp(-(((t % 0.8) - 0.3) ** 2) / (2 * 0.01**2)) + 0.2 * np.sin(2 * np.pi * 1.25 * t)
+    return wave[:, None] * rng.uniform(0.5, 1.5, leads) + 0.01 * rng.standard_normal((len(t), leads))
+
+
+def write_record(folder: Path, name: str = "r", leads=THREE, fs: float = 250, seconds: float = 4.0,
+                 signal: np.ndarray | None = None, units: str = "mV", comments=(),
+                 gain: float = GAIN) -> Path:
+    """Write a 16-bit WFDB record (NaN becomes WFDB's invalid sample) and return its header."""
+    if signal is None:
+        signal = ecg_like(seconds, fs, len(leads))
+    digital = np.where(np.isnan(signal), -32768, np.round(np.nan_to_num(signal) * gain)).astype(np.int64)
+    folder.mkdir(parents=True, exist_ok=True)
+    wfdb.wrsamp(name, fs=fs, units=[units] * len(leads), sig_name=list(leads), d_signal=digital,
+                fmt=["16"] * len(leads), adc_gain=[gain] * len(leads), baseline=[0] * len(leads),
+                comments=list(comments), write_dir=str(folder))
+    return folder / f"{name}.hea"
+
+
+def edit_header(header: Path, old: str, new: str, count: int = 1) -> Path:
+    text = header.read_text()
+    assert old in text, f"{old!r} not in {text!r}"
+    header.write_text(text.replace(old, new, count))
+    return header
+
+
+def write_mat_record(folder: Path, name: str, dx: str, fs: int = 500, seconds: float = 4.0) -> Path:
+    """A CinC 2021 record: WFDB header naming a MATLAB v4 file that holds `val` (12, T) int16."""
+    val = np.round(ecg_like(seconds, fs, 12).T * GAIN).astype(np.int16)
+    folder.mkdir(parents=True, exist_ok=True)
+    savemat(folder / f"{name}.mat", {"val": val}, format="4")
+    lines = [f"{name} 12 {fs} {val.shape[1]}"]
+    lines += [f"{name}.mat 16x1+24 1000.0(0)/mV 16 0 {val[i, 0]} 0 0 {lead}"
+              for i, lead in enumerate(STANDARD_LEADS)]
+    lines += ["# Age: 64", "# Sex: Female", f"# Dx: {dx}", "# Rx: Unknown"]
+    (folder / f"{name}.hea").write_text("\n".join(lines) + "\n")
+    return folder / f"{name}.hea"
+
+
+def write_ptbxl_csv(folder: Path, rows: list[tuple[int, str, str]]) -> Path:
+    """rows: (ecg_id, patient_id, scp_codes) for records `<ecg_id:05d>_lr`."""
+    path = folder / "ptbxl_database.csv"
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["ecg_id", "patient_id", "age", "scp_codes", "filename_lr", "filename_hr"])
+        for ecg_id, patient, codes in rows:
+            writer.writerow([ecg_id, patient, 60, codes, f"records100/00000/{ecg_id:05d}_lr",
+                             f"records500/00000/{ecg_id:05d}_hr"])
+    return path
+
+
+# -- a small valid scenario and changes to it; Flower must not start ---------------------------
+
+SITE = {"records": 4, "duration_seconds": 4.0, "sample_rate": 250}
+
+
+VALID = {
+    "name": "bad-input",
+    "data": {"window_seconds": 2.0},
+    "train": {"batch_size": 4, "local_steps": 2},
+    "federation": {"rounds": 2, "min_sites": 2},
+    "evaluation": {"synthetic": {**SITE, "records": 20}},
+    "sites": [{"name": "a", "synthetic": dict(SITE)}, {"name": "b", "synthetic": dict(SITE)}],
+}
+
+
+UNSET = object()
+
+
+def changed(changes: dict) -> dict:
+    """VALID with `changes` applied: {"a.b": value} sets, {"a.b": UNSET} removes."""
+    scenario = copy.deepcopy(VALID)
+    for dotted, value in changes.items():
+        *parents, last = dotted.split(".")
+        node = scenario
+        for part in parents:
+            name, _, index = part.partition("[")
+            node = node.setdefault(name, {})
+            if index:
+                node = node[int(index.rstrip("]"))]
+        if value is UNSET:
+            node.pop(last, None)
+        else:
+            node[last] = value
+    return scenario
+
+
+class FlowerStarted(BaseException):
+    """Raised where the runner would start Flower: not an Exception, so no handler turns it into exit code 2."""
+
+
+@pytest.fixture
+def no_flower(monkeypatch):
+    """Starting Flower fails the test at once (a check that comes too late would otherwise cost a
+    minute, or hang forever as `fraction_train: 2` did)."""
+    import simulations.run
+
+    def start(self):
+        raise FlowerStarted(f"Flower was started in {self.run_dir}")
+
+    monkeypatch.setattr(simulations.run.LocalSimulation, "start", start)
+
+
+# -- a finished run folder, its export, records to embed ---------------------------------------
+
+RECORDS = SyntheticSiteConfig(records=3, duration_seconds=4.0, sample_rate=250)
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A finished two-site run: its scenario, two rounds of metrics and a trained-looking encoder."""
+    scenario = two_site_scenario("generative", records=4)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_scenario(scenario, run / "scenario.yaml")
+    encoder = build_objective(scenario).encoder
+    generator = torch.Generator().manual_seed(0)
+    state = {k: v + 0.01 * torch.randn(v.shape, generator=generator) for k, v in encoder.state_dict().items()}
+    torch.save(state, run / "encoder.pt")
+    rounds = [{"round": r, "loss": 1.0 / r, "probe_macro_auroc": 0.6 + 0.1 * r, "seconds": 1.0, "probe_seconds": 0.1,
+               "sites": 2, "site_windows": {"a": 8, "b": 6}, "examples": 14, "rejected": [], "epsilon": {},
+               "delta": {}, "declined": [], "errors": []} for r in (1, 2)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
+    return run
+
+
+@pytest.fixture
+def exported(run_dir, tmp_path):
+    return export_run(run_dir, tmp_path / "export")
+
+
+def write_records(folder):
+    """Three synthetic records (two 2-s windows each) and one broken header."""
+    write_synthetic_site(folder, RECORDS, seed=3)
+    (folder / "broken.hea").write_text("broken 12 500 5000\n")
+    return folder
+
+
+# -- a tiny two-site federation and the Grid its strategies sample -----------------------------
+
+TINY = """
+name: tiny-federation
+seed: 3
+data: {window_seconds: 2.0}
+model: {size: tiny}
+train: {batch_size: 8, local_steps: 3, threads: 1}
+federation: {rounds: 2, min_sites: 2}
+evaluation:
+  synthetic: {records: 24, sample_rate: 250, duration_seconds: 4.0}
+  every_round: false
+  local_baselines: false
+sites:
+  - name: north
+    synthetic: {records: 6, sample_rate: 250, duration_seconds: 4.0}
+  - name: south
+    synthetic: {records: 6, sample_rate: 500, duration_seconds: 4.0, mains_hz: 60.0,
+                missing_leads: [V4, V5, V6]}
+"""
+
+
+class NodeGrid:
+    """The part of a Grid that strategies use to sample nodes: these node ids."""
+
+    def __init__(self, nodes=(11, 12)) -> None:
+        self.nodes = list(nodes)
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
+def load_scenario_text(folder):
+    (folder / "tiny.yaml").write_text(TINY)
+    return load_scenario(folder / "tiny.yaml")
+
+
+# -- labelled windows with one linearly separable class ----------------------------------------
+
+def labelled(n, seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    windows = rng.standard_normal((n, 12, 50)).astype(np.float32)
+    windows[:, 0] += labels[:, None] * 2.0  # class A shifts lead I
+    records = tuple(RecordInfo(f"r{i}", None, ("A",) if y else ("B",)) for i, y in enumerate(labels))
+    return WindowSet(windows, np.ones((n, 12), bool), np.arange(n), records)
+
+
+# -- a real federation of separate processes on loopback ---------------------------------------
+
+SITES = ("hospital_a", "clinic_b", "cardiology_c")
+
+
+CONNECTION = "fedssl-deploy"
+
+
+STOP_LIMIT = 60  # s a stop may take before a process still running counts as left behind
+
+
+BIN = Path(sys.executable).parent
+
+
+class Deployment:
+    """The processes of one loopback deployment; all carry `FEDSSL_FLOWER_RUN=<token>`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.token = uuid.uuid4().hex
+        self.port = free_port()
+        self.logs = root / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.processes: list[subprocess.Popen] = []
+        self.seen: set[int] = set()
+        self.env = {
+            **os.environ,
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # SuperExec is found via PATH
+            "FLWR_HOME": str(root / "flwr-home"),
+            TOKEN_VARIABLE: self.token,
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "PYTHONUNBUFFERED": "1",
+            "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
+        }
+        self.env.pop("RAY_ADDRESS", None)
+
+    def start(self, name: str, command: list[str], cwd: Path | None = None, **env: str) -> subprocess.Popen:
+        with (self.logs / f"{name}.log").open("ab") as log:
+            process = subprocess.Popen(command, env={**self.env, **env}, cwd=cwd or self.root, stdout=log,
+                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.processes.append(process)
+        self.seen.add(process.pid)
+        return process
+
+    def run(self, name: str, command: list[str], timeout: float, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        """Run a command to completion (killed by pid at the timeout); output in logs/<name>.log."""
+        return self.finish(name, self.start(name, command, cwd), timeout)
+
+    def finish(self, name: str, process: subprocess.Popen, timeout: float) -> subprocess.CompletedProcess:
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            terminate(process, grace=5)
+        return subprocess.CompletedProcess(process.args, process.returncode, self.log(name))
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def flwr(self, name: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return self.run(name, [str(BIN / "flwr"), *args], timeout)
+
+    def watch(self) -> None:
+        self.seen |= set(marked_processes(self.token))
+
+    def configure_cli(self, ca_cert: Path) -> None:
+        """The `flwr` CLI's connection (FLWR_HOME/config.toml) to this deployment's SuperLink."""
+        (self.root / "flwr-home").mkdir(exist_ok=True)
+        (self.root / "flwr-home" / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{ca_cert}"\n')
+
+    def start_superlink(self, certs: Certificates, database: Path, **env: str) -> subprocess.Popen:
+        """`flower-superlink` with TLS, node authentication and a state database; waits until healthy."""
+        superlink = self.start("superlink", [
+            str(BIN / "flower-superlink"),
+            "--ssl-ca-certfile", str(certs.ca_cert),
+            "--ssl-certfile", str(certs.server_cert),
+            "--ssl-keyfile", str(certs.server_key),
+            "--enable-supernode-auth",
+            "--database", str(database),
+            "--disable-runtime-dependency-installation",
+            "--host", "127.0.0.1", "--port", str(self.port),
+        ], cwd=database.parent, **env)
+        deadline = time.monotonic() + 60
+        while not superlink_healthy(self.port, certs.ca_cert):
+            assert superlink.poll() is None, self.log("superlink")
+            assert time.monotonic() < deadline, "SuperLink not healthy within 60 s\n" + self.log("superlink")
+            time.sleep(0.3)
+        self.watch()
+        return superlink
+
+    def register(self, site: str, key: NodeKey) -> int:
+        """`flwr supernode register <site>.key.pub --name <site>`; the node id."""
+        result = self.flwr(f"register-{site}", "supernode", "register", str(key.public_key), CONNECTION,
+                           "--name", site, "--format", "json")
+        assert result.returncode == 0, result.stdout
+        return int(flwr_json(result)["node-id"])
+
+    def supernode(self, *extra: str, key: Path | None, site: str, cwd: Path, node_config: str = "") -> list[str]:
+        """A `flower-supernode` command for `site`, with its window cache and state under `cwd`."""
+        command = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+                   "--port", str(free_port()), "--host", "127.0.0.1", *extra, "--node-config",
+                   f"site='{site}' data-folder='{cwd / 'cache'}' state-folder='{cwd / 'state'}' {node_config}".strip()]
+        return command + (["--auth-supernode-private-key", str(key)] if key else [])
+
+    def start_hospital(self, site: str, key: NodeKey, home: Path, ca_cert: Path, node_config: str = "",
+                       **env: str) -> subprocess.Popen:
+        """The SuperNode of the hospital at `home` (its own FLWR_HOME, cache and state folder)."""
+        command = self.supernode("--root-certificates", str(ca_cert), key=key.private_key, site=site, cwd=home,
+                                 node_config=node_config)
+        return self.start(f"supernode-{site}", command, cwd=home, FLWR_HOME=str(home / "flwr-home"), **env)
+
+    def submit(self, name: str, run_config: dict) -> subprocess.Popen:
+        """Start `flwr run --stream` of a staged copy of the app with `run_config` (logs/<name>.log)."""
+        app = self.root / "coordinator" / "app"
+        if not app.exists():
+            stage_app(app)
+        overrides = self.root / "coordinator" / f"{name}.toml"
+        overrides.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in run_config.items()))
+        return self.start(name, [str(BIN / "flwr"), "run", str(app), CONNECTION, "--stream",
+                                 "--run-config", str(overrides)])
+
+    def flwr_run(self, name: str, run_config: dict, timeout: float) -> subprocess.CompletedProcess:
+        """`flwr run` to its end (killed at `timeout`)."""
+        return self.finish(name, self.submit(name, run_config), timeout)
+
+    def stop(self) -> list[int]:
+        """Stop every process by pid (SuperNodes first, then the SuperLink); return survivors.
+
+        Survivors are the processes still running after `STOP_LIMIT` s of stopping that carry
+        the deployment's mark or that it started: not every pid in `seen`, which by then may be
+        another user's process (pids are reused) or a killed process the kernel is still tearing
+        down (slow on a loaded machine; its environment, and so its mark, is already gone).
+        """
+        self.watch()
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                terminate(process, grace=15)
+        deadline = time.monotonic() + STOP_LIMIT
+        while (left := self.running()) and time.monotonic() < deadline:
+            self.seen |= set(left)
+            stop_pids(left)
+        return left
+
+    def running(self) -> list[int]:
+        """Pids of this deployment's processes that still run."""
+        marked = {p for p in marked_processes(self.token) if pid_alive(p)}
+        return sorted(marked | {p.pid for p in self.processes if p.poll() is None})
+
+
+def hospitals(root: Path, scenario_text: str) -> tuple[dict[str, NodeKey], Path]:
+    """Each site's key pair and WFDB folder under root/hospitals/<site>; the scenario naming them."""
+    keys, sites = {}, []
+    for index, site in enumerate(SITES):
+        home = root / "hospitals" / site
+        keys[site] = make_node_key(home / "keys", site)
+        write_synthetic_site(home / "records", SyntheticSiteConfig(records=6, sample_rate=250 * (index + 1),
+                                                                   duration_seconds=4.0), seed=index)
+        sites.append(f"  - name: {site}\n    folder: {home / 'records'}")
+    scenario_path = root / "coordinator" / "scenario.yaml"
+    scenario_path.parent.mkdir(parents=True, exist_ok=True)
+    scenario_path.write_text(scenario_text.format(sites="\n".join(sites)))
+    return keys, scenario_path
+
+
+def superlink_healthy(port: int, ca: Path) -> bool:
+    context = ssl.create_default_context(cafile=str(ca))
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context))
+    try:
+        with opener.open(f"https://127.0.0.1:{port}/health", timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def flwr_json(result: subprocess.CompletedProcess) -> dict:
+    return json.loads(result.stdout[result.stdout.index("{"):])

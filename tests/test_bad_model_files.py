@@ -12,8 +12,7 @@ from safetensors.torch import load_file, save_file
 from fedssl.cli import main
 from fedssl.config import save_scenario
 from fedssl.export import WEIGHTS
-from tests.conftest import two_site_scenario
-from tests.test_export import exported, run_dir, write_records  # noqa: F401 - fixtures
+from tests.conftest import two_site_scenario, write_records
 
 
 class RunsCode:

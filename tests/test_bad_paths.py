@@ -19,9 +19,9 @@ import yaml
 from fedssl.cli import main
 from fedssl.config import ConfigError
 from fedssl.runfolder import RunFolder, UnsafePathError, inside
-from simulations.processes import TOKEN_VARIABLE, pid_alive
+from ops.processes import TOKEN_VARIABLE, pid_alive
 from simulations.run import LocalSimulation, prepare_run_folder
-from tests.test_bad_scenarios import VALID, no_flower  # noqa: F401 - fixture
+from tests.conftest import VALID
 
 EARLIER_RUN = {  # what a finished run leaves, site state included
     "scenario.yaml": "name: old\n",

@@ -14,9 +14,7 @@ from fedssl.config import Scenario, from_dict
 from fedssl.data.site import SiteDataError, build_site
 from fedssl.export import embed_folder
 from simulations.run import materialise_data
-from tests.test_bad_scenarios import UNSET, changed
-from tests.test_export import exported, run_dir  # noqa: F401 - fixtures
-from tests.test_records import CFG, write_record
+from tests.conftest import CFG, UNSET, changed, write_record
 
 
 def no_signals(folder):

@@ -6,7 +6,6 @@ Each case is a change to a small valid scenario (dotted keys; `sites[i]` indexes
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
@@ -14,35 +13,7 @@ import yaml
 
 from fedssl.cli import main
 from fedssl.config import CONDITIONS
-
-SITE = {"records": 4, "duration_seconds": 4.0, "sample_rate": 250}
-VALID = {
-    "name": "bad-input",
-    "data": {"window_seconds": 2.0},
-    "train": {"batch_size": 4, "local_steps": 2},
-    "federation": {"rounds": 2, "min_sites": 2},
-    "evaluation": {"synthetic": {**SITE, "records": 20}},
-    "sites": [{"name": "a", "synthetic": dict(SITE)}, {"name": "b", "synthetic": dict(SITE)}],
-}
-UNSET = object()
-
-
-def changed(changes: dict) -> dict:
-    """VALID with `changes` applied: {"a.b": value} sets, {"a.b": UNSET} removes."""
-    scenario = copy.deepcopy(VALID)
-    for dotted, value in changes.items():
-        *parents, last = dotted.split(".")
-        node = scenario
-        for part in parents:
-            name, _, index = part.partition("[")
-            node = node.setdefault(name, {})
-            if index:
-                node = node[int(index.rstrip("]"))]
-        if value is UNSET:
-            node.pop(last, None)
-        else:
-            node[last] = value
-    return scenario
+from tests.conftest import UNSET, VALID, changed
 
 
 # case id -> (changes, fragment of the one-line message)
@@ -134,22 +105,6 @@ def test_check_refuses_in_one_line(case, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("fedssl check: ") and err.count("\n") == 1, err
     assert fragment in err, err
-
-
-class FlowerStarted(BaseException):
-    """Raised where the runner would start Flower: not an Exception, so no handler turns it into exit code 2."""
-
-
-@pytest.fixture
-def no_flower(monkeypatch):
-    """Starting Flower fails the test at once (a check that comes too late would otherwise cost a
-    minute, or hang forever as `fraction_train: 2` did)."""
-    import simulations.run
-
-    def start(self):
-        raise FlowerStarted(f"Flower was started in {self.run_dir}")
-
-    monkeypatch.setattr(simulations.run.LocalSimulation, "start", start)
 
 
 @pytest.mark.parametrize("case", {**BAD, **BAD_NAMES})

@@ -18,17 +18,17 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import get_privacy_spent
 
-from client.app import PRIVACY_BUDGET_CODE, PRIVACY_BUDGET_REASON
 from fedssl.config import ConfigError, FederationConfig
+from fedssl.protocol import PRIVACY_BUDGET_CODE, PRIVACY_BUDGET_REASON
 from server.app import check_federation, make_strategy
 from server.central_dp import CENTRAL_DP, FixedDenominator, SiteLevelAccountant
 from server.metrics import RoundTracker
 from server.validation import ValidatedStrategy
 from simulations.run import run_scenario
+from tests.conftest import NodeGrid
 
 CENTRAL_DP_FEDERATION = """
 name: central-dp
@@ -99,23 +99,14 @@ def test_a_site_declining_under_central_dp_counts_as_a_zero_update(central_feder
 # -- the aggregation without a simulation engine -----------------------------------------------------
 
 
-class TwoNodes:
-    """The part of Flower's Grid that FedAvg's sampling uses."""
-
-    def get_node_ids(self):
-        return [11, 22]
-
-
-def run_round(tmp_path, monkeypatch, fed: FederationConfig, updates: dict[int, torch.Tensor | None], size: int):
+def run_round(tmp_path, fed: FederationConfig, updates: dict[int, torch.Tensor | None], size: int):
     """One round of `make_strategy(fed)` from a zero global model; `updates[node]` None: the node
     declines. Returns the new global `w` and the tracker."""
-    for attribute in ("_run_id", "_node_id", "_task_id"):  # flwr stamps new Messages with the process' run
-        monkeypatch.setattr(TaskIdentity, attribute, 1)
     reference = {"encoder.w": torch.zeros(size)}
     tracker = RoundTracker(tmp_path, 1, reference, sites=("north", "south"))
     strategy = make_strategy(fed, 2, tracker)
     sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, ArrayRecord(reference), ConfigRecord(),
-                                                                         TwoNodes())}
+                                                                         NodeGrid((11, 22)))}
     replies = []
     for index, (node, update) in enumerate(updates.items()):
         if update is None:
@@ -129,14 +120,14 @@ def run_round(tmp_path, monkeypatch, fed: FederationConfig, updates: dict[int, t
     return arrays.to_torch_state_dict()["encoder.w"], tracker, strategy
 
 
-def test_the_mean_is_unweighted_clipped_and_a_declined_site_is_zero(tmp_path, monkeypatch):
+def test_the_mean_is_unweighted_clipped_and_a_declined_site_is_zero(tmp_path, flower_messages):
     fed = FederationConfig(central_dp="server", central_noise_multiplier=1e-4, central_clipping_norm=2.0,
                            central_delta=1e-5)
     north = torch.tensor([3.0, 4.0, 0.0, 0.0])  # norm 5: clipped to 2
     south = torch.tensor([0.0, 0.0, 1.0, 0.0])  # norm 1, ten times north's windows... weighed the same
-    w, tracker, _ = run_round(tmp_path / "both", monkeypatch, fed, {11: north, 22: south}, 4)
+    w, tracker, _ = run_round(tmp_path / "both", fed, {11: north, 22: south}, 4)
     torch.testing.assert_close(w, (north * 2 / 5 + south) / 2, atol=1e-3, rtol=0)
-    w, tracker, strategy = run_round(tmp_path / "declined", monkeypatch, fed, {11: north, 22: None}, 4)
+    w, tracker, strategy = run_round(tmp_path / "declined", fed, {11: north, 22: None}, 4)
     torch.testing.assert_close(w, north * 2 / 5 / 2, atol=1e-3, rtol=0)  # south counts as zero: / 2, not / 1
     record = tracker.finish_round(1, ArrayRecord({"encoder.w": w}), None, 0.0, expected=2)
     assert record["sites"] == 1 and record["loss"] == pytest.approx(1.0)  # losses: the real replies only
@@ -145,10 +136,10 @@ def test_the_mean_is_unweighted_clipped_and_a_declined_site_is_zero(tmp_path, mo
     assert isinstance(strategy.strategy, FixedDenominator)
 
 
-def test_the_noise_is_calibrated_to_the_fixed_denominator(tmp_path, monkeypatch):
+def test_the_noise_is_calibrated_to_the_fixed_denominator(tmp_path, flower_messages):
     fed = FederationConfig(central_dp="client", central_noise_multiplier=0.5, central_clipping_norm=2.0)
     zero = torch.zeros(20_000)
-    w, _, _ = run_round(tmp_path, monkeypatch, fed, {11: zero, 22: None}, len(zero))
+    w, _, _ = run_round(tmp_path, fed, {11: zero, 22: None}, len(zero))
     assert w.std().item() == pytest.approx(0.5 * 2.0 / 2, rel=0.03)  # sigma C / n with n = 2 sampled sites
 
 

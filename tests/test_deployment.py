@@ -12,34 +12,25 @@ is stopped by pid. Run it (like everything that starts Flower) under the shared 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import re
 import sqlite3
 import ssl
-import subprocess
 import sys
 import time
-import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import VerificationError
 
-from fedssl.config import SyntheticSiteConfig
-from fedssl.data.synthetic import write_synthetic_site
-from fedssl.deploy import (Certificates, NodeKey, load_node_key, load_node_public_key, make_certificates,
-                           make_node_key, register, verify_server_certificate)
-from simulations.processes import TOKEN_VARIABLE, free_port, marked_processes, pid_alive, stop_pids, terminate
-from simulations.run import stage_app
+from fedssl.cli import main
+from ops.deploy import make_certificates, make_node_key, verify_server_certificate
+from tests.conftest import CONNECTION, SITES, Deployment, flwr_json, hospitals
 
-SITES = ("hospital_a", "clinic_b", "cardiology_c")
-CONNECTION = "fedssl-deploy"
-STOP_LIMIT = 60  # s a stop may take before a process still running counts as left behind
-BIN = Path(sys.executable).parent
 
 SCENARIO = """
 name: deployment-test
@@ -59,6 +50,24 @@ sites:
 
 
 # -- key material -------------------------------------------------------------------------------
+
+def load_node_key(private_key: str | Path) -> ec.EllipticCurvePrivateKey:
+    """Load a node private key as flower-supernode does (OpenSSH, EC); raise ValueError otherwise."""
+    key = serialization.load_ssh_private_key(Path(private_key).read_bytes(), None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{private_key}: not an EC private key")
+    return key
+
+
+def load_node_public_key(public_key: str | Path) -> ec.EllipticCurvePublicKey:
+    """Load a node public key as `flwr supernode register` does (OpenSSH, NIST EC curve)."""
+    key = serialization.load_ssh_public_key(Path(public_key).read_bytes())
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise ValueError(f"{public_key}: not an EC public key")
+    if key.curve.name not in ("secp256r1", "secp384r1", "secp521r1"):
+        raise ValueError(f"{public_key}: curve {key.curve.name} is not a NIST curve")
+    return key
+
 
 def test_certificate_chain_verifies_for_loopback_only(tmp_path):
     certs = make_certificates(tmp_path / "certs")
@@ -101,180 +110,14 @@ def test_node_key_loads_as_flower_expects(tmp_path):
 
 
 def test_cli_subcommands(tmp_path, capsys):
-    top = argparse.ArgumentParser(prog="fedssl")
-    register(top.add_subparsers(dest="command", required=True))
-    args = top.parse_args(["certs", str(tmp_path / "c"), "--host", "lead.example.org"])
-    args.run(args)
+    assert main(["certs", str(tmp_path / "c"), "--host", "lead.example.org"]) == 0
     verify_server_certificate(tmp_path / "c" / "server.pem", tmp_path / "c" / "ca.crt", "lead.example.org")
-    args = top.parse_args(["node-key", str(tmp_path / "k"), "--site", "clinic_b"])
-    args.run(args)
+    assert main(["node-key", str(tmp_path / "k"), "--site", "clinic_b"]) == 0
     load_node_key(tmp_path / "k" / "clinic_b.key")
     assert "flwr supernode register" in capsys.readouterr().out
 
 
 # -- a real federation on loopback ----------------------------------------------------------------
-
-class Deployment:
-    """The processes of one loopback deployment; all carry `FEDSSL_FLOWER_RUN=<token>`."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.token = uuid.uuid4().hex
-        self.port = free_port()
-        self.logs = root / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.processes: list[subprocess.Popen] = []
-        self.seen: set[int] = set()
-        self.env = {
-            **os.environ,
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # SuperExec is found via PATH
-            "FLWR_HOME": str(root / "flwr-home"),
-            TOKEN_VARIABLE: self.token,
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "PYTHONUNBUFFERED": "1",
-            "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
-        }
-        self.env.pop("RAY_ADDRESS", None)
-
-    def start(self, name: str, command: list[str], cwd: Path | None = None, **env: str) -> subprocess.Popen:
-        with (self.logs / f"{name}.log").open("ab") as log:
-            process = subprocess.Popen(command, env={**self.env, **env}, cwd=cwd or self.root, stdout=log,
-                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        self.processes.append(process)
-        self.seen.add(process.pid)
-        return process
-
-    def run(self, name: str, command: list[str], timeout: float, cwd: Path | None = None) -> subprocess.CompletedProcess:
-        """Run a command to completion (killed by pid at the timeout); output in logs/<name>.log."""
-        return self.finish(name, self.start(name, command, cwd), timeout)
-
-    def finish(self, name: str, process: subprocess.Popen, timeout: float) -> subprocess.CompletedProcess:
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            terminate(process, grace=5)
-        return subprocess.CompletedProcess(process.args, process.returncode, self.log(name))
-
-    def log(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text(errors="replace")
-
-    def flwr(self, name: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return self.run(name, [str(BIN / "flwr"), *args], timeout)
-
-    def watch(self) -> None:
-        self.seen |= set(marked_processes(self.token))
-
-    def configure_cli(self, ca_cert: Path) -> None:
-        """The `flwr` CLI's connection (FLWR_HOME/config.toml) to this deployment's SuperLink."""
-        (self.root / "flwr-home").mkdir(exist_ok=True)
-        (self.root / "flwr-home" / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{ca_cert}"\n')
-
-    def start_superlink(self, certs: Certificates, database: Path, **env: str) -> subprocess.Popen:
-        """`flower-superlink` with TLS, node authentication and a state database; waits until healthy."""
-        superlink = self.start("superlink", [
-            str(BIN / "flower-superlink"),
-            "--ssl-ca-certfile", str(certs.ca_cert),
-            "--ssl-certfile", str(certs.server_cert),
-            "--ssl-keyfile", str(certs.server_key),
-            "--enable-supernode-auth",
-            "--database", str(database),
-            "--disable-runtime-dependency-installation",
-            "--host", "127.0.0.1", "--port", str(self.port),
-        ], cwd=database.parent, **env)
-        deadline = time.monotonic() + 60
-        while not _healthy(self.port, certs.ca_cert):
-            assert superlink.poll() is None, self.log("superlink")
-            assert time.monotonic() < deadline, "SuperLink not healthy within 60 s\n" + self.log("superlink")
-            time.sleep(0.3)
-        self.watch()
-        return superlink
-
-    def register(self, site: str, key: NodeKey) -> int:
-        """`flwr supernode register <site>.key.pub --name <site>`; the node id."""
-        result = self.flwr(f"register-{site}", "supernode", "register", str(key.public_key), CONNECTION,
-                           "--name", site, "--format", "json")
-        assert result.returncode == 0, result.stdout
-        return int(_json(result)["node-id"])
-
-    def supernode(self, *extra: str, key: Path | None, site: str, cwd: Path, node_config: str = "") -> list[str]:
-        """A `flower-supernode` command for `site`, with its window cache and state under `cwd`."""
-        command = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
-                   "--port", str(free_port()), "--host", "127.0.0.1", *extra, "--node-config",
-                   f"site='{site}' data-folder='{cwd / 'cache'}' state-folder='{cwd / 'state'}' {node_config}".strip()]
-        return command + (["--auth-supernode-private-key", str(key)] if key else [])
-
-    def start_hospital(self, site: str, key: NodeKey, home: Path, ca_cert: Path, node_config: str = "",
-                       **env: str) -> subprocess.Popen:
-        """The SuperNode of the hospital at `home` (its own FLWR_HOME, cache and state folder)."""
-        command = self.supernode("--root-certificates", str(ca_cert), key=key.private_key, site=site, cwd=home,
-                                 node_config=node_config)
-        return self.start(f"supernode-{site}", command, cwd=home, FLWR_HOME=str(home / "flwr-home"), **env)
-
-    def submit(self, name: str, run_config: dict) -> subprocess.Popen:
-        """Start `flwr run --stream` of a staged copy of the app with `run_config` (logs/<name>.log)."""
-        app = self.root / "coordinator" / "app"
-        if not app.exists():
-            stage_app(app)
-        overrides = self.root / "coordinator" / f"{name}.toml"
-        overrides.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in run_config.items()))
-        return self.start(name, [str(BIN / "flwr"), "run", str(app), CONNECTION, "--stream",
-                                 "--run-config", str(overrides)])
-
-    def flwr_run(self, name: str, run_config: dict, timeout: float) -> subprocess.CompletedProcess:
-        """`flwr run` to its end (killed at `timeout`)."""
-        return self.finish(name, self.submit(name, run_config), timeout)
-
-    def stop(self) -> list[int]:
-        """Stop every process by pid (SuperNodes first, then the SuperLink); return survivors.
-
-        Survivors are the processes still running after `STOP_LIMIT` s of stopping that carry
-        the deployment's mark or that it started: not every pid in `seen`, which by then may be
-        another user's process (pids are reused) or a killed process the kernel is still tearing
-        down (slow on a loaded machine; its environment, and so its mark, is already gone).
-        """
-        self.watch()
-        for process in reversed(self.processes):
-            if process.poll() is None:
-                terminate(process, grace=15)
-        deadline = time.monotonic() + STOP_LIMIT
-        while (left := self.running()) and time.monotonic() < deadline:
-            self.seen |= set(left)
-            stop_pids(left)
-        return left
-
-    def running(self) -> list[int]:
-        """Pids of this deployment's processes that still run."""
-        marked = {p for p in marked_processes(self.token) if pid_alive(p)}
-        return sorted(marked | {p.pid for p in self.processes if p.poll() is None})
-
-
-def hospitals(root: Path, scenario_text: str) -> tuple[dict[str, NodeKey], Path]:
-    """Each site's key pair and WFDB folder under root/hospitals/<site>; the scenario naming them."""
-    keys, sites = {}, []
-    for index, site in enumerate(SITES):
-        home = root / "hospitals" / site
-        keys[site] = make_node_key(home / "keys", site)
-        write_synthetic_site(home / "records", SyntheticSiteConfig(records=6, sample_rate=250 * (index + 1),
-                                                                   duration_seconds=4.0), seed=index)
-        sites.append(f"  - name: {site}\n    folder: {home / 'records'}")
-    scenario_path = root / "coordinator" / "scenario.yaml"
-    scenario_path.parent.mkdir(parents=True, exist_ok=True)
-    scenario_path.write_text(scenario_text.format(sites="\n".join(sites)))
-    return keys, scenario_path
-
-
-def _healthy(port: int, ca: Path) -> bool:
-    context = ssl.create_default_context(cafile=str(ca))
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context))
-    try:
-        with opener.open(f"https://127.0.0.1:{port}/health", timeout=1) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -329,10 +172,6 @@ def deployment(tmp_path_factory):
     return outcome
 
 
-def _json(result: subprocess.CompletedProcess) -> dict:
-    return json.loads(result.stdout[result.stdout.index("{"):])
-
-
 def test_two_rounds_over_tls_with_authenticated_sites(deployment):
     run_dir = deployment["run_dir"]
     assert deployment["flwr_run"].returncode == 0, deployment["flwr_run"].stdout[-3000:]
@@ -342,7 +181,7 @@ def test_two_rounds_over_tls_with_authenticated_sites(deployment):
     assert all(math.isfinite(r["loss"]) and r["sites"] == 3 for r in rounds)
     for name in ("checkpoints/encoder_round_1.pt", "checkpoints/encoder_round_2.pt", "encoder.pt"):
         assert (run_dir / name).is_file()
-    run = _json(deployment["ls"])["runs"][0]
+    run = flwr_json(deployment["ls"])["runs"][0]
     assert run["status"] == "finished:completed", run
     assert "fedssl | done:" in deployment["log"].stdout  # `flwr log --show` replays the ServerApp log
 
@@ -358,7 +197,7 @@ def test_sites_keep_their_state_and_data_locally(deployment):
 
 
 def test_registered_nodes_and_refused_connections(deployment):
-    nodes = _json(deployment["nodes"])["nodes"]
+    nodes = flwr_json(deployment["nodes"])["nodes"]
     assert {int(n["node-id"]) for n in nodes} == {int(i) for i in deployment["registered"].values()}, nodes
     assert {n["status"] for n in nodes} == {"online"}, nodes
     # `--name` is kept in the state database; the ServerApp sees it in grid.get_nodes() (server/presence.py)

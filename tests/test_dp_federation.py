@@ -15,12 +15,12 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
-from flwr.supercore.task_identity import TaskIdentity
 
 from client import app as client_app
-from client.app import PRIVACY_BUDGET_CODE, PRIVACY_BUDGET_REASON, privacy_metrics
+from client.app import privacy_metrics
 from fedssl.config import load_scenario
 from fedssl.privacy import LEDGER_FILE, PrivacyLedger, compute_epsilon
+from fedssl.protocol import PRIVACY_BUDGET_CODE, PRIVACY_BUDGET_REASON
 from server import metrics as server_metrics
 from server.metrics import RoundTracker
 from server.validation import validate_replies
@@ -96,9 +96,7 @@ def test_a_site_past_its_budget_declines_and_the_run_goes_on(dp_federation):
     assert (result.run_dir / "encoder.pt").is_file()
 
 
-def test_sites_clip_their_updates_when_the_server_sends_a_clipping_norm(monkeypatch):
-    for attribute in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attribute, 1)
+def test_sites_clip_their_updates_when_the_server_sends_a_clipping_norm(monkeypatch, flower_messages):
     sent = {"encoder.w": torch.zeros(4)}
     trained = {"encoder.w": torch.full((4,), 3.0)}  # update norm 6
 
@@ -134,10 +132,7 @@ def reply(node: int, metrics: dict | None, arrays: dict | None = None) -> Messag
     return Message(content, reply_to=instruction)  # as node `node` replies
 
 
-def test_mixed_dp_and_plain_sites_pass_validation_and_are_recorded_per_site(tmp_path, monkeypatch):
-    # flwr 1.41 stamps every new Message with the run of the process it runs in
-    for attribute in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attribute, 1)
+def test_mixed_dp_and_plain_sites_pass_validation_and_are_recorded_per_site(tmp_path, flower_messages):
     reference = {"encoder.w": torch.zeros(3)}
     arrays = {"encoder.w": torch.ones(3)}
     ledger = PrivacyLedger(tmp_path / LEDGER_FILE, delta=1e-5, unit="record", accountant="rdp", target_epsilon=8.0)

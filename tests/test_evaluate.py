@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedssl.data.windows import RecordInfo, WindowSet
+from fedssl.data.windows import WindowSet
 from fedssl.evaluate import auroc, linear_probe
+from tests.conftest import labelled
 
 
 def test_auroc_matches_hand_counts_with_ties():
@@ -20,15 +21,6 @@ def test_auroc_matches_hand_counts_with_ties():
 class MeanOfLeadOne(torch.nn.Module):
     def forward(self, x, mask):
         return torch.stack([x[:, 0].mean(1), x[:, 1].mean(1)], 1)
-
-
-def labelled(n, seed):
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 2, n)
-    windows = rng.standard_normal((n, 12, 50)).astype(np.float32)
-    windows[:, 0] += labels[:, None] * 2.0  # class A shifts lead I
-    records = tuple(RecordInfo(f"r{i}", None, ("A",) if y else ("B",)) for i, y in enumerate(labels))
-    return WindowSet(windows, np.ones((n, 12), bool), np.arange(n), records)
 
 
 def test_probe_finds_a_linearly_separable_class_and_is_chance_without_signal():

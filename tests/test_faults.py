@@ -37,19 +37,18 @@ from pathlib import Path
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.constant import ErrorCode
-from flwr.supercore.task_identity import TaskIdentity
-from test_deployment import CONNECTION, SITES, Deployment, _json, hospitals
 
 from client.app import site_windows
 from fedssl.config import FederationConfig, SiteConfig, SyntheticSiteConfig, load_scenario
 from fedssl.data.site import SiteDataError, load_site
 from fedssl.data.synthetic import write_synthetic_site
-from fedssl.deploy import make_certificates
 from fedssl.privacy import LEDGER_FILE
+from fedssl.report import read_metrics
+from ops.deploy import make_certificates
+from ops.processes import marked_processes, send_signal
 from server.checkpoint import ServerCheckpoint
 from server.presence import PatientGrid
-from simulations.processes import marked_processes, send_signal
-from fedssl.report import read_metrics
+from tests.conftest import CONNECTION, SITES, Deployment, flwr_json, hospitals
 
 SCENARIO = """
 name: faults-test
@@ -97,7 +96,7 @@ def _wait_for(condition, what: str, alive=(), limit: float = FAULTY_LIMIT) -> No
 
 
 def online_nodes(d: Deployment) -> int:
-    nodes = _json(d.flwr("nodes", "supernode", "ls", CONNECTION, "--format", "json"))["nodes"]
+    nodes = flwr_json(d.flwr("nodes", "supernode", "ls", CONNECTION, "--format", "json"))["nodes"]
     return sum(n["status"] == "online" for n in nodes)
 
 
@@ -183,7 +182,7 @@ def test_too_few_sites_stop_the_run_naming_the_missing_one(faults):
     assert int(waited.group(1)) >= CONNECT_TIMEOUT  # it waited the configured time for the third site
     assert "fedssl | done:" not in log
     # the ServerApp ended the run by itself (a run cut off by the test's hang guard would be running)
-    runs = _json(faults["bounded_ls"])["runs"]
+    runs = flwr_json(faults["bounded_ls"])["runs"]
     assert [r["status"] for r in runs] == ["finished:failed"], runs
 
 
@@ -243,9 +242,7 @@ class _RecordingGrid:
         return []
 
 
-def test_round_messages_expire_with_the_round(monkeypatch):
-    for attribute in ("_run_id", "_node_id", "_task_id"):  # flwr stamps Messages with the run
-        monkeypatch.setattr(TaskIdentity, attribute, 1)
+def test_round_messages_expire_with_the_round(flower_messages):
     grid = _RecordingGrid()
     message = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=5, message_type="train")
     PatientGrid(grid, SITES, 1, timeout=10).send_and_receive([message], timeout=25)

@@ -16,7 +16,6 @@ import math
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
 from client.state import FEDEMA_FILE, HEADS_FILE
@@ -29,8 +28,7 @@ from fedssl.train import train_local
 from server.app import make_strategy, strategy_options
 from server.metrics import RoundTracker
 from simulations.run import run_scenario
-from tests.conftest import random_windows
-from tests.test_federation import TINY, _Grid, load_scenario_text
+from tests.conftest import TINY, NodeGrid, load_scenario_text, random_windows
 
 
 # -- what travels ---------------------------------------------------------------------------------
@@ -108,12 +106,10 @@ def test_fedema_start_auto_scales_lambda_on_first_blend():
 
 # -- strategies -----------------------------------------------------------------------------------
 
-def test_strategy_options_reach_flower(tmp_path, monkeypatch):
-    for attribute in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attribute, 1)
+def test_strategy_options_reach_flower(tmp_path, flower_messages):
     tracker = RoundTracker(tmp_path, 1, {})
     fedprox = make_strategy(FederationConfig(strategy="fedprox", proximal_mu=0.2), 2, tracker)
-    sent = list(fedprox.configure_train(1, ArrayRecord(), ConfigRecord(), _Grid()))
+    sent = list(fedprox.configure_train(1, ArrayRecord(), ConfigRecord(), NodeGrid()))
     assert sent[0].content["config"]["proximal-mu"] == 0.2
     fedadam = make_strategy(FederationConfig(strategy="fedadam"), 2, tracker).strategy  # behind validation
     assert (fedadam.eta, fedadam.beta_1, fedadam.tau) == (0.01, 0.9, 1e-3)

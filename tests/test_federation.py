@@ -13,7 +13,6 @@ import math
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import round_seed, which_site
 from client.state import HEADS_FILE
@@ -21,27 +20,10 @@ from fedssl.config import ConfigError, FederationConfig, load_scenario
 from fedssl.federated import shared_state
 from fedssl.objectives import build_objective
 from server.app import STRATEGIES, make_strategy
+from ops.processes import pid_alive
 from server.metrics import RoundTracker
-from simulations.run import pid_alive, run_scenario
-
-TINY = """
-name: tiny-federation
-seed: 3
-data: {window_seconds: 2.0}
-model: {size: tiny}
-train: {batch_size: 8, local_steps: 3, threads: 1}
-federation: {rounds: 2, min_sites: 2}
-evaluation:
-  synthetic: {records: 24, sample_rate: 250, duration_seconds: 4.0}
-  every_round: false
-  local_baselines: false
-sites:
-  - name: north
-    synthetic: {records: 6, sample_rate: 250, duration_seconds: 4.0}
-  - name: south
-    synthetic: {records: 6, sample_rate: 500, duration_seconds: 4.0, mains_hz: 60.0,
-                missing_leads: [V4, V5, V6]}
-"""
+from simulations.run import run_scenario
+from tests.conftest import TINY, NodeGrid, load_scenario_text
 
 
 @pytest.fixture(scope="module")
@@ -105,24 +87,15 @@ def test_no_flower_process_left(federation):
 
 # -- fast checks of the Flower glue, without the simulation engine ------------------------------
 
-class _Grid:
-    """The part of a Grid that strategies use to sample nodes."""
-
-    def get_node_ids(self):
-        return [11, 12]
-
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
-def test_strategies_average_encoders(name, tmp_path, monkeypatch):
-    # flwr 1.41 stamps every new Message with the run of the process it runs in
-    for attribute in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attribute, 1)
+def test_strategies_average_encoders(name, tmp_path, flower_messages):
     objective = build_objective(load_scenario_text(tmp_path))
     state = shared_state(objective, "encoder")
     tracker = RoundTracker(tmp_path, 1, state)
     strategy = make_strategy(FederationConfig(strategy=name, min_sites=2), 2, tracker)
     tracker.start_round(1)
-    sent = list(strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), _Grid()))
+    sent = list(strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), NodeGrid()))
     replies = [Message(RecordDict({"arrays": ArrayRecord({k: v + i for k, v in state.items()}),
                                    "metrics": MetricRecord({"num-examples": 8, "loss": 1.0 + i})}),
                        reply_to=m) for i, m in enumerate(sent)]
@@ -147,6 +120,3 @@ def test_site_of_a_node(tmp_path):
     assert round_seed(3, 1, "north") == round_seed(3, 1, "north") != round_seed(3, 2, "north")
 
 
-def load_scenario_text(folder):
-    (folder / "tiny.yaml").write_text(TINY)
-    return load_scenario(folder / "tiny.yaml")

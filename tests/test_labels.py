@@ -15,8 +15,7 @@ from fedssl.data.records import read_labels_csv, read_record
 from fedssl.data.site import SiteDataError, build_site, load_site
 from fedssl.data.windows import STANDARD_LEADS
 from fedssl.evaluate import ProbeSplits
-from tests.conftest import two_site_scenario
-from tests.test_records import write_ptbxl_csv, write_record
+from tests.conftest import two_site_scenario, write_ptbxl_csv, write_record
 
 CFG = DataConfig(window_seconds=2.0)
 

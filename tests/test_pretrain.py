@@ -12,8 +12,7 @@ from fedssl.config import (
     save_scenario,
 )
 from fedssl.evaluate import fine_tune, label_efficiency, label_subset
-from tests.conftest import two_site_scenario
-from tests.test_evaluate import labelled
+from tests.conftest import labelled, two_site_scenario
 
 
 def tiny_scenario():

@@ -107,7 +107,7 @@ def test_per_sample_gradients_match_brute_force(mode):
         objective = objective.double().train()
         reference = copy.deepcopy(objective)
         cfg = PrivacyConfig(enabled=True, noise_multiplier=1.0, max_grad_norm=0.5, grad_sample_mode=mode)
-        dp = make_private(objective, torch.optim.SGD(objective.parameters(), lr=0.1), data, cfg, batch_size=4)
+        dp = make_private(objective, data, cfg, batch_size=4)
         if mode == "ghost" and "byol" in name:  # the encoder runs on two views: Opacus' ghost norms refuse
             with pytest.raises(PrivacyError, match="hooks"):
                 dp.clipped_sum(x, lead_mask)
@@ -132,7 +132,7 @@ def test_per_sample_gradients_match_brute_force(mode):
             # and the clipped sum the DP step uses
             randomness.draws.clear()
             torch.manual_seed(1)
-            dp = make_private(objective, torch.optim.SGD(objective.parameters(), lr=0.1), data, cfg, batch_size=4)
+            dp = make_private(objective, data, cfg, batch_size=4)
             _, summed, norms2 = dp.clipped_sum(x, lead_mask)
             dp.close()
             torch.testing.assert_close(norms2, expected_norms, rtol=1e-4, atol=0)
@@ -161,7 +161,7 @@ def test_float32_per_sample_gradients_match_brute_force():
     x, lead_mask = torch.from_numpy(data.windows), torch.from_numpy(data.lead_mask)
     objective = build_objective(small_scenario("generative", mask_ratio=0.5)).train()
     reference = copy.deepcopy(objective)
-    dp = make_private(objective, torch.optim.SGD(objective.parameters(), lr=0.1), data,
+    dp = make_private(objective, data,
                       PrivacyConfig(enabled=True, noise_multiplier=1.0), batch_size=4)
     randomness = Randomness()
     with randomness.record():
@@ -176,7 +176,7 @@ def test_noise_has_the_calibrated_scale():
     data = random_windows(8)
     objective = build_objective(small_scenario("generative"))
     cfg = PrivacyConfig(enabled=True, noise_multiplier=2.0, max_grad_norm=0.5)
-    dp = make_private(objective, torch.optim.SGD(objective.parameters(), lr=0.1), data, cfg, batch_size=4)
+    dp = make_private(objective, data, cfg, batch_size=4)
     dp.backward(torch.from_numpy(data.windows[:0]), torch.from_numpy(data.lead_mask[:0]))  # empty batch: noise only
     noise = torch.cat([p.grad.flatten() for p in dp.params]) * dp.expected_batch
     dp.close()
@@ -192,7 +192,7 @@ def test_objectives_that_couple_the_batch_are_refused():
             check_dp_safe(objective)
         assert "masked reconstruction" in str(err.value) and "BYOL" in str(err.value)
         with pytest.raises(PrivacyError):
-            make_private(objective, torch.optim.SGD(objective.parameters(), lr=0.1), random_windows(4),
+            make_private(objective, random_windows(4),
                          PrivacyConfig(enabled=True, noise_multiplier=1.0), batch_size=2)
 
 
@@ -221,7 +221,7 @@ def test_poisson_sampling_uses_one_window_per_unit():
     data = patient_windows()
     objective = build_objective(small_scenario("generative"))
     cfg = PrivacyConfig(enabled=True, noise_multiplier=1.0, unit="patient")
-    dp = make_private(objective, torch.optim.SGD(objective.parameters(), lr=0.1), data, cfg, batch_size=2)
+    dp = make_private(objective, data, cfg, batch_size=2)
     dp.close()
     assert dp.units == 3 and dp.sample_rate == pytest.approx(2 / 3)
     units = privacy_units(data, "patient")
@@ -334,7 +334,7 @@ def test_a_detached_branch_run_with_gradients_is_caught(mode):
     base = build_objective(small_scenario("generative"))
     objective = DetachedTarget(base.encoder, base.reconstruction)
     data = random_windows(4)
-    dp = make_private(objective, torch.optim.SGD(objective.parameters(), lr=0.1), data,
+    dp = make_private(objective, data,
                       PrivacyConfig(enabled=True, noise_multiplier=1.0, grad_sample_mode=mode), batch_size=4)
     with pytest.raises(PrivacyError, match="no_grad"):
         dp.backward(torch.from_numpy(data.windows), torch.from_numpy(data.lead_mask))
@@ -345,5 +345,5 @@ def test_bookkeeping_refuses_a_layer_without_a_per_sample_formula():
     objective = build_objective(small_scenario("generative"))
     objective.reconstruction.scale = torch.nn.Parameter(torch.ones(1))  # a parameter outside Linear/LayerNorm/...
     with pytest.raises(PrivacyError, match=r"reconstruction \(MaskedReconstruction\); use hooks or functorch"):
-        make_private(objective, torch.optim.SGD(objective.parameters(), lr=0.1), random_windows(4),
+        make_private(objective, random_windows(4),
                      PrivacyConfig(enabled=True, noise_multiplier=1.0), batch_size=2)

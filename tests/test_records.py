@@ -1,7 +1,7 @@
 """Reading and preprocessing single records: well-formed, odd and broken WFDB files.
 
-Every fixture is written here with wfdb (or by hand for headers wfdb refuses to write); the
-helpers are also used by test_site.py.
+Every fixture is written with wfdb (or by hand for headers wfdb refuses to write) by the record
+writers of conftest.py, which test_site.py and test_labels.py use too.
 """
 
 from __future__ import annotations
@@ -13,71 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import wfdb
-from scipy.io import savemat
 
 from fedssl.config import DataConfig
 from fedssl.data.leads import lead_layout, standard_lead
 from fedssl.data.preprocess import make_windows
 from fedssl.data.records import RecordError, read_ptbxl_catalogue, read_record
 from fedssl.data.windows import STANDARD_LEADS
-
-CFG = DataConfig(window_seconds=2.0)  # 2-s windows keep the test records small
-GAIN = 1000.0  # adu per mV, as in CinC 2021: far from the ADC limits for ECG amplitudes
-THREE = ("I", "II", "V1")
-
-
-def ecg_like(seconds: float, fs: float, leads: int, seed: int = 0) -> np.ndarray:
-    """(T, leads) in mV: 75-bpm R waves over a slow wave, scaled per lead, with a little noise."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(round(seconds * fs)) / fs
-    wave = np.exp(-(((t % 0.8) - 0.3) ** 2) / (2 * 0.01**2)) + 0.2 * np.sin(2 * np.pi * 1.25 * t)
-    return wave[:, None] * rng.uniform(0.5, 1.5, leads) + 0.01 * rng.standard_normal((len(t), leads))
-
-
-def write_record(folder: Path, name: str = "r", leads=THREE, fs: float = 250, seconds: float = 4.0,
-                 signal: np.ndarray | None = None, units: str = "mV", comments=(),
-                 gain: float = GAIN) -> Path:
-    """Write a 16-bit WFDB record (NaN becomes WFDB's invalid sample) and return its header."""
-    if signal is None:
-        signal = ecg_like(seconds, fs, len(leads))
-    digital = np.where(np.isnan(signal), -32768, np.round(np.nan_to_num(signal) * gain)).astype(np.int64)
-    folder.mkdir(parents=True, exist_ok=True)
-    wfdb.wrsamp(name, fs=fs, units=[units] * len(leads), sig_name=list(leads), d_signal=digital,
-                fmt=["16"] * len(leads), adc_gain=[gain] * len(leads), baseline=[0] * len(leads),
-                comments=list(comments), write_dir=str(folder))
-    return folder / f"{name}.hea"
-
-
-def edit_header(header: Path, old: str, new: str, count: int = 1) -> Path:
-    text = header.read_text()
-    assert old in text, f"{old!r} not in {text!r}"
-    header.write_text(text.replace(old, new, count))
-    return header
-
-
-def write_mat_record(folder: Path, name: str, dx: str, fs: int = 500, seconds: float = 4.0) -> Path:
-    """A CinC 2021 record: WFDB header naming a MATLAB v4 file that holds `val` (12, T) int16."""
-    val = np.round(ecg_like(seconds, fs, 12).T * GAIN).astype(np.int16)
-    folder.mkdir(parents=True, exist_ok=True)
-    savemat(folder / f"{name}.mat", {"val": val}, format="4")
-    lines = [f"{name} 12 {fs} {val.shape[1]}"]
-    lines += [f"{name}.mat 16x1+24 1000.0(0)/mV 16 0 {val[i, 0]} 0 0 {lead}"
-              for i, lead in enumerate(STANDARD_LEADS)]
-    lines += ["# Age: 64", "# Sex: Female", f"# Dx: {dx}", "# Rx: Unknown"]
-    (folder / f"{name}.hea").write_text("\n".join(lines) + "\n")
-    return folder / f"{name}.hea"
-
-
-def write_ptbxl_csv(folder: Path, rows: list[tuple[int, str, str]]) -> Path:
-    """rows: (ecg_id, patient_id, scp_codes) for records `<ecg_id:05d>_lr`."""
-    path = folder / "ptbxl_database.csv"
-    with path.open("w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(["ecg_id", "patient_id", "age", "scp_codes", "filename_lr", "filename_hr"])
-        for ecg_id, patient, codes in rows:
-            writer.writerow([ecg_id, patient, 60, codes, f"records100/00000/{ecg_id:05d}_lr",
-                             f"records500/00000/{ecg_id:05d}_hr"])
-    return path
+from tests.conftest import CFG, GAIN, THREE, ecg_like, edit_header, write_mat_record, write_ptbxl_csv, write_record
 
 
 def windows_of(header: Path, cfg: DataConfig = CFG):

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg, FedProx
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app as client_app
 from fedssl.config import load_scenario
 from fedssl.federated import shared_state
 from fedssl.objectives import build_objective
 from server.validation import ValidatedStrategy
+from tests.conftest import NodeGrid
 
 SCENARIO = """
 name: replies
@@ -36,18 +36,10 @@ sites:
 NODES = {21: 0, 22: 1}  # node id -> partition id (the site's index in the scenario)
 
 
-class _Grid:
-    def get_node_ids(self):
-        return list(NODES)
-
-
 @pytest.fixture(scope="module", params=[("replace", FedAvg), ("fedema", FedProx)], ids=["fedavg", "fedprox-fedema"])
-def run(request, tmp_path_factory):
+def run(request, tmp_path_factory, module_flower_messages):
     """Two rounds of two sites; returns the scenario, the initial objective and every reply sent."""
     local_update, strategy_class = request.param
-    identity = pytest.MonkeyPatch()
-    for attribute in ("_run_id", "_node_id", "_task_id"):  # flwr stamps Messages with the run
-        identity.setattr(TaskIdentity, attribute, 1)
     folder = tmp_path_factory.mktemp("replies")
     (folder / "scenario.yaml").write_text(SCENARIO.replace("LOCAL_UPDATE", local_update))
     scenario = load_scenario(folder / "scenario.yaml")
@@ -58,7 +50,7 @@ def run(request, tmp_path_factory):
                                  on_reject=lambda rejection: pytest.fail(str(rejection)))
     arrays, replies = ArrayRecord(initial), []
     for server_round in (1, 2):
-        sent = strategy.configure_train(server_round, arrays, ConfigRecord({"num-rounds": 2}), _Grid())
+        sent = strategy.configure_train(server_round, arrays, ConfigRecord({"num-rounds": 2}), NodeGrid(NODES))
         answers = [client_app(msg, Context(run_id=1, node_id=msg.metadata.dst_node_id, state=RecordDict(),
                                            node_config={"partition-id": NODES[msg.metadata.dst_node_id],
                                                         "num-partitions": len(NODES)},
@@ -66,7 +58,6 @@ def run(request, tmp_path_factory):
                    for msg in sent]
         replies += answers
         arrays, _ = strategy.aggregate_train(server_round, answers)
-    identity.undo()
     return scenario, objective, replies
 
 
@@ -108,15 +99,13 @@ def test_sites_trained_the_encoder(run):
         assert any(not np.array_equal(received[k].numpy(), initial[k].numpy()) for k in initial)
 
 
-def test_an_error_reply_names_the_kind_of_failure_but_no_path(tmp_path, monkeypatch):
-    for attribute in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attribute, 1)
+def test_an_error_reply_names_the_kind_of_failure_but_no_path(tmp_path, flower_messages):
     hidden = tmp_path / "ward-7" / "patient-0042"
     (tmp_path / "scenario.yaml").write_text(f"sites: [{{name: north, folder: {hidden}}}, {{name: south, folder: {hidden}}}]\n")
     scenario = load_scenario(tmp_path / "scenario.yaml")
     initial = shared_state(build_objective(scenario), scenario.federation.share)
     strategy = FedAvg(fraction_evaluate=0.0)
-    (msg, *_) = strategy.configure_train(1, ArrayRecord(initial), ConfigRecord({"num-rounds": 1}), _Grid())
+    (msg, *_) = strategy.configure_train(1, ArrayRecord(initial), ConfigRecord({"num-rounds": 1}), NodeGrid(NODES))
     reply = client_app(msg, Context(run_id=1, node_id=21, state=RecordDict(),
                                     node_config={"partition-id": 0, "num-partitions": 2},
                                     run_config={"scenario": str(tmp_path / "scenario.yaml"), "run-dir": str(tmp_path / "run")}))

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Context, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app as client_app
 from fedssl.config import FederationConfig
@@ -96,21 +95,15 @@ def serve(folder: Path, run: str, *, resume: bool = False, crash_at: int | None 
 
 
 @pytest.fixture(scope="module")
-def in_process(tmp_path_factory):
-    identity = pytest.MonkeyPatch()
-    for attribute in ("_run_id", "_node_id", "_task_id"):  # flwr stamps Messages with the run
-        identity.setattr(TaskIdentity, attribute, 1)
+def in_process(tmp_path_factory, module_flower_messages):
     folder = tmp_path_factory.mktemp("resume")
     (folder / "scenario.yaml").write_text(SCENARIO)
-    try:
-        whole, _ = serve(folder, "whole")
-        with pytest.raises(Crash):
-            serve(folder, "killed", crash_at=3)
-        after_crash = ServerCheckpoint.load(folder / "killed")
-        lines_before = read_metrics(folder / "killed" / "metrics.jsonl")
-        resumed, grid = serve(folder, "killed", resume=True)
-    finally:
-        identity.undo()
+    whole, _ = serve(folder, "whole")
+    with pytest.raises(Crash):
+        serve(folder, "killed", crash_at=3)
+    after_crash = ServerCheckpoint.load(folder / "killed")
+    lines_before = read_metrics(folder / "killed" / "metrics.jsonl")
+    resumed, grid = serve(folder, "killed", resume=True)
     return whole, resumed, after_crash, lines_before, grid.server_rounds
 
 

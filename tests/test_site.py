@@ -17,7 +17,7 @@ from fedssl.config import DataConfig, SiteConfig, SyntheticSiteConfig
 from fedssl.data import site as site_module
 from fedssl.data.site import SiteDataError, build_site, load_site, seed_for
 from fedssl.data.windows import STANDARD_LEADS
-from test_records import CFG, edit_header, ecg_like, write_mat_record, write_ptbxl_csv, write_record
+from tests.conftest import CFG, ecg_like, edit_header, write_mat_record, write_ptbxl_csv, write_record
 
 
 def mixed_site(folder: Path) -> Path:

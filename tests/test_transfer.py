@@ -14,7 +14,6 @@ import pytest
 import torch
 import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedssl.config import ConfigError, FederationConfig, load_scenario
 from fedssl.federated import cast_floating, shared_state
@@ -22,7 +21,7 @@ from fedssl.objectives import build_objective
 from server.app import make_strategy
 from server.metrics import RoundTracker
 from simulations.run import run_scenario
-from tests.test_federation import TINY, _Grid, load_scenario_text
+from tests.conftest import TINY, NodeGrid, load_scenario_text
 
 
 def test_cast_round_trip_keeps_non_float_entries_and_float16_precision():
@@ -38,15 +37,13 @@ def test_cast_round_trip_keeps_non_float_entries_and_float16_precision():
     assert torch.equal(cast_floating(back, "float16")["weight"], wire["weight"])  # a second trip changes nothing
 
 
-def round_one(tmp_path, monkeypatch, transfer_dtype: str, reply_dtype: torch.dtype):
+def round_one(tmp_path, transfer_dtype: str, reply_dtype: torch.dtype):
     """Configure round 1 of a two-site FedAvg and aggregate two replies sent in `reply_dtype`."""
-    for attribute in ("_run_id", "_node_id", "_task_id"):  # flwr stamps each Message with its run
-        monkeypatch.setattr(TaskIdentity, attribute, 1)
     state = shared_state(build_objective(load_scenario_text(tmp_path)), "encoder")
     tracker = RoundTracker(tmp_path, 1, state)
     strategy = make_strategy(FederationConfig(min_sites=2, transfer_dtype=transfer_dtype), 2, tracker)
     tracker.start_round(1)
-    sent = list(strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), _Grid()))
+    sent = list(strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), NodeGrid()))
     updates = [{k: v + 0.01 * (i + 1) for k, v in state.items()} for i in range(2)]
     replies = [Message(RecordDict({"arrays": ArrayRecord({k: v.to(reply_dtype) for k, v in update.items()}),
                                    "metrics": MetricRecord({"num-examples": 8, "loss": 1.0})}), reply_to=m)
@@ -55,8 +52,8 @@ def round_one(tmp_path, monkeypatch, transfer_dtype: str, reply_dtype: torch.dty
     return state, sent, arrays, tracker
 
 
-def test_server_sends_float16_and_aggregates_in_float32(tmp_path, monkeypatch):
-    state, sent, arrays, tracker = round_one(tmp_path, monkeypatch, "float16", torch.float16)
+def test_server_sends_float16_and_aggregates_in_float32(tmp_path, flower_messages):
+    state, sent, arrays, tracker = round_one(tmp_path, "float16", torch.float16)
     record = tracker.finish_round(1, arrays, None, 0.0, expected=2)
     assert len(sent) == 2
     for msg in sent:
@@ -69,8 +66,8 @@ def test_server_sends_float16_and_aggregates_in_float32(tmp_path, monkeypatch):
         assert torch.allclose(aggregated[key], expected, rtol=2.0 ** -10, atol=1e-4)
 
 
-def test_float16_updates_are_rejected_when_the_transfer_is_float32(tmp_path, monkeypatch, caplog):
-    _, sent, arrays, _ = round_one(tmp_path, monkeypatch, "float32", torch.float16)
+def test_float16_updates_are_rejected_when_the_transfer_is_float32(tmp_path, flower_messages, caplog):
+    _, sent, arrays, _ = round_one(tmp_path, "float32", torch.float16)
     assert {a.dtype for a in sent[0].content["arrays"].values()} == {"float32"}
     assert arrays is None  # nothing aggregated
     assert caplog.text.count("dtype float16, expected float32") == 2

@@ -13,7 +13,6 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Strategy
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedssl.config import ConfigError
 from fedssl.federated import shared_state
@@ -21,21 +20,12 @@ from fedssl.objectives import build_objective
 from server.app import STRATEGIES
 from server.robust import robust_options
 from server.validation import Rejection, ValidatedStrategy
-from tests.conftest import small_scenario
+from tests.conftest import NodeGrid, small_scenario
 
 NODES = [11, 12, 13, 14]
 
 
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch):
-    # flwr 1.41 stamps every new Message with the run of the process it runs in
-    for attribute in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attribute, 1)
-
-
-class _Grid:
-    def get_node_ids(self):
-        return NODES
+pytestmark = pytest.mark.usefixtures("flower_messages")  # every test here makes Messages
 
 
 class _Spy(FedAvg):
@@ -65,7 +55,8 @@ def scaled(encoder: dict, update: dict, factor: float) -> dict:
 
 def run_round(strategy: Strategy, encoder: dict, updates: list, metrics: list[dict] | None = None):
     """One round: `updates[i]` (state dict or full RecordDict) is the reply of node NODES[i]."""
-    sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, ArrayRecord(encoder), ConfigRecord(), _Grid())}
+    sent = {m.metadata.dst_node_id: m
+            for m in strategy.configure_train(1, ArrayRecord(encoder), ConfigRecord(), NodeGrid(NODES))}
     replies = []
     for i, update in enumerate(updates):
         metric = metrics[i] if metrics else {"num-examples": 8, "loss": 1.0}
@@ -174,7 +165,7 @@ def test_rejection_names_the_site_and_is_json(encoder, caplog):
 def test_error_replies_pass_through_and_all_rejected_is_no_update(encoder):
     rejected = []
     strategy = validated(fedavg(2), encoder, rejected)
-    sent = list(strategy.configure_train(1, ArrayRecord(encoder), ConfigRecord(), _Grid()))
+    sent = list(strategy.configure_train(1, ArrayRecord(encoder), ConfigRecord(), NodeGrid(NODES)))
     nan = _nan(encoder, honest(encoder, 0))
     replies = [Message(Error(code=1000, reason="site south: boom"), reply_to=sent[0]),
                Message(RecordDict({"arrays": ArrayRecord(nan), "metrics": MetricRecord({"num-examples": 8})}),

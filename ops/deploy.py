@@ -1,4 +1,4 @@
-"""Key material for a real (non-simulated) federation; no Flower imports.
+"""Key material and Flower settings for a real (non-simulated) federation; no Flower imports.
 
 Coordinator:  `fedssl certs DIR [--host NAME_OR_IP ...]` writes a private CA (`ca.crt`, `ca.key`)
 and the SuperLink's TLS certificate signed by it (`server.pem`, `server.key`), valid for
@@ -15,7 +15,6 @@ See docs/deployment.md for the whole runbook.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import ipaddress
 import os
@@ -160,64 +159,3 @@ def make_node_key(folder: str | Path, site: str, *, overwrite: bool = False) -> 
     _write(out.private_key, private, private=True)
     _write(out.public_key, public + f" fedssl-{site}\n".encode())
     return out
-
-
-def load_node_key(private_key: str | Path) -> ec.EllipticCurvePrivateKey:
-    """Load a node private key as flower-supernode does (OpenSSH, EC); raise ValueError otherwise."""
-    key = serialization.load_ssh_private_key(Path(private_key).read_bytes(), None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise ValueError(f"{private_key}: not an EC private key")
-    return key
-
-
-def load_node_public_key(public_key: str | Path) -> ec.EllipticCurvePublicKey:
-    """Load a node public key as `flwr supernode register` does (OpenSSH, NIST EC curve)."""
-    key = serialization.load_ssh_public_key(Path(public_key).read_bytes())
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise ValueError(f"{public_key}: not an EC public key")
-    if key.curve.name not in ("secp256r1", "secp384r1", "secp521r1"):
-        raise ValueError(f"{public_key}: curve {key.curve.name} is not a NIST curve")
-    return key
-
-
-# -- command line (`fedssl certs`, `fedssl node-key`) -------------------------------------------
-
-def _certs(args: argparse.Namespace) -> None:
-    hosts = list(DEFAULT_HOSTS) + list(args.host or [])
-    out = make_certificates(args.folder, hosts, days=args.days, overwrite=args.force)
-    verify_server_certificate(out.server_cert, out.ca_cert, hosts[0])
-    print(f"CA: {out.ca_cert} (give this file to every hospital), {out.ca_key} (keep offline)")
-    print(f"SuperLink: {out.server_cert}, {out.server_key} for {', '.join(dict.fromkeys(hosts))}")
-    environment = " ".join(f"{key}={value}" for key, value in FAST_POLLING_ENV.items())
-    print(f"start: {environment} flower-superlink --ssl-ca-certfile {out.ca_cert} --ssl-certfile {out.server_cert} "
-          f"--ssl-keyfile {out.server_key} --enable-supernode-auth --database state.db ...")
-
-
-def _node_key(args: argparse.Namespace) -> None:
-    try:
-        out = make_node_key(args.folder, args.site, overwrite=args.force)
-    except ValueError as err:  # `fedssl` reports RuntimeError/OSError without a traceback
-        raise RuntimeError(str(err)) from None
-    print(f"private key: {out.private_key} (stays here: flower-supernode --auth-supernode-private-key)")
-    print(f"public key:  {out.public_key} (send to the coordinator: "
-          f"flwr supernode register {out.public_key.name} <connection> --name {args.site})")
-
-
-def register(subparsers) -> None:
-    """Add `certs` and `node-key` to the `fedssl` command's subparsers."""
-    p = subparsers.add_parser("certs", help="make a CA and the SuperLink's TLS certificate",
-                              description="Write ca.crt/ca.key and server.pem/server.key (valid for "
-                                          "127.0.0.1, localhost and every --host) to FOLDER.")
-    p.add_argument("folder")
-    p.add_argument("--host", action="append", help="extra IP or DNS name of the SuperLink (repeatable)")
-    p.add_argument("--days", type=int, default=365)
-    p.add_argument("--force", action="store_true", help="overwrite existing files")
-    p.set_defaults(run=_certs)
-
-    p = subparsers.add_parser("node-key", help="make a hospital's SuperNode authentication key pair",
-                              description="Write SITE.key (OpenSSH EC P-384 private key) and "
-                                          "SITE.key.pub (to register at the SuperLink) to FOLDER.")
-    p.add_argument("folder")
-    p.add_argument("--site", required=True, help="the site's name in the scenario")
-    p.add_argument("--force", action="store_true", help="overwrite an existing key")
-    p.set_defaults(run=_node_key)

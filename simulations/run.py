@@ -429,11 +429,13 @@ def _usable_cpus() -> int:
 
 def summary_table(summary: dict) -> str:
     """Macro AUROC with its 95 % interval per encoder, and federated minus each other encoder."""
-    def interval(value, ci95) -> str:
-        return "-" if value is None else f"{value:.3f} [{ci95[0]:.3f}, {ci95[1]:.3f}]" if ci95 else f"{value:.3f}"
+    def interval(value, ci95, sign: str = "") -> str:
+        if value is None:
+            return "-"
+        return f"{value:{sign}.3f} [{ci95[0]:{sign}.3f}, {ci95[1]:{sign}.3f}]" if ci95 else f"{value:{sign}.3f}"
 
     rows = [(name, interval(e["macro_auroc"], e.get("ci95")),
-             interval(e["federated_minus"]["mean"], e["federated_minus"]["ci95"]) if "federated_minus" in e else "")
+             interval(e["federated_minus"]["mean"], e["federated_minus"]["ci95"], "+") if "federated_minus" in e else "")
             for name, e in summary["encoders"].items()]
     width = max([len("encoder")] + [len(name) for name, _, _ in rows])
     lines = [f"{'encoder':<{width}}  {'macro AUROC [95 % CI]':<22}  federated minus this",

@@ -60,7 +60,7 @@ def run_arm(scenario: Scenario, out: Path, timeout: float, reuse: bool = False) 
         if not (run_dir / "data").exists():
             (run_dir / "data").symlink_to(out / "data", target_is_directory=True)
         save_scenario(scenario, folder / "scenario.yaml")
-        run_scenario(folder / "scenario.yaml", run_dir, timeout=timeout, echo=lambda line: None)
+        run_scenario(folder / "scenario.yaml", run_dir, timeout=timeout, overwrite=True, echo=lambda line: None)
     summary = json.loads((run_dir / "summary.json").read_text())
     noise = {}
     for site in summary["sites"]:

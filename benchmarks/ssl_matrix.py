@@ -219,7 +219,7 @@ class Matrix:
     def federated(self, scenario: Scenario) -> dict:
         scenario_path = self.run_dir.with_suffix(".yaml")
         save_scenario(scenario, scenario_path)
-        run = run_scenario(scenario_path, out_dir=self.run_dir, echo=lambda line: None)
+        run = run_scenario(scenario_path, out_dir=self.run_dir, overwrite=True, echo=lambda line: None)  # a re-run arm
         state = torch.load(self.run_dir / "encoder.pt", weights_only=True)
         return {**probe_state(scenario, state, self.probe), "flower_run_id": run.summary["flower_run_id"],
                 "final_loss": run.summary["final_loss"]}

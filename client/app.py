@@ -44,6 +44,7 @@ from fedssl.evaluate import linear_probe
 from fedssl.federated import cast_floating, encoder_state, fedema_start, shared_state
 from fedssl.objectives import build_objective
 from fedssl.privacy import PrivacyBudgetExceeded, PrivacyLedger
+from fedssl.runfolder import RunFolder
 from fedssl.train import train_local
 
 app = ClientApp()
@@ -101,7 +102,7 @@ def answer(msg: Message, context: Context, work) -> Message:
 def train_site(scenario: Scenario, site: SiteConfig, msg: Message, context: Context) -> dict:
     """The round's local work at `site`: load heads + global model, train, save heads."""
     run_dir = Path(str(context.run_config["run-dir"]))
-    state_folder = Path(str(context.node_config.get("state-folder", run_dir / "sites" / site.name)))
+    state_folder = Path(str(context.node_config.get("state-folder", RunFolder(run_dir).site(site.name))))
     config, fed = msg.content["config"], scenario.federation
     server_round = int(config["server-round"])
 
@@ -124,7 +125,10 @@ def train_site(scenario: Scenario, site: SiteConfig, msg: Message, context: Cont
                          seed=round_seed(scenario.seed, server_round, site.name),
                          proximal=(proximal_mu, received) if proximal_mu > 0 else None,
                          privacy=privacy if privacy.enabled else None, ledger=ledger,
-                         planned_steps=fed.rounds * scenario.train.local_steps, round=server_round)
+                         # the whole federation's steps: the LR schedule (and DP's calibration) spans
+                         # them, this round's steps continue it where round server_round - 1 ended
+                         planned_steps=fed.rounds * scenario.train.local_steps,
+                         first_step=(server_round - 1) * scenario.train.local_steps, round=server_round)
     # every site sends the same metric names (Flower's aggregation requires it): a site without
     # DP reports dp-sgd 0 and epsilon = delta = 0.0, which the server does not read as a guarantee
     extra = {**extra, **privacy_metrics(ledger)}
@@ -171,7 +175,7 @@ def site_windows(scenario: Scenario, site: SiteConfig, context: Context) -> Wind
     every hospital whatever its paths.
     """
     run_dir = Path(str(context.run_config["run-dir"]))
-    data_folder = Path(str(context.node_config.get("data-folder", run_dir / "data")))
+    data_folder = Path(str(context.node_config.get("data-folder", RunFolder(run_dir).data)))
     if "records-folder" in context.node_config:
         site = dataclasses.replace(site, folder=str(context.node_config["records-folder"]), synthetic=None)
     return load_site(site, scenario.data, data_folder, scenario.seed)

@@ -1,18 +1,35 @@
-"""The `fedssl` command: simulate a federation, pretrain centrally, evaluate an encoder, check a
-site's data, write synthetic hospitals, report on a run, export its encoder and embed records."""
+"""The `fedssl` command: check a scenario, simulate a federation, pretrain centrally, evaluate an
+encoder, check a site's data, write synthetic hospitals, report on a run, export its encoder and
+embed records.
+
+Bad input (a scenario, a folder, a file) ends a command with one line on stderr and exit code 2:
+the errors of fedssl's checks are ValueErrors (ConfigError, SiteDataError, RunFolderError, ...) or
+OSErrors; a traceback means a bug.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from fedssl import deploy
 from fedssl.config import ConfigError, DataConfig, SyntheticSiteConfig, load_scenario
-from fedssl.data.site import SiteDataError, build_site
-from fedssl.report import RunFolderError
+from fedssl.data.site import build_site
+
+
+def _check(args: argparse.Namespace) -> None:
+    """Every check that `simulate` runs before it generates data or starts Flower."""
+    from simulations.run import check
+
+    scenario = load_scenario(args.scenario)
+    check(scenario)
+    print(f"{args.scenario}: scenario {scenario.name!r} is valid ({len(scenario.sites)} sites, "
+          f"{scenario.model.encoder} {scenario.model.size}, objective {scenario.objective.name}, "
+          f"{scenario.federation.rounds} rounds of {scenario.federation.strategy})")
 
 
 def _simulate(args: argparse.Namespace) -> None:
@@ -23,7 +40,7 @@ def _simulate(args: argparse.Namespace) -> None:
 
     try:
         run_scenario(Path(args.scenario), out_dir=Path(args.out) if args.out else None, verbose=args.verbose,
-                     resume=args.resume)
+                     resume=args.resume, overwrite=args.overwrite)
     except FederationError as err:
         raise RuntimeError(err) from None
 
@@ -42,7 +59,10 @@ def _check_site(args: argparse.Namespace) -> None:
 def _synthesize(args: argparse.Namespace) -> None:
     from fedssl.data.synthetic import write_synthetic_site
 
-    spec = SyntheticSiteConfig(records=args.records, sample_rate=args.sample_rate, mains_hz=args.mains_hz)
+    try:
+        spec = SyntheticSiteConfig(records=args.records, sample_rate=args.sample_rate, mains_hz=args.mains_hz)
+    except ConfigError as err:  # named as the option that set it
+        raise ConfigError(f"--{str(err).replace('_', '-')}") from None
     names = write_synthetic_site(Path(args.folder), spec, seed=args.seed)
     print(f"wrote {len(names)} synthetic WFDB records to {args.folder}")
 
@@ -55,8 +75,13 @@ def _pretrain(args: argparse.Namespace) -> None:
     from fedssl.config import save_scenario
     from fedssl.storage import atomic_torch_save
 
+    from fedssl.check import check_scenario
+
     scenario = load_scenario(args.scenario)
+    check_scenario(scenario)
     out = Path(args.out)
+    if (out / "encoder.pt").exists():  # e.g. a federated run's encoder: never replaced by a baseline
+        raise ConfigError(f"--out {out} already holds an encoder.pt; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(scenario.train.threads)
     state, result = centralized_state(scenario, Path(args.data) if args.data else out / "data")
@@ -83,16 +108,18 @@ def _evaluate(args: argparse.Namespace) -> None:
     """Linear probe (and fine-tuning) of a saved encoder with label efficiency over seeds."""
     import torch
 
+    from fedssl.check import check_scenario
     from fedssl.evaluate import label_efficiency, probe_data, results_table
+    from fedssl.export import check_state, load_state_file
     from fedssl.objectives import build_objective
 
     scenario = load_scenario(args.scenario)
+    check_scenario(scenario)
     torch.set_num_threads(scenario.train.threads)
     encoder = build_objective(scenario).encoder
-    try:
-        encoder.load_state_dict(torch.load(args.encoder, map_location="cpu", weights_only=True))
-    except (RuntimeError, KeyError) as err:  # wrong architecture for this scenario
-        raise ConfigError(f"encoder {args.encoder} does not fit the scenario's model: {err}") from None
+    state = load_state_file(args.encoder)
+    check_state(encoder, state, args.encoder)
+    encoder.load_state_dict(state)
     out = Path(args.out) if args.out else Path(args.encoder).parent
     out.mkdir(parents=True, exist_ok=True)
     train, test = probe_data(scenario, Path(args.data) if args.data else out / "data")
@@ -135,10 +162,24 @@ def _embed(args: argparse.Namespace) -> None:
               "their ids and reasons are in skipped_records / skipped_reasons")
 
 
+def _dashboard(args: argparse.Namespace) -> None:
+    from dashboard.app import serve  # the web server is operations, not the science core: imported on use
+
+    serve(Path(args.run_dir), host=args.host, port=args.port, token=args.token)
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="fedssl", description=__doc__)
     top.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = top.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("check", help="check a scenario without running it",
+                       description="Check every setting of a scenario YAML and every combination that cannot "
+                                   "work, build its model once on a dummy window, and say what is wrong with "
+                                   "the dotted key and what would work (exit code 2), in seconds. `simulate` "
+                                   "runs the same checks first.")
+    p.add_argument("scenario", help="scenario YAML")
+    p.set_defaults(run=_check)
 
     p = sub.add_parser("simulate", help="run a federation scenario in Flower's simulation engine",
                        description="Run a scenario YAML through Flower's simulation engine, then "
@@ -147,6 +188,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (default: runs/<scenario>-<time>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out after its last completed round (after a crash or kill)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in an existing --out; its earlier results (site state included) are "
+                        "moved to --out/earlier/<time>/, never deleted")
     p.set_defaults(run=_simulate)
 
     p = sub.add_parser("pretrain", help="centralized pretraining on a scenario's pooled sites",
@@ -214,6 +258,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="embeddings.npz", help="output .npz file (default embeddings.npz)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_embed)
+
+    p = sub.add_parser("dashboard", help="follow a run folder live in the browser (read-only)",
+                       description="Serve a live web page of RUN_DIR: run state, rounds, per-site participation "
+                                   "and privacy spent, loss terms, probe AUROC, round wall time. It only reads "
+                                   "the run folder; another address than loopback needs --token.")
+    p.add_argument("run_dir", help="run folder (of `fedssl simulate`, or the ServerApp's run-dir)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8050, help="port (default 8050; 0: any free port)")
+    p.add_argument("--token", default=os.environ.get("FEDSSL_DASHBOARD_TOKEN"),
+                   help="secret every request must carry (required off loopback; default $FEDSSL_DASHBOARD_TOKEN)")
+    p.set_defaults(run=_dashboard)
     deploy.register(sub)  # fedssl certs, fedssl node-key
     return top
 
@@ -226,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         args.run(args)
     except KeyboardInterrupt:
         return 130
-    except (ConfigError, SiteDataError, RunFolderError, OSError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError) as err:  # ConfigError, SiteDataError, RunFolderError, ...
         print(f"fedssl {args.command}: {err}", file=sys.stderr)
         return 2
     return 0

@@ -1,13 +1,18 @@
 """Typed configuration: one scenario = sites, data, model, objective, training, federation.
 
-Every setting has a default so that an empty YAML file is a valid scenario. Loading rejects
-unknown keys and wrong types with the dotted path of the offending key, so a typo in a scenario
-fails before any training starts instead of being silently ignored.
+Every setting has a default, so an empty YAML file parses (it names no site, which
+`fedssl.check.check_scenario` refuses). Loading rejects unknown keys, wrong types, non-finite
+numbers and values out of range with the dotted path of the offending key, so a typo in a scenario
+fails before any training starts instead of being silently ignored or failing mid-run. Each
+section checks its own ranges (`__post_init__`); combinations across sections and the model
+itself are checked by `fedssl.check`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,6 +36,42 @@ class ConfigError(ValueError):
     """A scenario or site configuration that cannot be used; the message names the key."""
 
 
+NAME = re.compile(r"[A-Za-z0-9._-]+")  # a name that is safe as one path component
+
+
+def check_name(name: object, what: str) -> str:
+    """`name` if it can serve as one path component (letters, digits, `-`, `_`, `.`; not `.`/`..`):
+    site and scenario names become folder names (fedssl/runfolder.py)."""
+    if not isinstance(name, str) or not NAME.fullmatch(name) or name in (".", ".."):
+        raise ConfigError(f"{what}: {name!r} is not a valid name: use letters, digits, '-', '_' and '.' "
+                          "(not empty, no '/', not '.' or '..'), e.g. 'hospital_a'")
+    return name
+
+
+def require(ok: bool, key: str, what: str, value: Any) -> None:
+    """Refuse `value` of `key` unless `ok`; `what` says what would work."""
+    if not ok:
+        raise ConfigError(f"{key}: {what}, got {value!r}")
+
+
+def positive(section: Any, *keys: str) -> None:
+    for key in keys:
+        value = getattr(section, key)
+        require(value > 0 and math.isfinite(value), key, "must be a finite number > 0", value)
+
+
+def non_negative(section: Any, *keys: str) -> None:
+    for key in keys:
+        value = getattr(section, key)
+        require(value >= 0 and math.isfinite(value), key, "must be a finite number >= 0", value)
+
+
+def fraction(section: Any, key: str, low_open: bool = False, high_open: bool = False) -> None:
+    value = getattr(section, key)
+    ok = (value > 0 if low_open else value >= 0) and (value < 1 if high_open else value <= 1)
+    require(ok, key, f"must lie in {'(' if low_open else '['}0, 1{')' if high_open else ']'}", value)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """How raw recordings become training windows (the same at every site)."""
@@ -44,15 +85,37 @@ class DataConfig:
     max_windows_per_record: int = 12  # a 30-min Holter record must not drown a site of 10-s ECGs
     flat_std_mv: float = 1e-3  # a lead with less variation than this carries no signal
 
+    def __post_init__(self) -> None:
+        positive(self, "sample_rate", "window_seconds", "highpass_hz", "min_source_rate", "max_windows_per_record")
+        require(self.lowpass_hz > self.highpass_hz, "lowpass_hz",
+                f"must be above highpass_hz ({self.highpass_hz:g} Hz)", self.lowpass_hz)
+        require(self.lowpass_hz < self.sample_rate / 2, "lowpass_hz",
+                f"must be below half of sample_rate ({self.sample_rate / 2:g} Hz), the highest frequency it holds",
+                self.lowpass_hz)
+        require(self.max_source_rate >= self.min_source_rate, "max_source_rate",
+                f"must be >= min_source_rate ({self.min_source_rate})", self.max_source_rate)
+        require(round(self.window_seconds * self.sample_rate) >= 2, "window_seconds",
+                f"must hold at least 2 samples at sample_rate {self.sample_rate} Hz", self.window_seconds)
+        non_negative(self, "flat_std_mv")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Encoder architecture. `patch_size` is in samples at `DataConfig.sample_rate`."""
 
-    encoder: str = "st_mem"  # st_mem (transformer, patch tokens) or resnet1d (no tokens: no masking)
+    # st_mem (transformer over per-lead patches), resnet1d (no tokens: no masked modelling) or
+    # conv_transformer (strided conv stem, 50 time tokens per 10 s, then a transformer)
+    encoder: str = "st_mem"
     size: str = "tiny"  # tiny / small / base
     patch_size: int = 50  # st_mem only
     dropout: float = 0.0
+    # conv_transformer: attention reads only earlier time tokens, downstream too; CPC needs it
+    # (its context must not see the future it predicts), every other objective works either way
+    causal: bool = False
+
+    def __post_init__(self) -> None:
+        positive(self, "patch_size")
+        fraction(self, "dropout", high_open=True)
 
 
 @dataclass(frozen=True)
@@ -60,22 +123,38 @@ class ObjectiveConfig:
     """Self-supervised objective; hybrid with either weight at zero is the pure form.
 
     Names: generative (ST-MEM), contrastive or simclr (SimCLR), cmsc (CLOCS), byol, hybrid (CREMA),
-    hybrid_byol (CREMA with BYOL's agreement instead of NT-Xent: per-sample, DP-safe).
+    hybrid_byol (CREMA with BYOL's agreement instead of NT-Xent: per-sample, DP-safe), cpc
+    (contrastive predictive coding, negatives from the same window: DP-safe), jepa (latent
+    prediction of masked spans from an EMA target: DP-safe).
     """
 
     name: str = "hybrid"
     mask_ratio: float = 0.75
     generative_weight: float = 1.0
     contrastive_weight: float = 0.5
-    temperature: float = 0.2  # SimCLR, CMSC and CREMA's contrastive term
+    temperature: float = 0.2  # SimCLR, CMSC, CREMA's contrastive term and CPC
     projection_dim: int = 64
-    decoder_width: int = 64
+    decoder_width: int = 64  # masked modelling's decoder and JEPA's predictor
     decoder_depth: int = 1
-    target_momentum: float = 0.99  # BYOL's EMA rate; 0.99 suits short runs (the paper: 0.996 -> 1)
+    # CPC: how many time tokens ahead the context predicts (12 as in Oord et al.'s audio CPC;
+    # 2.4 s on ConvTransformer's 0.2-s tokens, two to three beats)
+    prediction_steps: int = 12
+    target_momentum: float = 0.99  # BYOL's and JEPA's EMA rate; 0.99 suits short runs (the paper: 0.996 -> 1)
     # chance that each distortion after crop + time mask is applied to a view (fedssl/data/augment.py):
     # 1.0 applies all of them to every view; SimCLR (on a 1-D ResNet above all) needs 0.5, as in
     # SimCLR's own pipeline, or its two views share too little to agree
     view_probability: float = 1.0
+
+    def __post_init__(self) -> None:
+        # 0 hides nothing (the generative term is 0), 1 hides everything (nothing to reconstruct from)
+        fraction(self, "mask_ratio", low_open=True, high_open=True)
+        non_negative(self, "generative_weight", "contrastive_weight")
+        require(self.generative_weight + self.contrastive_weight > 0, "generative_weight",
+                "generative_weight and contrastive_weight cannot both be 0", self.generative_weight)
+        positive(self, "temperature", "projection_dim", "decoder_width")
+        non_negative(self, "decoder_depth")
+        fraction(self, "target_momentum")
+        fraction(self, "view_probability")
 
 
 @dataclass(frozen=True)
@@ -83,11 +162,19 @@ class TrainConfig:
     """The local training loop: the same for centralized, local-only and federated training."""
 
     batch_size: int = 32
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-3  # the peak, reached after the warm-up
+    # cosine: linear warm-up, then cosine decay to zero over the planned steps of the whole training
+    # (a federation's rounds x local_steps, carried across rounds; a baseline's own steps); constant: none
+    lr_schedule: str = "cosine"
+    warmup_fraction: float = 0.1  # of the planned steps, spent warming up linearly from lr / warmup steps
     weight_decay: float = 0.01
     local_steps: int = 20  # optimizer steps per round (or in total for one-shot training)
     grad_clip: float = 1.0
     threads: int = 1  # torch threads per training process; sites run side by side
+
+    def __post_init__(self) -> None:
+        positive(self, "batch_size", "learning_rate", "local_steps", "threads")
+        non_negative(self, "weight_decay", "grad_clip")
 
 
 @dataclass(frozen=True)
@@ -103,7 +190,20 @@ class SyntheticSiteConfig:
     mains_hz: float = 50.0
     mains_mv: float = 0.02
     missing_leads: tuple[str, ...] = ()
-    prevalence: dict[str, float] = field(default_factory=dict)  # condition -> probability
+    # condition -> probability: every condition of CONDITIONS, or none (the generator's defaults)
+    prevalence: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        positive(self, "records", "sample_rate", "duration_seconds", "gain")
+        non_negative(self, "noise_mv", "baseline_wander_mv", "mains_hz", "mains_mv")
+        unknown = sorted(set(self.prevalence) - set(CONDITIONS))
+        require(not unknown, "prevalence", f"unknown condition(s) {unknown}; known: {list(CONDITIONS)}",
+                self.prevalence)
+        missing = [c for c in CONDITIONS if c not in self.prevalence]
+        require(not self.prevalence or not missing, "prevalence",
+                f"give every condition or none (none: the generator's defaults); missing {missing}", self.prevalence)
+        for condition, chance in self.prevalence.items():
+            require(0 <= chance <= 1, f"prevalence.{condition}", "must lie in [0, 1]", chance)
 
 
 @dataclass(frozen=True)
@@ -122,6 +222,7 @@ class SiteConfig:
     privacy: PrivacyConfig | None = None
 
     def __post_init__(self) -> None:
+        check_name(self.name, "name")
         if (self.folder is None) == (self.synthetic is None):
             raise ConfigError(f"site {self.name!r}: give exactly one of 'folder' or 'synthetic'")
 
@@ -171,6 +272,20 @@ class FederationConfig:
     central_clipping_norm: float = 1.0
     central_delta: float = 1e-5
 
+    def __post_init__(self) -> None:
+        positive(self, "rounds", "min_sites", "connect_timeout", "round_timeout", "fedema_tau", "server_tau")
+        # Flower samples max(int(fraction x sites), min_sites) sites and waits for them: above 1 forever
+        fraction(self, "fraction_train", low_open=True)
+        for key in ("straggler_timeout", "fedema_lambda", "server_learning_rate"):
+            require(getattr(self, key) is None or getattr(self, key) > 0, key, "must be > 0 (or null)",
+                    getattr(self, key))
+        for key in ("connect_timeout", "round_timeout", "straggler_timeout"):  # never wait without end
+            require(getattr(self, key) is None or math.isfinite(getattr(self, key)), key,
+                    "must be a finite number of seconds", getattr(self, key))
+        require(0 <= self.server_momentum < 1, "server_momentum", "must lie in [0, 1)", self.server_momentum)
+        require(0 <= self.trim_beta < 0.5, "trim_beta", "must lie in [0, 0.5)", self.trim_beta)
+        non_negative(self, "proximal_mu", "malicious_sites", "krum_select", "max_update_ratio")
+
 
 @dataclass(frozen=True)
 class EvaluationConfig:
@@ -193,6 +308,11 @@ class EvaluationConfig:
     # each site also probes the global encoder on its own labelled windows (split by patient, test_fraction)
     # after every round; the server logs the test-window-weighted mean AUROC (only scalars leave a site)
     federated: bool = False
+
+    def __post_init__(self) -> None:
+        # both sides of the split must hold records, or the probe has nothing to fit or to score
+        fraction(self, "test_fraction", low_open=True, high_open=True)
+        non_negative(self, "probe_l2")
 
 
 @dataclass(frozen=True)
@@ -217,20 +337,20 @@ class PrivacyConfig:
 
     def __post_init__(self) -> None:
         if self.unit not in ("record", "patient"):
-            raise ConfigError(f"privacy.unit: expected 'record' or 'patient', got {self.unit!r}")
+            raise ConfigError(f"unit: expected 'record' or 'patient', got {self.unit!r}")
         if self.accountant not in ("rdp", "prv"):
-            raise ConfigError(f"privacy.accountant: expected 'rdp' or 'prv', got {self.accountant!r}")
+            raise ConfigError(f"accountant: expected 'rdp' or 'prv', got {self.accountant!r}")
         if self.grad_sample_mode not in ("bookkeeping", "hooks", "functorch", "ghost"):
-            raise ConfigError(f"privacy.grad_sample_mode: expected bookkeeping, hooks, functorch or ghost, "
+            raise ConfigError(f"grad_sample_mode: expected bookkeeping, hooks, functorch or ghost, "
                               f"got {self.grad_sample_mode!r}")
         if not self.target_epsilon > 0:
-            raise ConfigError(f"privacy.target_epsilon: must be > 0, got {self.target_epsilon}")
+            raise ConfigError(f"target_epsilon: must be > 0, got {self.target_epsilon}")
         if self.delta is not None and not 0 < self.delta < 1:
-            raise ConfigError(f"privacy.delta: must be in (0, 1), got {self.delta}")
+            raise ConfigError(f"delta: must be in (0, 1), got {self.delta}")
         if not self.max_grad_norm > 0:
-            raise ConfigError(f"privacy.max_grad_norm: must be > 0, got {self.max_grad_norm}")
+            raise ConfigError(f"max_grad_norm: must be > 0, got {self.max_grad_norm}")
         if self.noise_multiplier is not None and not self.noise_multiplier > 0:
-            raise ConfigError(f"privacy.noise_multiplier: must be > 0, got {self.noise_multiplier}")
+            raise ConfigError(f"noise_multiplier: must be > 0, got {self.noise_multiplier}")
 
 
 @dataclass(frozen=True)
@@ -245,6 +365,13 @@ class Scenario:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     sites: tuple[SiteConfig, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "name")  # the default run folder is runs/<name>-<time>
+        require(self.seed >= 0, "seed", "must be >= 0 (numpy's generators take no negative seed)", self.seed)
+        names = [s.name for s in self.sites]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"sites: site names must be unique, got {names}")
 
     def privacy_of(self, site: SiteConfig) -> PrivacyConfig:
         """The DP setting of `site`: its own `privacy` section, else the scenario's."""
@@ -271,6 +398,8 @@ def from_dict(cls: type, values: Any, where: str = "") -> Any:
         return cls(**kwargs)
     except TypeError as err:  # a required field is missing
         raise ConfigError(f"{where or cls.__name__}: {err}") from None
+    except ConfigError as err:  # a section's own check names the key inside the section
+        raise ConfigError(f"{where}.{err}" if where else str(err)) from None
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:
@@ -293,6 +422,8 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return {_coerce(args[0], k, where): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite number, got {value}")
     if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
         raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
     return value
@@ -324,9 +455,6 @@ def load_scenario(path: str | Path) -> Scenario:
                   for s in scenario.sites)
     evaluation = dataclasses.replace(scenario.evaluation, folder=resolved(scenario.evaluation.folder),
                                      labels_csv=resolved(scenario.evaluation.labels_csv))
-    names = [s.name for s in sites]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"site names must be unique, got {names}")
     return dataclasses.replace(scenario, sites=sites, evaluation=evaluation)
 
 

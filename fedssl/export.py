@@ -10,6 +10,7 @@ embedding means what it meant in training.
 from __future__ import annotations
 
 import json
+import pickle
 import sys
 import time
 from collections import Counter
@@ -23,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
+from fedssl.check import window_samples
 from fedssl.config import DataConfig, ModelConfig, Scenario, from_dict, to_dict
 from fedssl.data.preprocess import FILTER_ORDER, make_windows
 from fedssl.data.records import RecordError, read_record, reason_kind
@@ -49,10 +51,6 @@ class ExportedEncoder:
     window_samples: int
 
 
-def window_samples(data: DataConfig) -> int:
-    return round(data.window_seconds * data.sample_rate)
-
-
 # -- export ---------------------------------------------------------------------------------------
 
 def export_run(run_dir: str | Path, out: str | Path) -> Path:
@@ -63,7 +61,7 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
         raise ExportError(f"run folder {run.folder} has no global encoder (encoder.pt)")
     samples = window_samples(run.scenario.data)
     encoder = build_encoder(run.scenario.model, samples)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = load_state_file(checkpoint)
     check_state(encoder, state, str(checkpoint))
     encoder.load_state_dict(state)
     config = {
@@ -92,8 +90,30 @@ def parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict saved with torch.save at `path`: tensors by name and nothing else.
+
+    Loaded with `weights_only=True`: a pickle that would run code or build other objects is
+    refused, and no advice is given to load it less safely.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ExportError(f"{path} holds Python objects besides tensors, which loading would execute; "
+                          "refused: use an encoder.pt written by fedssl (a state dict of tensors)") from None
+    except Exception as err:  # noqa: BLE001 - torch's unpickler fails on arbitrary bytes in arbitrary ways
+        raise ExportError(f"{path} is not a readable torch file ({type(err).__name__}: "
+                          f"{(str(err).splitlines() or [''])[0][:120]})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise ExportError(f"{path} holds a {type(state).__name__}, not a state dict (names -> tensors) as "
+                          "fedssl saves an encoder")
+    return state
+
+
 def check_state(encoder: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Refuse weights whose names or shapes are not the encoder's, saying which differ."""
+    """Refuse weights whose names or shapes are not the encoder's, saying which differ, and
+    weights that are not finite (a diverged run, a damaged file): they would embed as NaN."""
     expected = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
     given = {k: tuple(v.shape) for k, v in state.items()}
     missing, unexpected = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
@@ -102,6 +122,10 @@ def check_state(encoder: nn.Module, state: dict[str, torch.Tensor], source: str)
                 for what, names in (("missing", missing), ("unexpected", unexpected), ("wrong shapes", wrong)) if names]
     if problems:
         raise ExportError(f"{source} does not fit the configured encoder: {'; '.join(problems)}")
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise ExportError(f"{source}: non-finite weights (NaN or inf) in {len(broken)} tensor(s), e.g. "
+                          f"{broken[:3]}; the run diverged or the file is damaged")
 
 
 # -- model card -------------------------------------------------------------------------------------
@@ -329,6 +353,9 @@ def embed_folder(model_dir: str | Path, records_dir: str | Path, *, progress: bo
             data = WindowSet(windows.windows, np.repeat(windows.lead_mask[None], n, 0), np.zeros(n, np.int64),
                              (RecordInfo(record_id, None, ()),))
             vectors.append(embed(exported.encoder, data))
+            if not np.isfinite(vectors[-1]).all():
+                raise ExportError(f"record {record_id}: the encoder's embedding is not finite; refused "
+                                  f"(no file written)")
             record_ids += [record_id] * n
             window_index.append(np.arange(n))
         if bar:

@@ -7,14 +7,29 @@ position embedding; a pre-norm transformer mixes all tokens and the embedding is
 Missing leads are handled by the lead mask: their tokens never enter attention or the mean, so a
 missing lead's values cannot change the embedding.
 
+`ConvTransformer` is the CPU-efficient token encoder: the twelve leads enter as channels of a
+strided convolutional stem (total stride 20: one token per 0.2 s at 100 Hz, 50 tokens per 10-s
+window instead of ST-MEM's 240), and a small transformer mixes the time tokens. Convolutional
+front ends with few tokens are what ECG SSL found to work at small compute (the strided
+encoders of CPC for ECG, Mehari & Strodthoff, "Self-supervised representation learning from
+12-lead ECG data", 2022; ECG-CPC, arXiv 2509.25095); attention over 50 tokens costs little.
+Masked modelling masks time spans of its tokens; CPC runs its attention causally.
+
 `ResNet1D` is the convolutional alternative (a 1-D ResNet as used by most ECG SSL work, e.g.
-CLOCS and Mehari & Strodthoff 2022) for the objectives that need no patch tokens.
+CLOCS and Mehari & Strodthoff 2022) for the objectives that need no tokens.
+
+Token encoders (ST-MEM and ConvTransformer) share one interface used by masked modelling and
+JEPA: `tokens`, `mask_span`, `token_valid(lead_mask)`, `encode(x, lead_mask, keep, visible)`,
+`pool`, `coordinates()` (the ids a decoder embeds to place a token) and
+`reconstruction_targets(x, lead_mask)`.
 
 No encoder uses BatchNorm (Linear, LayerNorm, Embedding, Conv1d and GroupNorm only), so every
 record's embedding depends on that record alone and Opacus can compute per-sample gradients.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +48,24 @@ RESNET_SIZES = {  # channels of the four stages (the last is the embedding width
     "small": ((48, 96, 192, 384), 2),
     "base": ((96, 192, 384, 768), 2),
 }
-ENCODERS = ("st_mem", "resnet1d")
-TOKEN_ENCODERS = ("st_mem",)  # encoders with patch tokens, which masked reconstruction needs
+CONV_TRANSFORMER_SIZES = {  # stem channels, width, depth, heads
+    "tiny": ((16, 32), 64, 2, 4),
+    "small": ((32, 64), 128, 2, 4),
+    "base": ((64, 128), 256, 4, 8),
+}
+STEM_STRIDES = (2, 2, 5)  # ConvTransformer: 20 samples (0.2 s at 100 Hz) per token
+LOCAL_BLOCKS = 2  # ConvTransformer: residual convolutions over tokens after the stem
+ENCODERS = ("st_mem", "resnet1d", "conv_transformer")
+TOKEN_ENCODERS = ("st_mem", "conv_transformer")  # encoders with tokens, which masked modelling needs
+TIME_TOKEN_ENCODERS = ("conv_transformer",)  # tokens in time order, one per time step: CPC needs them
+
+
+def normalised(segments: torch.Tensor) -> torch.Tensor:
+    """Each segment (last axis) standardised on its own: MAE's norm_pix_loss targets, so that
+    masked modelling learns waveform shape rather than amplitude."""
+    mean = segments.mean(-1, keepdim=True)
+    var = segments.var(-1, keepdim=True, unbiased=False)
+    return (segments - mean) / (var + 1e-6).sqrt()
 
 
 def init_weights(module: nn.Module) -> None:
@@ -42,7 +73,8 @@ def init_weights(module: nn.Module) -> None:
     tags, dominates the initial tokens and different ECGs start with different embeddings."""
     if isinstance(module, nn.Linear):
         nn.init.xavier_uniform_(module.weight)
-        nn.init.zeros_(module.bias)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
         nn.init.normal_(module.weight, std=0.02)
 
@@ -54,10 +86,13 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, visible: torch.Tensor, causal: bool = False) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :])
+        mask = visible[:, None, None, :]
+        if causal:  # a token reads itself and earlier tokens only
+            mask = mask & torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -73,14 +108,16 @@ class Block(nn.Module):
             nn.Linear(width, 4 * width), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * width, width)
         )
 
-    def forward(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), visible)
+    def forward(self, x: torch.Tensor, visible: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), visible, causal)
         return x + self.mlp(self.norm2(x))
 
 
 class ECGTransformer(nn.Module):
     """ST-MEM encoder. Takes any window length that is a multiple of `patch_size` up to
     `window_samples`; a shorter window gets the first positions (CMSC encodes half windows)."""
+
+    mask_span = 1  # masked modelling hides single patches, as ST-MEM does
 
     def __init__(self, window_samples: int, patch_size: int, width: int, depth: int, heads: int,
                  dropout: float = 0.0, leads: int = len(STANDARD_LEADS)) -> None:
@@ -165,6 +202,19 @@ class ECGTransformer(nn.Module):
         visible = self.token_valid(lead_mask, self.patches(x.shape[-1]))
         return self.pool(self.encode(x, lead_mask, visible=visible), visible)
 
+    @property
+    def target_shape(self) -> tuple[int, int]:
+        """(groups, samples) of one token's reconstruction target: one patch of one lead."""
+        return 1, self.patch_size
+
+    def coordinates(self) -> list[tuple[torch.Tensor, int]]:
+        """What places each token of a full window, for a decoder to embed: (ids (tokens,), table size)."""
+        return [(self.lead_ids, self.leads), (self.pos_ids, self.patches_per_lead)]
+
+    def reconstruction_targets(self, x: torch.Tensor, lead_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-patch normalised patches (B, tokens, 1, patch_size) and which count (B, tokens, 1)."""
+        return normalised(self.patchify(x))[:, :, None], self.token_valid(lead_mask)[..., None]
+
 
 def group_norm(channels: int) -> nn.GroupNorm:
     """Per-record normalisation in place of BatchNorm (Wu & He, "Group Normalization", ECCV 2018)."""
@@ -217,6 +267,155 @@ class ResNet1D(nn.Module):
         return F.gelu(self.norm(h)).mean(-1)
 
 
+class ChannelNorm(nn.Module):
+    """LayerNorm over the channels of each time step of a (B, C, T) feature map (as ConvNeXt's
+    channels-first LayerNorm). Unlike GroupNorm it never mixes time steps, so a token depends on
+    its own receptive field only: causal attention stays causal and hidden spans stay hidden."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)  # on (B, T, C), so Opacus' LayerNorm formula applies
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.transpose(1, 2)).transpose(1, 2)
+
+
+class TokenConvBlock(nn.Module):
+    """Pre-norm residual convolution over time tokens (B, T, width), kernel `kernel`: it widens
+    each token's view to its neighbours, where attention alone would start from 0.3-s patches.
+    Causal (left padding only) when the encoder is, so that a token never reads later ones."""
+
+    def __init__(self, width: int, kernel: int = 5) -> None:
+        super().__init__()
+        self.kernel = kernel
+        self.norm = nn.LayerNorm(width)
+        self.conv = nn.Conv1d(width, width, kernel)
+
+    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+        h = F.gelu(self.norm(x)).transpose(1, 2)
+        left = self.kernel - 1 if causal else (self.kernel - 1) // 2
+        h = F.pad(h, (left, self.kernel - 1 - left))
+        return x + self.conv(h).transpose(1, 2)
+
+
+class ConvTransformer(nn.Module):
+    """Strided convolutional stem over the leads as channels, then a transformer over time tokens.
+
+    The stem (three Conv1d + `ChannelNorm` + GELU, strides 2, 2, 5) turns a (B, 12, T) window
+    into T / 20 tokens; stem token t is the local shape of all twelve leads in 0.2 s and depends
+    on samples 20t - 7 .. 20t + 23 only (a 0.31-s receptive field). Two residual convolutions
+    over tokens (`TokenConvBlock`) widen that to about 2 s before attention. Missing leads are
+    zeroed before the stem, so their values cannot change the embedding. (A per-record bias from
+    the lead mask, as `ResNet1D`'s mask channels give, made SimCLR collapse to one embedding for
+    all records in the overfitting test; without it the same test learns.)
+    Masked modelling hides whole time spans (`mask_span` tokens): their samples are zeroed before
+    the stem too, so nothing hidden reaches a visible token through the stem's receptive field,
+    and only the kept tokens enter the transformer (MAE). Any window length that is a multiple
+    of 20 samples up to `window_samples` works (a shorter one gets the first positions).
+    """
+
+    mask_span = 2  # masked modelling hides 0.4-s spans: about half a beat at rest
+
+    def __init__(self, window_samples: int, stem_channels: tuple[int, int], width: int, depth: int,
+                 heads: int, dropout: float = 0.0, leads: int = len(STANDARD_LEADS),
+                 causal: bool = False) -> None:
+        super().__init__()
+        self.stride = math.prod(STEM_STRIDES)
+        if window_samples % self.stride:
+            raise ConfigError(f"model.encoder conv_transformer: window of {window_samples} samples is not a "
+                              f"multiple of its {self.stride}-sample tokens")
+        self.leads, self.width, self.causal = leads, width, causal
+        self.tokens = window_samples // self.stride
+        channels = (leads, *stem_channels, width)
+        kernels = (7, 5, 5)
+        convs = [nn.Conv1d(channels[i], channels[i + 1], kernel, stride, (kernel - stride + 1) // 2)
+                 for i, (kernel, stride) in enumerate(zip(kernels, STEM_STRIDES))]  # T / stride outputs
+        layers: list[nn.Module] = []
+        for i, conv in enumerate(convs, start=1):
+            layers += [conv, ChannelNorm(channels[i])] + ([nn.GELU()] if i < len(convs) else [])
+        self.stem = nn.Sequential(*layers)
+        self.local = nn.ModuleList(TokenConvBlock(width) for _ in range(LOCAL_BLOCKS))
+        self.pos_embed = nn.Embedding(self.tokens, width)
+        self.blocks = nn.ModuleList(Block(width, heads, dropout) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        self.register_buffer("pos_ids", torch.arange(self.tokens), persistent=False)
+        self.apply(init_weights)
+
+    def steps(self, samples: int) -> int:
+        """Tokens of a window of `samples` samples."""
+        if samples % self.stride or not 0 < samples <= self.tokens * self.stride:
+            raise ValueError(f"window of {samples} samples: need a multiple of {self.stride} "
+                             f"up to {self.tokens * self.stride}")
+        return samples // self.stride
+
+    def token_valid(self, lead_mask: torch.Tensor, tokens: int | None = None) -> torch.Tensor:
+        """(B, leads) -> (B, tokens): every time token is valid when any lead was recorded."""
+        return lead_mask.any(1, keepdim=True).expand(-1, tokens or self.tokens)
+
+    def stem_tokens(self, x: torch.Tensor, lead_mask: torch.Tensor,
+                    shown: torch.Tensor | None = None) -> torch.Tensor:
+        """Stem tokens (B, tokens, width), without position: local features, CPC's z_t.
+
+        `shown` (B, tokens) bool: the samples of other tokens are zeroed (masked modelling)."""
+        x = x * lead_mask[..., None].to(x.dtype)
+        if shown is not None:
+            x = x * shown.repeat_interleave(self.stride, dim=1)[:, None, :].to(x.dtype)
+        return self.stem(x).transpose(1, 2)
+
+    def positions(self, batch: int, tokens: int) -> torch.Tensor:
+        """Position embeddings (B, tokens, width), looked up per record so Opacus sees a batch."""
+        return self.pos_embed(self.pos_ids[:tokens].expand(batch, -1))
+
+    def mix(self, tokens: torch.Tensor, visible: torch.Tensor, causal: bool | None = None) -> torch.Tensor:
+        """The transformer over (B, K, width) tokens, attending to `visible` (B, K) ones."""
+        for block in self.blocks:
+            tokens = block(tokens, visible, self.causal if causal is None else causal)
+        return self.norm(tokens)
+
+    def local_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The residual convolutions over (B, tokens, width) stem tokens (before positions)."""
+        for block in self.local:
+            tokens = block(tokens, self.causal)
+        return tokens
+
+    def encode(self, x: torch.Tensor, lead_mask: torch.Tensor,
+               keep: torch.Tensor | None = None, visible: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings (B, K, width) of the tokens `keep` (B, K) indexes (all when None);
+        of those, `visible` (B, K) are shown, the others hidden (padding of the batch)."""
+        b, n = x.shape[0], self.steps(x.shape[-1])
+        shown = None
+        if keep is not None:
+            visible = torch.ones_like(keep, dtype=torch.bool) if visible is None else visible
+            shown = torch.zeros(b, n, dtype=torch.bool, device=x.device).scatter(1, keep, visible)
+        tokens = self.local_features(self.stem_tokens(x, lead_mask, shown)) + self.positions(b, n)
+        if keep is not None:
+            tokens = torch.gather(tokens, 1, keep[..., None].expand(-1, -1, self.width))
+        if visible is None:
+            visible = self.token_valid(lead_mask, n)
+        return self.mix(tokens, visible)
+
+    pool = staticmethod(ECGTransformer.pool)
+
+    def forward(self, x: torch.Tensor, lead_mask: torch.Tensor) -> torch.Tensor:
+        """The ECG embedding used downstream: (B, leads, T), (B, leads) -> (B, width)."""
+        return self.encode(x, lead_mask).mean(1)
+
+    @property
+    def target_shape(self) -> tuple[int, int]:
+        """(groups, samples) of one token's reconstruction target: 0.2 s of every lead."""
+        return self.leads, self.stride
+
+    def coordinates(self) -> list[tuple[torch.Tensor, int]]:
+        return [(self.pos_ids, self.tokens)]
+
+    def reconstruction_targets(self, x: torch.Tensor, lead_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's 0.2 s of every lead, normalised per lead (B, tokens, leads, stride), and
+        which leads count (B, tokens, leads): a missing lead is not reconstructed."""
+        b, leads, t = x.shape
+        segments = x.view(b, leads, t // self.stride, self.stride).transpose(1, 2)
+        return normalised(segments), lead_mask[:, None, :].expand(-1, t // self.stride, -1)
+
+
 def build_encoder(model: ModelConfig, window_samples: int) -> nn.Module:
     if model.encoder not in ENCODERS:
         raise ConfigError(f"model.encoder: unknown encoder {model.encoder!r}; known: {list(ENCODERS)}")
@@ -224,5 +423,8 @@ def build_encoder(model: ModelConfig, window_samples: int) -> nn.Module:
         raise ConfigError(f"model.size: unknown size {model.size!r}; known: {sorted(SIZES)}")
     if model.encoder == "resnet1d":
         return ResNet1D(*RESNET_SIZES[model.size], model.dropout)
+    if model.encoder == "conv_transformer":
+        return ConvTransformer(window_samples, *CONV_TRANSFORMER_SIZES[model.size], model.dropout,
+                               causal=model.causal)
     width, depth, heads = SIZES[model.size]
     return ECGTransformer(window_samples, model.patch_size, width, depth, heads, model.dropout)

@@ -33,7 +33,8 @@ from fedssl.storage import atomic_write
 
 LEDGER_FILE = "privacy_ledger.json"
 DP_SAFE = ("masked reconstruction (objective.name: generative, or hybrid with contrastive_weight: 0), "
-           "BYOL (objective.name: byol) or the per-sample hybrid (objective.name: hybrid_byol)")
+           "BYOL (objective.name: byol), the per-sample hybrid (objective.name: hybrid_byol), CPC with "
+           "negatives from the same window (objective.name: cpc) or JEPA (objective.name: jepa)")
 
 
 class PrivacyError(ValueError):

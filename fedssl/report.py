@@ -22,8 +22,9 @@ REPORT = "report.md"
 NOT_LOSS_TERMS = frozenset({
     "round", "probe_macro_auroc", "probe_macro_auroc_ci95", "site_probe_macro_auroc", "federated_macro_auroc", "seconds", "probe_seconds",
     "sites", "site_windows", "examples", "rejected", "epsilon", "delta", "declined", "errors",
-    "examples-seen", "fedema-mu",
+    "examples-seen", "fedema-mu", "central_epsilon", "central_delta", "embedding_rank", "embedding_std",
 })
+RANK_DROP_WARNING = 0.5  # warn when the embedding's effective rank fell below this fraction of its maximum
 # participation of a site in a round, as the report's table writes it
 TRAINED, DECLINED, REJECTED, FAILED, ABSENT = "trained", "declined", "rejected", "error", "-"
 
@@ -94,16 +95,36 @@ def participation(run: Run) -> list[dict[str, str]]:
     """Per round, each site's part: trained (its update was aggregated), declined (privacy budget),
     rejected (update failed validation), error, or - (not sampled, or no reply in time). Replies
     that named no site of the scenario count in the round's totals only."""
+    return [{site: state for site, (state, _) in row.items()} for row in participation_reasons(run.sites, run.rounds)]
+
+
+def participation_reasons(sites: list[str], rounds: list[dict]) -> list[dict[str, tuple[str, str]]]:
+    """`participation` with the reason each site gave or was given: per round {site: (state, reason)},
+    the reason empty for trained and - (the dashboard shows it; the report lists it apart)."""
     table = []
-    for r in run.rounds:
-        row = dict.fromkeys(run.sites, ABSENT)
-        for state, sites in ((FAILED, [e.get("site") for e in r.get("errors", [])]),
-                             (REJECTED, [e.get("site") for e in r.get("rejected", [])]),
-                             (DECLINED, [e.get("site") for e in r.get("declined", [])]),
-                             (TRAINED, list(r.get("site_windows", {})))):
-            row.update({site: state for site in sites if site in row})
+    for r in rounds:
+        row = dict.fromkeys(sites, (ABSENT, ""))
+        for state, entries in ((FAILED, r.get("errors", [])), (REJECTED, r.get("rejected", [])),
+                               (DECLINED, r.get("declined", [])),
+                               (TRAINED, [{"site": site} for site in r.get("site_windows", {})])):
+            row.update({e.get("site"): (state, e.get("reason", "")) for e in entries if e.get("site") in row})
         table.append(row)
     return table
+
+
+def collapse_warning(rounds: list[dict]) -> str | None:
+    """A warning when the embedding's effective rank (`embedding_rank`, fedssl/monitor.py) of the
+    last round fell by more than half from its maximum over the rounds: a collapsing encoder."""
+    ranks = [(r["round"], r["embedding_rank"]) for r in rounds if r.get("embedding_rank") is not None]
+    if not ranks:
+        return None
+    best_round, best = max(ranks, key=lambda item: item[1])
+    last_round, last = ranks[-1]
+    if last >= RANK_DROP_WARNING * best:
+        return None
+    return (f"**Warning: the embedding is collapsing.** Its effective rank fell from {best:.1f} (round "
+            f"{best_round}) to {last:.1f} (round {last_round}), below half its maximum: the encoder maps "
+            f"different ECGs to ever fewer directions. Lower the learning rate, or use another objective.")
 
 
 def write_report(folder: str | Path) -> Path:
@@ -150,6 +171,15 @@ def render(run: Run, plots: dict[str, str]) -> str:
     ]
     lines += ([f"![probe AUROC]({plots['auroc']})"] if "auroc" in plots
               else ["No probe was recorded (`evaluation.every_round` off and no final probe)."])
+    lines += ["", "## Collapse monitor", ""]
+    if "collapse" in plots:
+        lines += ["Effective rank (RankMe) and mean per-dimension std of the L2-normalised embeddings of the global "
+                  "encoder on a fixed set of windows, per round (fedssl/monitor.py).", "",
+                  f"![collapse monitor]({plots['collapse']})"]
+        warning = collapse_warning(run.rounds)
+        lines += ["", warning] if warning else []
+    else:
+        lines.append("No collapse monitor was recorded.")
     lines += ["", "## Privacy: epsilon per site", ""]
     eps = epsilon_by_site(run.rounds)
     if eps:
@@ -238,6 +268,8 @@ def draw_plots(run: Run) -> dict[str, str]:
         plots["auroc"] = _auroc_figure(run)
     if epsilon_by_site(run.rounds):
         plots["epsilon"] = _epsilon_figure(run)
+    if any(r.get("embedding_rank") is not None for r in run.rounds):
+        plots["collapse"] = _collapse_figure(run)
     files = {}
     for name, figure in plots.items():
         files[name] = f"report_{name}.png"
@@ -303,6 +335,25 @@ def _auroc_figure(run: Run):
     ax.set_title("linear-probe macro AUROC of the global encoder")
     ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     _round_axis(ax, rounds)
+    return figure
+
+
+def _collapse_figure(run: Run):
+    rounds = [r["round"] for r in run.rounds]
+    figure, (rank, std) = _figure(9.6, 3.2, ncols=2)
+    ranks = [r.get("embedding_rank") for r in run.rounds]
+    rank.plot(rounds, ranks, marker="o")
+    known = [v for v in ranks if v is not None]
+    rank.axhline(RANK_DROP_WARNING * max(known), linestyle="--", color="C3", linewidth=0.8,
+                 label="warning: half the maximum")
+    rank.set_title("effective rank (RankMe)")
+    rank.set_ylim(bottom=0)
+    rank.legend(fontsize="small")
+    std.plot(rounds, [r.get("embedding_std") for r in run.rounds], marker="o", color="C1")
+    std.set_title("mean std of normalised embeddings")
+    std.set_ylim(bottom=0)
+    for ax in (rank, std):
+        _round_axis(ax, rounds)
     return figure
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -10,7 +11,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fedssl.config import PrivacyConfig, TrainConfig
+from fedssl.config import ConfigError, PrivacyConfig, TrainConfig
 from fedssl.data.windows import WindowSet
 from fedssl.federated import proximal_term
 from fedssl.objectives.base import Objective
@@ -26,6 +27,26 @@ class TrainResult:
     losses: dict[str, float]  # mean of each loss term over the steps
     seconds: float
     data_seconds: float = 0.0  # of `seconds`, spent waiting for batches (sampling and gathering windows)
+
+
+LR_SCHEDULES = ("cosine", "constant")
+
+
+def learning_rate_at(step: int, planned_steps: int, cfg: TrainConfig) -> float:
+    """The learning rate of global step `step` (0-based) of `planned_steps`: a linear warm-up over
+    `warmup_fraction` of them, then a cosine decay towards zero (Loshchilov & Hutter, "SGDR",
+    ICLR 2017; with warm-up as in Goyal et al. 2017 and MAE). The value depends on the step's
+    position in the whole training only, so a federated round continues where the previous round
+    left off and a resumed run finds the same rate again."""
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"train.lr_schedule: unknown schedule {cfg.lr_schedule!r}; known: {list(LR_SCHEDULES)}")
+    if cfg.lr_schedule == "constant":
+        return cfg.learning_rate
+    warmup = round(cfg.warmup_fraction * planned_steps)
+    if step < warmup:
+        return cfg.learning_rate * (step + 1) / warmup
+    progress = min((step - warmup) / max(planned_steps - warmup, 1), 1.0)
+    return cfg.learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def batches(n: int, batch_size: int, steps: int, rng: np.random.Generator):
@@ -64,7 +85,7 @@ def train_local(objective: Objective, data: WindowSet, cfg: TrainConfig, *, step
                 on_step: Callable[[int, dict[str, float]], None] | None = None,
                 proximal: tuple[float, dict[str, torch.Tensor]] | None = None,
                 privacy: PrivacyConfig | None = None, ledger: PrivacyLedger | None = None,
-                planned_steps: int | None = None, round: int | None = None) -> TrainResult:
+                planned_steps: int | None = None, first_step: int = 0, round: int | None = None) -> TrainResult:
     """Run `steps` optimizer steps of `objective` on `data`; the same seed gives the same result.
 
     With `privacy.enabled` the steps are DP-SGD (fedssl.privacy, docs/privacy.md): Poisson-sampled
@@ -73,13 +94,19 @@ def train_local(objective: Objective, data: WindowSet, cfg: TrainConfig, *, step
 
     `proximal = (mu, w_global)` adds FedProx's mu/2 * ||w - w_global||^2 over the parameters
     named in `w_global` (objective names, e.g. `encoder.` ones) and logs it as "proximal".
+
+    The learning rate follows `learning_rate_at` over `planned_steps` (the whole training's steps:
+    rounds x local_steps in a federation; `steps` when None), these steps being global steps
+    `first_step` .. `first_step + steps - 1` of it.
     """
     if len(data) == 0:
         raise ValueError("no training windows")
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    optimizer = torch.optim.AdamW(objective.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    schedule_steps = planned_steps or steps
+    optimizer = torch.optim.AdamW(objective.parameters(), lr=learning_rate_at(first_step, schedule_steps, cfg),
+                                  weight_decay=cfg.weight_decay)
     dp = None
     if privacy is not None and privacy.enabled:
         dp = begin_private_round(objective, optimizer, data, privacy, cfg.batch_size, steps=steps,
@@ -94,6 +121,8 @@ def train_local(objective: Objective, data: WindowSet, cfg: TrainConfig, *, step
     fetched = TimedBatches(sampler, windows, lead_mask, groups)
     try:
         for step, (index, x, mask, group) in enumerate(fetched, start=1):
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = learning_rate_at(first_step + step - 1, schedule_steps, cfg)
             optimizer.zero_grad(set_to_none=True)
             if dp:  # the DP-SGD gradient (clipped per unit, noised) lands in .grad; no extra clipping
                 values = dp.backward(x, mask)

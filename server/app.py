@@ -27,9 +27,11 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import (FedAdam, FedAvg, FedAvgM, FedMedian,
                                      FedProx, FedTrimmedAvg, FedYogi, Krum, MultiKrum, Strategy)
 
+from fedssl.check import check_scenario
 from fedssl.config import ConfigError, FederationConfig, Scenario, load_scenario
 from fedssl.evaluate import ProbeSplits, summarise
 from fedssl.federated import LOCAL_UPDATES, SHARE_MODES, TRANSFER_DTYPES, encoder_state, shared_state
+from fedssl.monitor import embedding_health
 from fedssl.objectives import build_objective
 from fedssl.report import save_run_config, write_report
 from server.central_dp import CENTRAL_DP, SITE_WEIGHT_KEY, central_dp, no_metrics
@@ -64,6 +66,8 @@ ROBUST = ("fedmedian", "fedtrimmedavg", "krum", "multikrum")  # not a mean: cent
 def main(grid: Grid, context: Context) -> None:
     """Run `federation.rounds` rounds of the scenario's strategy and probe each global encoder."""
     scenario = load_scenario(context.run_config["scenario"])
+    # refused before any site is waited for, as `fedssl simulate` refuses it; the sites' folders are theirs
+    check_scenario(scenario, site_folders=False)
     run_dir = Path(str(context.run_config["run-dir"]))
     save_run_config(scenario, context.run_config["scenario"], run_dir)  # deployed runs record their config too
     fed = scenario.federation
@@ -90,10 +94,12 @@ def main(grid: Grid, context: Context) -> None:
             return None
         tracker.require_update(server_round)
         auroc, ci95, seconds = None, None, 0.0
+        state = encoder_state(tracker.state_dict(arrays))
         if scenario.evaluation.every_round or server_round == fed.rounds:
-            auroc, ci95, seconds = probe(scenario, run_dir, encoder_state(tracker.state_dict(arrays)))
+            auroc, ci95, seconds = probe(scenario, run_dir, state)
         sampled = max(int(len(list(grid.get_node_ids())) * fed.fraction_train), fed.min_sites)
-        tracker.finish_round(server_round, arrays, auroc, seconds, expected=sampled, probe_ci95=ci95)
+        tracker.finish_round(server_round, arrays, auroc, seconds, expected=sampled, probe_ci95=ci95,
+                             monitor=collapse_monitor(scenario, run_dir, state))
         ServerCheckpoint(server_round, fed.strategy, {k: a.numpy() for k, a in arrays.items()},
                          optimizer_state(strategy), random.getstate(), dict(tracker.epsilon)).save(run_dir)
         return None if auroc is None else MetricRecord({"probe-macro-auroc": auroc})
@@ -117,7 +123,8 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def check_federation(fed: FederationConfig, num_sites: int) -> None:
-    """Refuse a federation section that cannot run, before any data is generated."""
+    """Refuse a federation section that this ServerApp cannot run, before any data is generated (the
+    section's own ranges are checked when it is loaded, fedssl/config.py)."""
     if fed.strategy not in STRATEGIES:
         raise ConfigError(f"federation.strategy: unknown strategy {fed.strategy!r}; known: {sorted(STRATEGIES)}")
     if not 1 <= fed.min_sites <= num_sites:
@@ -127,15 +134,7 @@ def check_federation(fed: FederationConfig, num_sites: int) -> None:
                               ("transfer_dtype", fed.transfer_dtype, tuple(TRANSFER_DTYPES))):
         if value not in known:
             raise ConfigError(f"federation.{key}: unknown value {value!r}; known: {list(known)}")
-    positive = {"connect_timeout": fed.connect_timeout, "round_timeout": fed.round_timeout,
-                "straggler_timeout": fed.straggler_timeout,
-                "fedema_tau": fed.fedema_tau, "fedema_lambda": fed.fedema_lambda,
-                "server_learning_rate": fed.server_learning_rate, "server_tau": fed.server_tau}
-    for key, value in positive.items():
-        if value is not None and value <= 0:
-            raise ConfigError(f"federation.{key} must be positive, got {value}")
-    if not (0 <= fed.server_momentum < 1 and fed.proximal_mu >= 0):
-        raise ConfigError("federation.server_momentum must be in [0, 1) and proximal_mu >= 0")
+    robust_options(fed, num_sites)  # refuses robust settings these sites cannot meet
     if fed.central_dp not in ("none", *CENTRAL_DP):
         raise ConfigError(f"federation.central_dp: expected none, server or client, got {fed.central_dp!r}")
     if fed.central_dp != "none":
@@ -198,14 +197,31 @@ def strategy_options(fed: FederationConfig) -> dict:
 _probe_sets: dict = {}
 
 
+def probe_splits(scenario: Scenario, run_dir: Path) -> ProbeSplits:
+    """The held-out set and its patient-level probe splits, read once per run folder."""
+    workdir = run_dir / "data"
+    if workdir not in _probe_sets:
+        _probe_sets[workdir] = ProbeSplits.of(scenario, workdir)
+    return _probe_sets[workdir]
+
+
+def global_encoder(scenario: Scenario, state: dict):
+    encoder = build_objective(scenario).encoder
+    encoder.load_state_dict(state)
+    return encoder
+
+
 def probe(scenario: Scenario, run_dir: Path, state: dict) -> tuple[float, list[float], float]:
     """Linear-probe macro AUROC of the encoder `state` (mean over the held-out set's patient-level
     splits), its 95 % bootstrap interval and the seconds it took."""
     start = time.perf_counter()
-    workdir = run_dir / "data"
-    if workdir not in _probe_sets:
-        _probe_sets[workdir] = ProbeSplits.of(scenario, workdir)
-    encoder = build_objective(scenario).encoder
-    encoder.load_state_dict(state)
-    result = summarise(_probe_sets[workdir].probe(encoder), scenario.evaluation.bootstrap, scenario.seed)
+    splits = probe_splits(scenario, run_dir)
+    result = summarise(splits.probe(global_encoder(scenario, state)), scenario.evaluation.bootstrap, scenario.seed)
     return result["macro_auroc"], result["ci95"], time.perf_counter() - start
+
+
+def collapse_monitor(scenario: Scenario, run_dir: Path, state: dict) -> dict[str, float]:
+    """`embedding_rank` and `embedding_std` of the encoder `state` on the first windows of the
+    first probe-train split: the same fixed windows every round (fedssl/monitor.py)."""
+    train, _ = probe_splits(scenario, run_dir).first()
+    return embedding_health(global_encoder(scenario, state), train)

@@ -156,8 +156,12 @@ class RoundTracker:
                                 "see the site errors above")
 
     def finish_round(self, server_round: int, arrays: ArrayRecord, probe_auroc: float | None,
-                     probe_seconds: float, expected: int, probe_ci95: list[float] | None = None) -> dict:
+                     probe_seconds: float, expected: int, probe_ci95: list[float] | None = None,
+                     monitor: dict[str, float] | None = None) -> dict:
         """Checkpoint the round's global encoder, append its metrics line and log progress.
+
+        `monitor` holds the collapse monitor of the global encoder (`embedding_rank`,
+        `embedding_std`: fedssl/monitor.py), written as they are.
 
         When more than the encoder is shared (`share: all`), `global.pt` holds the whole
         latest global objective state as well.
@@ -176,6 +180,7 @@ class RoundTracker:
             **train["losses"],
             "probe_macro_auroc": probe_auroc,
             "probe_macro_auroc_ci95": probe_ci95,  # [low, high]: bootstrap over test patients (fedssl.evaluate)
+            **(monitor or {}),
             **self._site_probes.pop(server_round, {}),
             "seconds": round(train["seconds"], 3),  # round wall time: sending, site work, replies, aggregation
             "compute_seconds": train["compute_seconds"],  # {site: seconds in its training loop}

@@ -1,10 +1,13 @@
 """Run a scenario end to end on Flower's simulation engine, offline, on this machine.
 
-    python -m simulations simulations/quickstart.yaml [--out RUN_DIR] [--verbose] [--resume]
+    python -m simulations simulations/quickstart.yaml [--out RUN_DIR] [--verbose] [--resume | --overwrite]
 
-(`--resume`: continue the run in RUN_DIR after its last checkpointed round, e.g. after a crash.)
+(`--resume`: continue the run in RUN_DIR after its last checkpointed round, e.g. after a crash;
+`--overwrite`: start again in RUN_DIR, its earlier results moved to RUN_DIR/earlier/<time>/. Without
+either an existing RUN_DIR that holds anything but data caches is refused: nothing is ever deleted.)
 
-1. load the scenario, create the run folder and save the scenario used in it;
+1. load and check the scenario (fedssl.check, the strategy), create the run folder and save the
+   scenario used in it;
 2. materialise every site's data and the probe data up front (errors surface before Flower
    starts, and the simulated sites find a warm cache);
 3. start a private `flower-superlink --simulation` on a free loopback port (a child process of
@@ -23,25 +26,30 @@ output) and `flower/` (the FLWR_HOME of the run).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import queue
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
 import uuid
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
+from fedssl.config import ConfigError
 from fedssl.deploy import FAST_POLLING_ENV
 from fedssl.report import epsilon_by_site, read_metrics, write_report
+from fedssl.runfolder import RUN_STATE, RunFolder
 from simulations.processes import TOKEN_VARIABLE, free_port, marked_processes, pid_alive, stop_pids  # noqa: F401
 from simulations.processes import terminate as _terminate
 
@@ -51,6 +59,8 @@ PROGRESS_MARK = "fedssl |"  # log lines of the fedssl ServerApp/ClientApp shown 
 DONE_MARK = "fedssl | done:"  # the ServerApp's last line
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 APP_SUFFIXES = {".py", ".toml", ".yaml", ".yml", ".json", ".md"}  # what Flower puts in an app bundle
+STARTUP_SECONDS = 300.0  # on top of the scenario's own timeouts: Flower, Ray and the first probe starting
+EXIT_SECONDS = 60.0  # for `flwr run` to exit once its output has ended
 
 Echo = Callable[[str], None]
 
@@ -66,49 +76,102 @@ class RunResult:
     flower_pids: list[int] = field(default_factory=list)  # every Flower process of the run
 
 
+# -- the run's state for `fedssl dashboard` ------------------------------------------------------
+
+_run_state: ContextVar[tuple[Path, dict] | None] = ContextVar("run_state", default=None)
+
+
+def recorded_outcome(run: Callable[..., RunResult]) -> Callable[..., RunResult]:
+    """`run` (run_scenario) recording its outcome in the run folder's RUN_STATE for `fedssl dashboard`:
+    finished, or failed with the error's first line. The run folder alone cannot tell a failed run
+    from a slow one: a failure leaves no other trace there. The folder is known only once the
+    scenario is read and checked, so `run` names it by calling `record_start`."""
+
+    @functools.wraps(run)
+    def recorded(*args, **kwargs) -> RunResult:
+        token = _run_state.set(None)
+        outcome = {"state": "failed", "error": "interrupted (Ctrl-C or SIGTERM)"}
+        try:
+            result = run(*args, **kwargs)
+            outcome = {"state": "finished"}
+            return result
+        except Exception as err:
+            outcome["error"] = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+            raise
+        finally:
+            started = _run_state.get()
+            _run_state.reset(token)
+            if started is not None:  # a run refused before it had a folder leaves none
+                path, record = started
+                write_json(path, {**record, **outcome, "ended": time.time()})
+
+    return recorded
+
+
+def record_start(run_dir: Path) -> None:
+    """Record the run in `run_dir` as running, with this process's id and host (a runner killed
+    without a chance to record its outcome can then be told apart from one still running)."""
+    record = {"state": "running", "started": time.time(), "pid": os.getpid(), "host": socket.gethostname()}
+    write_json(run_dir / RUN_STATE, record)
+    _run_state.set((run_dir / RUN_STATE, record))
+
+
+def write_json(path: Path, value: dict) -> None:
+    """Write `value` whole or not at all (a reader polling the file never sees half of it)."""
+    from fedssl.storage import atomic_write
+
+    atomic_write(path, lambda f: f.write(json.dumps(value).encode() + b"\n"))
+
+
+@recorded_outcome
 def run_scenario(path: str | Path, out_dir: str | Path | None = None, *, verbose: bool = False,
-                 timeout: float | None = None, resume: bool = False, echo: Echo = print) -> RunResult:
+                 timeout: float | None = None, resume: bool = False, overwrite: bool = False,
+                 echo: Echo = print) -> RunResult:
     """Run the scenario at `path` in `out_dir` (default `runs/<name>-<timestamp>`).
 
     With `resume` the results already in `out_dir` are kept and the ServerApp continues after the
-    last round checkpointed there (server/checkpoint.py).
+    last round checkpointed there (server/checkpoint.py); with `overwrite` they are moved to
+    `out_dir/earlier/<time>/` first. `timeout` (default: the scenario's connect timeout plus its
+    rounds' timeouts plus STARTUP_SECONDS) bounds the federation.
     """
     from fedssl.baselines import compare
     from fedssl.config import load_scenario, save_scenario
-    from server.app import check_federation
 
     if resume and out_dir is None:
         raise FederationError("resume needs the run folder to continue (--out RUN_DIR)")
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in --out, --overwrite starts it again: give one")
     started = time.perf_counter()
     scenario = load_scenario(path)
-    check_federation(scenario.federation, len(scenario.sites))  # fail before any data is generated
-    run_dir = Path(out_dir or Path("runs") / f"{scenario.name}-{datetime.now():%Y%m%d-%H%M%S}").resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if resume:
-        echo(f"resuming the run in {run_dir}")
-    else:
-        clear_previous_run(run_dir, echo)
-    scenario_path = run_dir / "scenario.yaml"
+    check(scenario)  # refuse before any data is generated or a folder is created
+    run = RunFolder(out_dir or Path("runs") / f"{scenario.name}-{datetime.now():%Y%m%d-%H%M%S}")
+    prepare_run_folder(run, resume=resume, overwrite=overwrite, echo=echo)
+    run_dir = run.root
+    scenario_path = run.scenario
     save_scenario(scenario, scenario_path)
     echo(f"run folder: {run_dir}")
+    record_start(run_dir)
 
-    data_dir = run_dir / "data"
+    data_dir = run.data
     materialise_data(scenario, data_dir, echo)
     data_done = time.perf_counter()
 
+    fed = scenario.federation
+    if timeout is None:
+        timeout = fed.connect_timeout + fed.rounds * fed.round_timeout + STARTUP_SECONDS
     with LocalSimulation(run_dir, echo=echo, verbose=verbose) as simulation:
         run_id = simulation.run(scenario_path, num_sites=len(scenario.sites), timeout=timeout, resume=resume)
     federation_done = time.perf_counter()
 
-    rounds = read_metrics(run_dir / "metrics.jsonl")
-    if len(rounds) != scenario.federation.rounds or not (run_dir / "encoder.pt").exists():
+    rounds = read_metrics(run.metrics)
+    if len(rounds) != scenario.federation.rounds or not run.encoder.exists():
         raise FederationError(f"Flower run {run_id} finished but {run_dir} holds {len(rounds)} of "
                               f"{scenario.federation.rounds} rounds; see {simulation.log_path}")
 
     import torch
 
     echo("comparing encoders (linear probe) ...")
-    encoders = compare(scenario, data_dir, torch.load(run_dir / "encoder.pt", weights_only=True))
+    encoders = compare(scenario, data_dir, torch.load(run.encoder, weights_only=True))
     summary = {
         "scenario": scenario.name,
         "run_dir": str(run_dir),
@@ -138,38 +201,71 @@ def run_scenario(path: str | Path, out_dir: str | Path | None = None, *, verbose
                        "bootstrap_replicates": scenario.evaluation.bootstrap},
         "flower_run_id": run_id,
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    run.summary.write_text(json.dumps(summary, indent=2) + "\n")
     write_report(run_dir)  # the ServerApp wrote it already; now with the baseline table of summary.json
     echo(summary_table(summary))
     return RunResult(run_dir, summary, sorted(simulation.seen_pids))
 
 
-def clear_previous_run(run_dir: Path, echo: Echo) -> None:
-    """Remove the results of an earlier run in `run_dir`, keeping its data caches.
+def check(scenario) -> None:
+    """Everything that can be refused before data or Flower: the scenario (fedssl.check) and the
+    federation against the ServerApp's strategies."""
+    from fedssl.check import check_scenario
+    from server.app import check_federation
 
-    Site heads left behind would otherwise be picked up by the new run's sites.
-    """
-    stale = [run_dir / name for name in ("sites", "checkpoints", "encoder.pt", "global.pt", "metrics.jsonl",
-                                         "summary.json", "report.md")]
-    stale = [path for path in stale if path.exists()]
-    for path in stale:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    if stale:
-        echo(f"removed the results of an earlier run: {', '.join(p.name for p in stale)}")
+    check_scenario(scenario)
+    check_federation(scenario.federation, len(scenario.sites))
+
+
+def prepare_run_folder(run: RunFolder, *, resume: bool, overwrite: bool, echo: Echo) -> None:
+    """Create the run folder, or refuse one whose earlier results a new run would mix with or
+    replace. An existing folder is used as it is only if it holds nothing but data caches;
+    `overwrite` moves an earlier run's results (site state included) aside, never deletes them."""
+    if run.root.exists() and not run.root.is_dir():
+        raise ConfigError(f"--out {run.root} is a file, not a folder")
+    if not run.root.exists():
+        if resume:
+            raise ConfigError(f"--resume: {run.root} does not exist; nothing to continue")
+        run.root.mkdir(parents=True)
+        return
+    if resume:
+        echo(f"resuming the run in {run.root}")
+        return
+    foreign = run.foreign_entries()
+    earlier = run.earlier_results()
+    if foreign:
+        raise ConfigError(f"--out {run.root} is not empty and not a fedssl run folder (it holds "
+                          f"{', '.join(p.name for p in foreign[:5])}{' ...' if len(foreign) > 5 else ''}); "
+                          "choose a new or empty folder")
+    if earlier and not overwrite:
+        raise ConfigError(f"--out {run.root} holds an earlier run ({', '.join(p.name for p in earlier)}); "
+                          "use --resume to continue it, --overwrite to start again (its results are moved to "
+                          "earlier/, nothing is deleted), or choose another --out")
+    if overwrite:
+        archived = run.archive_results()
+        if archived:
+            echo(f"moved the results of the earlier run to {archived}")
 
 
 def materialise_data(scenario, data_dir: Path, echo: Echo) -> None:
     """Load every site once (and the probe data) so that failures happen before Flower starts."""
+    from fedssl.check import MIN_SITE_WINDOWS
     from fedssl.data.site import load_site
-    from fedssl.evaluate import probe_data
+    from fedssl.evaluate import probe_data, usable_classes
 
     for site in scenario.sites:
         echo(f"site {site.name}: preparing data ...")
         windows = load_site(site, scenario.data, data_dir, scenario.seed)
-        if len(windows) == 0:
-            raise FederationError(f"site {site.name}: no usable windows")
+        if len(windows) < MIN_SITE_WINDOWS:
+            raise ConfigError(f"site {site.name}: {len(windows)} usable window(s) from {len(windows.records)} "
+                              f"record(s); training needs at least {MIN_SITE_WINDOWS}")
         echo(f"site {site.name}: {len(windows.records)} records, {len(windows)} windows")
     train, test = probe_data(scenario, data_dir)
+    try:
+        usable_classes(train, test)
+    except ValueError as err:
+        raise ConfigError(f"evaluation: the held-out set cannot be probed ({len(train)} train / {len(test)} test "
+                          f"windows): {err}; give more records or another evaluation.test_fraction") from None
     echo(f"probe data: {len(train)} train / {len(test)} test windows")
 
 
@@ -184,9 +280,10 @@ class LocalSimulation:
     superlink_options: tuple[str, ...] = ("--simulation",)  # the SuperLink runs the SuperNodes itself
 
     def __init__(self, run_dir: Path, *, echo: Echo = print, verbose: bool = False) -> None:
-        self.run_dir = Path(run_dir)
-        self.home = self.run_dir / "flower"
-        self.log_path = self.run_dir / "logs" / "flower.log"
+        self.folder = RunFolder(run_dir)
+        self.run_dir = self.folder.root
+        self.home = self.folder.flower
+        self.log_path = self.folder.logs / "flower.log"
         self.echo, self.verbose = echo, verbose
         self.token = uuid.uuid4().hex
         self.port = 0
@@ -250,7 +347,7 @@ class LocalSimulation:
             "--host", "127.0.0.1",
             "--port", str(self.port),
         ]
-        with (self.run_dir / "logs" / "superlink.log").open("ab") as log_file:
+        with (self.folder.logs / "superlink.log").open("ab") as log_file:
             self.superlink = subprocess.Popen(command, env=self.env, cwd=self.run_dir, stdout=log_file,
                                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                               start_new_session=True)  # Ctrl-C is handled here
@@ -261,7 +358,7 @@ class LocalSimulation:
         while not self._healthy():
             if self.superlink.poll() is not None:
                 raise FederationError(f"flower-superlink exited with code {self.superlink.returncode}; "
-                                      f"see {self.run_dir / 'logs' / 'superlink.log'}")
+                                      f"see {self.folder.logs / 'superlink.log'}")
             if time.monotonic() > deadline:
                 raise FederationError("flower-superlink did not become ready within 60s")
             time.sleep(0.2)
@@ -304,7 +401,7 @@ class LocalSimulation:
 
     def run(self, scenario_path: Path, *, num_sites: int, timeout: float | None = None, resume: bool = False) -> int:
         """Submit the app with `flwr run --stream`, forward progress, return the finished run id."""
-        overrides = self.run_dir / "flower" / "run_config.toml"
+        overrides = self.home / "run_config.toml"
         overrides.write_text(f"scenario = {json.dumps(str(scenario_path))}\n"
                              f"run-dir = {json.dumps(str(self.run_dir))}\n"
                              f"resume = {json.dumps(resume)}\n")
@@ -341,7 +438,11 @@ class LocalSimulation:
                     self.echo(line.rstrip("\n"))
                 elif PROGRESS_MARK in plain or " ERROR " in f" {plain} " or "ERROR :" in plain:
                     self.echo(plain.split(PROGRESS_MARK, 1)[-1].strip() if PROGRESS_MARK in plain else plain)
-            self.cli.wait()
+            try:
+                self.cli.wait(timeout=EXIT_SECONDS)
+            except subprocess.TimeoutExpired:
+                raise FederationError(f"`flwr run` did not exit within {EXIT_SECONDS:.0f}s of its output ending; "
+                                      f"see {self.log_path}") from None
         if run_id is None:
             raise FederationError(f"`flwr run` did not start a run (exit code {self.cli.returncode}):\n"
                                   + tail(self.log_path))
@@ -461,14 +562,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help="show Flower's full log")
     parser.add_argument("--timeout", type=float, help="stop the federation after this many seconds")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out after its last checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start again in an existing --out (its earlier results are moved to earlier/)")
     args = parser.parse_args(argv)
-    from fedssl.config import ConfigError
-
     try:
-        run_scenario(args.scenario, args.out, verbose=args.verbose, timeout=args.timeout, resume=args.resume)
-    except (FederationError, ConfigError) as err:
+        run_scenario(args.scenario, args.out, verbose=args.verbose, timeout=args.timeout, resume=args.resume,
+                     overwrite=args.overwrite)
+    except (FederationError, ValueError, OSError) as err:  # ConfigError, SiteDataError are ValueErrors
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2
     except KeyboardInterrupt:
         print("interrupted; Flower processes stopped", file=sys.stderr)
         return 130

@@ -4,8 +4,8 @@ import pytest
 
 from fedssl.cli import main, parser
 
-SUBCOMMANDS = ["simulate", "pretrain", "evaluate", "check-site", "synthesize", "report", "export", "embed", "certs",
-               "node-key"]
+SUBCOMMANDS = ["check", "simulate", "pretrain", "evaluate", "check-site", "synthesize", "report", "export", "embed", "certs",
+               "node-key", "dashboard"]
 
 
 @pytest.mark.parametrize("command", [[], *([c] for c in SUBCOMMANDS)])

@@ -38,6 +38,7 @@ from simulations.run import stage_app
 
 SITES = ("hospital_a", "clinic_b", "cardiology_c")
 CONNECTION = "fedssl-deploy"
+STOP_LIMIT = 60  # s a stop may take before a process still running counts as left behind
 BIN = Path(sys.executable).parent
 
 SCENARIO = """
@@ -228,15 +229,27 @@ class Deployment:
         return self.finish(name, self.submit(name, run_config), timeout)
 
     def stop(self) -> list[int]:
-        """Stop every process by pid (SuperNodes first, then the SuperLink); return survivors."""
+        """Stop every process by pid (SuperNodes first, then the SuperLink); return survivors.
+
+        Survivors are the processes still running after `STOP_LIMIT` s of stopping that carry
+        the deployment's mark or that it started: not every pid in `seen`, which by then may be
+        another user's process (pids are reused) or a killed process the kernel is still tearing
+        down (slow on a loaded machine; its environment, and so its mark, is already gone).
+        """
         self.watch()
         for process in reversed(self.processes):
             if process.poll() is None:
                 terminate(process, grace=15)
-        left = marked_processes(self.token)
-        self.seen |= set(left)
-        stop_pids(left)
-        return sorted(p for p in self.seen if pid_alive(p))
+        deadline = time.monotonic() + STOP_LIMIT
+        while (left := self.running()) and time.monotonic() < deadline:
+            self.seen |= set(left)
+            stop_pids(left)
+        return left
+
+    def running(self) -> list[int]:
+        """Pids of this deployment's processes that still run."""
+        marked = {p for p in marked_processes(self.token) if pid_alive(p)}
+        return sorted(marked | {p.pid for p in self.processes if p.poll() is None})
 
 
 def hospitals(root: Path, scenario_text: str) -> tuple[dict[str, NodeKey], Path]:

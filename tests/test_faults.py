@@ -1,17 +1,26 @@
 """Faults of a real deployment on loopback (TLS, node authentication, three hospitals), one SuperLink:
 
 1. Bounded wait: only two of the three registered SuperNodes run; a run needing all three
-   (`min_sites: 3`, `connect_timeout: 8`) stops after ~8 s naming the missing `cardiology_c`.
+   (`min_sites: 3`, `connect_timeout: 8`) fails by itself after the connect timeout, naming the
+   missing `cardiology_c`.
 2. A SuperNode killed mid-round: with the third hospital up, a four-round FedAdam run; right after
    round 1 the test SIGKILLs cardiology_c's SuperNode and its app processes. Round 2 ends with the
-   other two (`min_sites: 2`) once Flower has marked the dead node offline (missed heartbeats,
-   ~30-60 s), long before `round_timeout`; the node is restarted after round 2 (same key, same
+   other two (`min_sites: 2`) on the error reply Flower gives for a node that stopped sending
+   heartbeats, not at `round_timeout`; the node is restarted after round 2 (same key, same
    state folder) and rejoins with its heads and privacy ledger. cardiology_c trains with DP-SGD, and its records are found
    through the node config `records-folder` only (the scenario's folder for it does not exist).
 3. Resume after the SuperLink is killed: after round 3's checkpoint the test SIGKILLs the SuperLink
    and the ServerApp, starts the SuperLink again on the same state database (the SuperNodes
    reconnect by themselves) and submits the run again with `resume = true`: round 4 runs, and the
    run ends at the configured four rounds with rounds 1-3 untouched.
+
+The assertions are on what happened (rounds, replies, error codes, the server's own account of
+its wait), never on how long it took, so the machine's load cannot decide them. The one wait
+that costs time is Flower noticing the dead node: flwr 1.42 has no setting for it (the SuperNode
+announces a fixed 30 s heartbeat interval, the SuperLink allows two), so up to a minute. The
+scenario's `straggler_timeout` would end that round sooner, but on a busy machine it would also
+drop a live site that is merely slow from rounds 1 and 4, which this test needs whole; it is
+tested with a fake clock in test_presence.py.
 
     flock /tmp/fedssl-flower.lock .venv/bin/python -m pytest tests/test_faults.py
 """
@@ -27,11 +36,12 @@ from pathlib import Path
 
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 from test_deployment import CONNECTION, SITES, Deployment, _json, hospitals
 
 from client.app import site_windows
-from fedssl.config import SiteConfig, SyntheticSiteConfig, load_scenario
+from fedssl.config import FederationConfig, SiteConfig, SyntheticSiteConfig, load_scenario
 from fedssl.data.site import SiteDataError, load_site
 from fedssl.data.synthetic import write_synthetic_site
 from fedssl.deploy import make_certificates
@@ -56,9 +66,14 @@ evaluation:
 sites:
 {sites}
 """
-BOUNDED = "{min_sites: 3, rounds: 1, connect_timeout: 8}"
-ROUND_TIMEOUT = 300  # s; generous: a busy 2-core machine can take a minute for a round
-FAULTY = f"{{min_sites: 2, rounds: 4, strategy: fedadam, round_timeout: {ROUND_TIMEOUT}}}"
+CONNECT_TIMEOUT = 8  # s the bounded run waits for its third site
+BOUNDED = f"{{min_sites: 3, rounds: 1, connect_timeout: {CONNECT_TIMEOUT}}}"
+ROUNDS, ROUND_TIMEOUT = 4, 300  # s; generous: a busy 2-core machine can take a minute for a round
+FAULTY = f"{{min_sites: 2, rounds: {ROUNDS}, strategy: fedadam, round_timeout: {ROUND_TIMEOUT}}}"
+# The runs end by themselves within their configured timeouts; these limits only keep a broken
+# run from hanging the suite (app start-up is not bounded by any setting: a few minutes' margin)
+MARGIN = 300
+FAULTY_LIMIT = FederationConfig().connect_timeout + ROUNDS * ROUND_TIMEOUT + MARGIN
 KILLED = SITES[2]  # cardiology_c: killed mid-round, DP-SGD, records found via `records-folder`
 DP = "\n    privacy: {enabled: true, target_epsilon: 100.0, noise_multiplier: 1.0}"
 TAG = "FEDSSL_FAULT_TAG"  # marks one process tree (a hospital's, the coordinator's) to kill it alone
@@ -71,12 +86,13 @@ def _kill_tree(tag: str) -> list[int]:
     return pids
 
 
-def _wait_for(condition, timeout: float, what: str, alive=()) -> None:
-    deadline = time.monotonic() + timeout
+def _wait_for(condition, what: str, alive=(), limit: float = FAULTY_LIMIT) -> None:
+    """Wait until `condition()` while the `alive` processes run; `limit` s only guards against a hang."""
+    deadline = time.monotonic() + limit
     while not condition():
         for process in alive:
             assert process.poll() is None, f"{process.args[:2]} exited while waiting for {what}"
-        assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s"
+        assert time.monotonic() < deadline, f"no {what} within {limit:.0f} s: hung"
         time.sleep(0.2)
 
 
@@ -125,10 +141,9 @@ def faults(tmp_path_factory):
             d.start_hospital(site, keys[site], homes[site], certs.ca_cert)
 
         # 1. bounded wait: cardiology_c never connects
-        begin = time.monotonic()
         out["bounded"] = d.flwr_run("bounded", {"scenario": str(paths["bounded"]),
-                                                "run-dir": str(root / "coordinator" / "bounded")}, timeout=180)
-        out["bounded_seconds"] = time.monotonic() - begin
+                                                "run-dir": str(root / "coordinator" / "bounded")},
+                                    timeout=CONNECT_TIMEOUT + MARGIN)
         out["bounded_ls"] = d.flwr("bounded-ls", "ls", CONNECTION, "--format", "json")
 
         # 2. cardiology_c joins, then dies right after round 1 and comes back after round 2
@@ -136,24 +151,23 @@ def faults(tmp_path_factory):
         start_killed_site()
         config = {"scenario": str(paths["faulty"]), "run-dir": str(run_dir)}
         first = d.submit("faulty", config)
-        _wait_for(lambda: len(_rounds(run_dir)) >= 1, 600, "round 1", alive=[first])
+        _wait_for(lambda: len(_rounds(run_dir)) >= 1, "round 1", alive=[first])
         out["killed_pids"] = _kill_tree(killed)
         out["ledger_before"] = json.loads((homes[KILLED] / "state" / LEDGER_FILE).read_text())
-        killed_at = time.monotonic()
-        _wait_for(lambda: len(_rounds(run_dir)) >= 2, 600, "round 2", alive=[first])
-        out["round_2_seconds"] = time.monotonic() - killed_at
+        _wait_for(lambda: len(_rounds(run_dir)) >= 2, "round 2", alive=[first])
         start_killed_site()  # same key, same state folder
 
         # 3. the coordinator dies after round 3's checkpoint and is started again
-        _wait_for(lambda: len(_rounds(run_dir)) >= 3 and ServerCheckpoint.load(run_dir).round >= 3, 600,
+        _wait_for(lambda: len(_rounds(run_dir)) >= 3 and ServerCheckpoint.load(run_dir).round >= 3,
                   "round 3's checkpoint", alive=[first])
         out["coordinator_pids"] = _kill_tree(coordinator)
         out["lines_before"] = _rounds(run_dir)
         out["checkpoint_before"] = ServerCheckpoint.load(run_dir)
         out["first"] = d.finish("faulty", first, timeout=30)
         d.start_superlink(certs, database, **{TAG: coordinator})
-        _wait_for(lambda: online_nodes(d) == 3, 120, "the SuperNodes to reconnect")
-        out["resumed"] = d.flwr_run("resumed", {**config, "resume": True}, timeout=300)
+        # SuperNodes retry with a back-off of at most 20 s (flwr's MAX_RETRY_DELAY)
+        _wait_for(lambda: online_nodes(d) == 3, "the SuperNodes to reconnect", limit=MARGIN)
+        out["resumed"] = d.flwr_run("resumed", {**config, "resume": True}, timeout=FAULTY_LIMIT)
     finally:
         out["survivors"] = d.stop()
         out["seconds"] = time.monotonic() - started
@@ -163,11 +177,14 @@ def faults(tmp_path_factory):
 
 def test_too_few_sites_stop_the_run_naming_the_missing_one(faults):
     log = faults["bounded"].stdout
-    assert re.search(rf"only 2 of the 3 sites needed.*missing: {KILLED}", log), log[-3000:]
+    waited = re.search(rf"only 2 of the 3 sites needed \(federation.min_sites\) were online after (\d+) s"
+                       rf".*missing: {KILLED}", log)
+    assert waited, log[-3000:]
+    assert int(waited.group(1)) >= CONNECT_TIMEOUT  # it waited the configured time for the third site
     assert "fedssl | done:" not in log
-    assert 8 <= faults["bounded_seconds"] < 90  # gave up after connect_timeout, not Flower's endless wait
+    # the ServerApp ended the run by itself (a run cut off by the test's hang guard would be running)
     runs = _json(faults["bounded_ls"])["runs"]
-    assert any(r["status"] == "finished:failed" for r in runs), runs
+    assert [r["status"] for r in runs] == ["finished:failed"], runs
 
 
 def test_round_completes_without_the_killed_node(faults):
@@ -175,9 +192,9 @@ def test_round_completes_without_the_killed_node(faults):
     rounds = faults["lines_before"]
     assert set(rounds[0]["site_windows"]) == set(SITES)
     assert set(rounds[1]["site_windows"]) == set(SITES[:2])  # the round went on with the other two
-    # Flower marks a node that missed its heartbeats (30 s interval, patience 2) offline and answers
-    # its message with an error: the round ended then, long before round_timeout
-    assert faults["round_2_seconds"] < ROUND_TIMEOUT / 2
+    # it ended on the SuperLink's answer for the one node that missed its heartbeats (the SuperLink
+    # sends it, so it names no node), not at the round timeout, which leaves no error reply
+    assert [e["code"] for e in rounds[1]["errors"]] == [ErrorCode.NODE_UNAVAILABLE]
 
 
 def test_killed_node_rejoins_with_its_site_state(faults):

@@ -125,13 +125,12 @@ def test_strategy_options_reach_flower(tmp_path, monkeypatch):
 @pytest.mark.parametrize("change, message", [
     ({"share": "heads"}, "federation.share"),
     ({"local_update": "ema"}, "federation.local_update"),
-    ({"server_learning_rate": 0.0}, "server_learning_rate must be positive"),
+    ({"server_learning_rate": 0.0}, "server_learning_rate: must be > 0"),
     ({"server_momentum": 1.0}, "server_momentum"),
 ])
 def test_bad_federation_options_are_clear_errors(change, message, tmp_path):
-    fed = dataclasses.replace(FederationConfig(), **change)
-    with pytest.raises(ConfigError, match=message):
-        make_strategy(fed, 2, RoundTracker(tmp_path, 1, {}))
+    with pytest.raises(ConfigError, match=message):  # ranges are refused when the section is built
+        make_strategy(dataclasses.replace(FederationConfig(), **change), 2, RoundTracker(tmp_path, 1, {}))
 
 
 def _evaluate_reply(site_index: int, windows: int, auroc: float) -> RecordDict:

@@ -2,9 +2,11 @@ import pytest
 import torch
 
 from fedssl.config import ConfigError, ModelConfig
-from fedssl.models import ECGTransformer, ResNet1D, build_encoder
+from fedssl.models import ConvTransformer, ECGTransformer, ResNet1D, build_encoder
+from fedssl.objectives.generative import random_masking
 
-ENCODERS = ["st_mem", "resnet1d"]
+ENCODERS = ["st_mem", "resnet1d", "conv_transformer"]
+WIDTH = {"st_mem": 128, "resnet1d": 128, "conv_transformer": 64}  # size tiny
 
 
 @pytest.mark.parametrize("encoder", ENCODERS)
@@ -22,14 +24,16 @@ def test_a_missing_lead_does_not_change_the_embedding(encoder):
 
 @pytest.mark.parametrize("encoder", ENCODERS)
 def test_embedding_shape_and_no_batchnorm(encoder):
+    width = WIDTH[encoder]
     encoder = build_encoder(ModelConfig(encoder=encoder), 1000)
     out = encoder(torch.randn(2, 12, 1000), torch.ones(2, 12, dtype=torch.bool))
-    assert out.shape == (2, encoder.width) == (2, 128)
+    assert out.shape == (2, encoder.width) == (2, width)
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in encoder.modules())
 
 
-def test_embedding_of_a_record_does_not_depend_on_its_batch():
-    encoder = build_encoder(ModelConfig(encoder="resnet1d"), 200)
+@pytest.mark.parametrize("encoder", ["resnet1d", "conv_transformer"])
+def test_embedding_of_a_record_does_not_depend_on_its_batch(encoder):
+    encoder = build_encoder(ModelConfig(encoder=encoder), 200)
     x, mask = torch.randn(4, 12, 200), torch.ones(4, 12, dtype=torch.bool)
     assert torch.allclose(encoder(x, mask)[:2], encoder(x[:2], mask[:2]), atol=1e-5)
 
@@ -60,3 +64,47 @@ def test_a_short_window_uses_the_first_positions():
 def test_unknown_encoder_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown encoder"):
         build_encoder(ModelConfig(encoder="lstm"), 200)
+
+
+def test_conv_transformer_makes_one_token_per_fifth_of_a_second():
+    encoder = build_encoder(ModelConfig(encoder="conv_transformer"), 1000)
+    assert isinstance(encoder, ConvTransformer) and encoder.tokens == 50
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    assert encoder.encode(torch.randn(2, 12, 1000), mask).shape == (2, 50, 64)
+    assert encoder.encode(torch.randn(2, 12, 500), mask).shape == (2, 25, 64)  # CMSC's half windows
+    with pytest.raises(ValueError, match="multiple of 20 up to 1000"):
+        encoder(torch.randn(2, 12, 510), mask)
+    with pytest.raises(ConfigError, match="not a multiple of its 20-sample tokens"):
+        build_encoder(ModelConfig(encoder="conv_transformer"), 1010)
+
+
+def test_a_causal_conv_transformer_token_does_not_see_the_future():
+    encoder = build_encoder(ModelConfig(encoder="conv_transformer", causal=True), 1000).eval()
+    x, mask = torch.randn(2, 12, 1000), torch.ones(2, 12, dtype=torch.bool)
+    y = x.clone()
+    y[..., 600:] = torch.randn(2, 12, 400) * 10
+    change = (encoder.encode(x, mask) - encoder.encode(y, mask)).abs().amax((0, 2))
+    # token t reads samples up to 20 t + 23: tokens 0..28 end before sample 600, token 29 reaches it
+    assert change[:29].max() < 1e-5 and change[29:].min() > 1e-3
+    bidirectional = build_encoder(ModelConfig(encoder="conv_transformer"), 1000).eval()
+    assert (bidirectional.encode(x, mask) - bidirectional.encode(y, mask))[:, 0].abs().max() > 1e-3
+
+
+def test_hidden_time_spans_do_not_reach_the_visible_tokens():
+    encoder = build_encoder(ModelConfig(encoder="conv_transformer"), 1000).eval()
+    x, mask = torch.randn(3, 12, 1000), torch.ones(3, 12, dtype=torch.bool)
+    keep, visible, hidden = random_masking(encoder.token_valid(mask), 0.75, encoder.mask_span)
+    assert hidden.sum(1).tolist() == [38, 38, 38]  # 75 % of 50 tokens, rounded
+    y = x.clone()
+    samples_hidden = hidden.repeat_interleave(encoder.stride, dim=1)[:, None, :].expand_as(x)
+    y[samples_hidden] = torch.randn(int(samples_hidden.sum())) * 10
+    assert torch.allclose(encoder.encode(x, mask, keep, visible), encoder.encode(y, mask, keep, visible), atol=1e-5)
+    assert not torch.allclose(encoder.encode(x, mask), encoder.encode(y, mask), atol=1e-3)
+
+
+def test_masking_hides_whole_spans_of_time_tokens():
+    valid = torch.ones(200, 50, dtype=torch.bool)
+    _, _, hidden = random_masking(valid, 0.5, span=5)
+    blocks = hidden.view(200, 10, 5).sum(-1)  # tokens 5i .. 5i + 4 are one span
+    assert ((blocks == 0) | (blocks == 5)).float().mean() > 0.9  # only the span at the cut is split
+    assert torch.equal(hidden.sum(1), torch.full((200,), 25))

@@ -6,20 +6,21 @@ import torch
 
 from fedssl.config import ConfigError, ModelConfig, TrainConfig
 from fedssl.data.windows import RecordInfo, WindowSet
-from fedssl.objectives import BYOL, CMSC, CREMA, MaskedModeling, SimCLR, build_objective
+from fedssl.objectives import BYOL, CMSC, CPC, CREMA, JEPA, MaskedModeling, SimCLR, build_objective
 from fedssl.objectives.cmsc import positive_pairs
 from fedssl.objectives.generative import random_masking
 from fedssl.train import train_local
 from tests.conftest import random_windows, small_scenario
 
 # every objective with every encoder it works with
-COMBINATIONS = [(name, "st_mem") for name in ("generative", "contrastive", "cmsc", "byol", "hybrid")] + [
+COMBINATIONS = [(name, "st_mem") for name in ("generative", "contrastive", "cmsc", "byol", "hybrid", "jepa")] + [
     (name, "resnet1d") for name in ("contrastive", "cmsc", "byol")
-]
+] + [(name, "conv_transformer") for name in ("generative", "contrastive", "hybrid", "hybrid_byol", "cpc", "jepa")]
 
 
 def scenario(name, encoder="st_mem", **objective_kwargs):
-    return dataclasses.replace(small_scenario(name, **objective_kwargs), model=ModelConfig(encoder=encoder))
+    model = ModelConfig(encoder=encoder, causal=name == "cpc")
+    return dataclasses.replace(small_scenario(name, **objective_kwargs), model=model)
 
 
 def batch(n=8, seed=0):
@@ -39,17 +40,30 @@ def test_loss_is_finite_and_gradients_reach_the_encoder(name, encoder):
     assert sum(g.abs().sum().item() for g in grads) > 0
 
 
-@pytest.mark.parametrize("name,encoder", COMBINATIONS)
+HYBRID_ON_TIME_TOKENS = pytest.param("hybrid", "conv_transformer", marks=pytest.mark.xfail(
+    strict=True, reason="open: on 2-s windows (10 time tokens, 3 shown per masked view) CREMA's NT-Xent term stays "
+    "at log(2B - 1) for 60 steps on conv_transformer while pure SimCLR on it learns; see docs/learning_efficiency.md"))
+
+
+@pytest.mark.parametrize("name,encoder", [c if c != ("hybrid", "conv_transformer") else HYBRID_ON_TIME_TOKENS
+                                          for c in COMBINATIONS])
 def test_loss_falls_when_overfitting_a_tiny_set(name, encoder):
     # SimCLR learns from views that keep enough of a record: its own pipeline's p = 0.5 (ObjectiveConfig)
     setup = scenario(name, encoder, **({"view_probability": 0.5} if name == "contrastive" else {}))
     data = random_windows(8, seed=1)
-    cfg = TrainConfig(batch_size=8, learning_rate=1e-3)
-    before = train_local(build_objective(setup), data, cfg, steps=3, seed=0).losses["loss"]
+    cfg = TrainConfig(batch_size=8, learning_rate=1e-3, lr_schedule="constant")  # the objective, not the schedule
     objective = build_objective(setup)
+    before = mean_loss(objective, data)
     train_local(objective, data, cfg, steps=60, seed=0)
-    after = train_local(objective, data, dataclasses.replace(cfg, learning_rate=0.0), steps=3, seed=0).losses["loss"]
-    assert after < 0.8 * before
+    assert mean_loss(objective, data) < 0.8 * before
+
+
+def mean_loss(objective, data, calls: int = 3) -> float:
+    """The objective's loss on `data` without a weight update (the same masks and views each time)."""
+    torch.manual_seed(0)
+    x, mask = torch.from_numpy(data.windows), torch.from_numpy(data.lead_mask)
+    with torch.no_grad():
+        return sum(objective(x, mask)["loss"].item() for _ in range(calls)) / calls
 
 
 @pytest.mark.parametrize("name,encoder", COMBINATIONS)
@@ -207,3 +221,52 @@ def test_byol_embeddings_of_different_records_do_not_collapse_when_overfitting()
     data = random_windows(8, seed=1)
     train_local(objective, data, TrainConfig(batch_size=8, learning_rate=1e-3), steps=60, seed=0)
     assert mean_pairwise_cosine(objective.encoder, data) < 0.95
+
+
+def test_cpc_needs_a_causal_encoder_with_time_tokens():
+    for encoder, causal in (("conv_transformer", False), ("st_mem", True)):
+        bad = dataclasses.replace(small_scenario("cpc"), model=ModelConfig(encoder=encoder, causal=causal))
+        with pytest.raises(ConfigError, match="causal context.*conv_transformer"):
+            build_objective(bad)
+    assert isinstance(build_objective(scenario("cpc", "conv_transformer")), CPC)
+
+
+def test_cpc_negatives_come_from_the_same_window_only():
+    objective = build_objective(scenario("cpc", "conv_transformer"))
+    x, mask = batch(6)
+    whole = objective.per_sample_terms(x, mask)["loss"]
+    assert whole.shape == (6,)
+    other = x.clone()
+    other[3:] = torch.randn_like(other[3:])  # the other records of the batch change
+    assert torch.allclose(objective.per_sample_terms(other, mask)["loss"][:3], whole[:3], atol=1e-5)
+    # an untrained context scores its ten time steps alike: InfoNCE starts near log(10)
+    assert abs(whole.mean().item() - np.log(10)) < 0.5
+
+
+def test_cpc_predicts_only_the_future():
+    objective = build_objective(scenario("cpc", "conv_transformer", prediction_steps=2))
+    x, mask = batch(2)
+    grads = []
+    for part in (slice(0, 100), slice(100, 200)):  # does the loss's context read the first or the second second?
+        x_ = x.clone().requires_grad_(True)
+        objective.per_sample_terms(x_, mask)["loss"].sum().backward()
+        grads.append(x_.grad[..., part].abs().sum().item())
+    assert all(g > 0 for g in grads)  # both halves are targets and context
+
+
+def test_jepa_target_is_an_ema_of_the_encoder_predicted_at_hidden_spans():
+    objective = build_objective(scenario("jepa", "conv_transformer", target_momentum=0.9))
+    assert isinstance(objective, JEPA)
+    assert any(k.startswith("target_encoder.") for k in objective.local_state_dict())
+    assert any(k.startswith("predictor.") for k in objective.local_state_dict())
+    assert not any(p.requires_grad for p in objective.target_encoder.parameters())
+    target = [p.clone() for p in objective.target_encoder.parameters()]
+    train_local(objective, random_windows(8), TrainConfig(batch_size=8), steps=1, seed=0)
+    for before, after, online in zip(target, objective.target_encoder.parameters(), objective.encoder.parameters(),
+                                     strict=True):
+        assert torch.allclose(after, 0.9 * before + 0.1 * online, atol=1e-6)
+    x, mask = batch(4)
+    whole = objective.per_sample_terms(x, mask)["loss"]
+    torch.manual_seed(0)
+    first = objective.per_sample_terms(x[:2], mask[:2])["loss"]
+    assert whole.shape == (4,) and first.shape == (2,) and torch.isfinite(whole).all()

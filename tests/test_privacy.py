@@ -67,6 +67,12 @@ def dp_objectives():
     yield "generative", build_objective(small_scenario("generative", mask_ratio=0.5))
     yield "hybrid-without-contrastive", build_objective(small_scenario("hybrid", contrastive_weight=0.0))
     yield "hybrid_byol", build_objective(small_scenario("hybrid_byol", mask_ratio=0.5))  # per-sample CREMA
+    conv = ModelConfig(encoder="conv_transformer")
+    # CPC: contrastive, yet per-sample (negatives from the same window); JEPA: EMA target under no_grad
+    yield "cpc", build_objective(dataclasses.replace(small_scenario("cpc"), model=ModelConfig(encoder="conv_transformer",
+                                                                                                causal=True)))
+    yield "jepa", build_objective(dataclasses.replace(small_scenario("jepa", mask_ratio=0.5), model=conv))
+    yield "generative-conv_transformer", build_objective(dataclasses.replace(small_scenario("generative"), model=conv))
     try:
         yield "byol", build_objective(small_scenario("byol"))
         resnet = dataclasses.replace(small_scenario("byol"), model=ModelConfig(encoder="resnet1d"))
@@ -135,6 +141,19 @@ def test_per_sample_gradients_match_brute_force(mode):
         got_sum = torch.cat([s.flatten() for s in summed])
         assert (got_sum - clipped.sum(0)).norm() / clipped.sum(0).norm() < 1e-4, (name, mode)
         assert (clipped.norm(dim=1) <= cfg.max_grad_norm * (1 + 1e-6)).all()
+
+
+def test_cpc_and_jepa_train_under_dp_sgd():
+    data = random_windows(8)
+    for name in ("cpc", "jepa"):
+        model = ModelConfig(encoder="conv_transformer", causal=name == "cpc")
+        objective = build_objective(dataclasses.replace(small_scenario(name), model=model))
+        check_dp_safe(objective)
+        before = copy.deepcopy(objective.encoder.state_dict())
+        privacy = PrivacyConfig(enabled=True, target_epsilon=8.0)
+        result = train_local(objective, data, TrainConfig(batch_size=4), steps=3, seed=0, privacy=privacy)
+        assert np.isfinite(result.losses["loss"]) and result.steps == 3
+        assert any(not torch.equal(before[k], v) for k, v in objective.encoder.state_dict().items())
 
 
 def test_float32_per_sample_gradients_match_brute_force():

@@ -101,7 +101,13 @@ def read_record(header: Path, record_id: str | None = None,
         physical = rec.dac(return_res=64)
     except Exception as err:  # wfdb fails in many ways, from IndexError to HeaderSyntaxError
         raise _explain(header, name, err) from None
+    if not rec.n_sig:
+        raise _no_signals()
     names = tuple(rec.sig_name or ())
+    garbled = next((n for n in names if " " in n.strip() and ("/" in n or "(" in n)), None)
+    if garbled is not None:  # wfdb read the rest of a signal line it could not parse as its name
+        raise RecordError(f"unreadable header: a signal line's gain, units or ADC fields cannot be parsed "
+                          f"({garbled[:60]!r} was read as a signal name)")
     layout = lead_layout(names)
     if not layout.mask.any():
         raise RecordError(f"no standard ECG lead: signals are {', '.join(names) or 'none'}")
@@ -114,7 +120,9 @@ def read_record(header: Path, record_id: str | None = None,
     for lead, channel in enumerate(layout.channels):
         if channel is not None:
             signal[lead] = physical[:, channel] * scale[channel]
-            saturated[lead] = _is_saturated(rec.d_signal[:, channel], rate, _adc_limits(rec, channel))
+            # WFDB's invalid-sample value sits at the ADC limit: NaN samples are not saturation
+            saturated[lead] = _is_saturated(rec.d_signal[:, channel], np.isfinite(physical[:, channel]), rate,
+                                            _adc_limits(rec, channel))
     record_id = record_id or header.stem
     entry = (catalogue or {}).get(record_id) or (catalogue or {}).get(header.stem)
     return RawRecord(
@@ -194,6 +202,8 @@ def _explain(header: Path, name: str, err: Exception) -> RecordError:
         head = wfdb.rdheader(name)
     except Exception as header_err:  # as above
         return RecordError(f"unreadable header: {_describe(header_err)}")
+    if not head.n_sig:
+        return _no_signals()
     described = len(head.sig_name or ())
     if described != head.n_sig:
         return RecordError(f"unreadable header: declares {head.n_sig} signals, describes {described}")
@@ -204,6 +214,10 @@ def _explain(header: Path, name: str, err: Exception) -> RecordError:
     except RecordError as file_err:
         return file_err
     return RecordError(f"unreadable signal: {_describe(err)}")
+
+
+def _no_signals() -> RecordError:
+    return RecordError("no signals: the header's record line declares 0 signals and no signal file")
 
 
 def _describe(err: Exception) -> str:
@@ -273,12 +287,21 @@ def _declared_rate(record_line: str, parsed: float) -> float:
 
 
 def _check_signal_files(header: Path, head: wfdb.Record) -> tuple[str, ...]:
-    """Missing or truncated signal files as clear reasons; a note if a file holds more samples."""
+    """Missing, truncated or foreign signal files as clear reasons; a note if a file holds more samples.
+
+    A signal file must lie beside its header, and a file named after another record whose header
+    is there too belongs to that record: reading it would count the same signal twice.
+    """
     notes = []
-    for file_name in dict.fromkeys(head.file_name):
+    for file_name in dict.fromkeys(head.file_name or ()):
+        if Path(file_name).name != file_name or file_name in (".", ".."):
+            raise RecordError(f"signal file outside the record's folder: {file_name}")
         path = header.parent / file_name
         if not path.is_file():
             raise RecordError(f"missing signal file: {file_name}")
+        owner = Path(file_name).stem
+        if owner != header.stem and (header.parent / f"{owner}.hea").is_file():
+            raise RecordError(f"signal file of another record: {file_name} belongs to record {owner}")
         channels = [c for c, name in enumerate(head.file_name) if name == file_name]
         fmt = head.fmt[channels[0]]
         if head.sig_len is None or fmt not in _BYTES_PER_SAMPLE:
@@ -300,8 +323,8 @@ def _adc_limits(rec: wfdb.Record, channel: int) -> tuple[int, int]:
     return zero - 2 ** (bits - 1), zero + 2 ** (bits - 1) - 1
 
 
-def _is_saturated(digital: np.ndarray, rate: float, limits: tuple[int, int]) -> bool:
-    pinned = (digital <= limits[0]) | (digital >= limits[1])
+def _is_saturated(digital: np.ndarray, valid: np.ndarray, rate: float, limits: tuple[int, int]) -> bool:
+    pinned = ((digital <= limits[0]) | (digital >= limits[1])) & valid
     edges = np.diff(np.concatenate([[0], pinned.astype(np.int8), [0]]))
     runs = np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1)
     long_runs = runs[runs >= SATURATION_RUN_S * rate].sum()

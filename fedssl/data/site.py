@@ -29,10 +29,11 @@ from fedssl.data.records import (CatalogueEntry, RawRecord, RecordError, read_la
                                  read_ptbxl_catalogue, read_record, reason_kind)
 from fedssl.data.synthetic import write_synthetic_site
 from fedssl.data.windows import STANDARD_LEADS, WindowSet
+from fedssl.runfolder import inside
 
 log = logging.getLogger("fedssl.data")
 
-CACHE_VERSION = 1  # bump when preprocessing changes, so that older caches are rebuilt
+CACHE_VERSION = 2  # bump when preprocessing changes, so that older caches are rebuilt
 PTBXL_CATALOGUE = "ptbxl_database.csv"
 SYNTHETIC_STAMP = "synthetic.json"  # what a materialised synthetic site was generated from
 
@@ -48,17 +49,19 @@ def load_site(site: SiteConfig, data: DataConfig, workdir: Path, seed: int) -> W
     sharing a workdir) wait for one build instead of racing on half-written files.
     """
     workdir = Path(workdir)
-    lock = workdir / "cache" / f".{site.name}.lock"
+    # the site's paths, refused unless they are its own folders inside the workdir
+    cache = inside(workdir / "cache", site.name)
+    lock = inside(workdir / "cache", f".{site.name}.lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     with lock.open("w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         if site.synthetic is not None:
-            folder = workdir / "records" / site.name
+            folder = inside(workdir / "records", site.name)
             _materialise_synthetic(site, folder, seed_for(site.name, seed))
         else:
             folder = Path(site.folder)
         labels_csv = Path(site.labels_csv) if site.labels_csv else None
-        return build_site(folder, data, workdir / "cache" / site.name, labels_csv)
+        return build_site(folder, data, cache, labels_csv)
 
 
 def seed_for(name: str, seed: int) -> int:
@@ -73,7 +76,7 @@ def build_site(folder: Path, cfg: DataConfig, cache_dir: Path, labels_csv: Path 
     files = _list_files(folder, cache_dir)
     headers = [f for f in files if f.suffix == ".hea"]
     if not headers:
-        raise SiteDataError(f"no WFDB record (.hea file) in site folder {folder}")
+        raise SiteDataError(no_header_message(folder, files))
     if labels_csv is not None and not labels_csv.is_file():
         raise SiteDataError(f"labels CSV {labels_csv} does not exist or is not a file")
     fingerprint = _fingerprint(folder, files, cfg, labels_csv)
@@ -112,6 +115,19 @@ def build_site(folder: Path, cfg: DataConfig, cache_dir: Path, labels_csv: Path 
     return windows
 
 
+def no_header_message(folder: Path, files: list[Path]) -> str:
+    """Why a folder holds no record: what it does hold, and what a record needs."""
+    found = Counter(f.suffix.lower() or f.name for f in files)
+    what = ", ".join(f"{n} {suffix}" for suffix, n in found.most_common(4)) or "no files"
+    hint = ""
+    if found.get(".mat"):
+        hint = ("; .mat signal files are read only with a WFDB header (.hea) beside each, as PhysioNet/CinC 2020-2021 "
+                "ship them: a .mat-only release (e.g. the original CPSC 2018) needs its headers, which "
+                "the CinC 2020 copy of the same data provides")
+    return (f"no WFDB record in site folder {folder}: found {what} but no .hea header; a record is a "
+            f"<name>.hea header with its signal file (<name>.dat or <name>.mat){hint}")
+
+
 def _process(header: Path, folder: Path, catalogue: dict[str, CatalogueEntry], cfg: DataConfig
              ) -> tuple[dict, RecordWindows | None, RawRecord | None]:
     """One record's index entry, and its windows if it is usable."""
@@ -122,6 +138,8 @@ def _process(header: Path, folder: Path, catalogue: dict[str, CatalogueEntry], c
         result = make_windows(raw, cfg)
     except RecordError as err:
         reason = err.reason
+    except (ValueError, TypeError, IndexError, KeyError, OSError) as err:  # wfdb's many ways to fail
+        raw, reason = None, f"unreadable record: {type(err).__name__}: {err}"
     return _index_entry(record_id, raw, result, reason), result, raw
 
 
@@ -154,6 +172,11 @@ def _report(folder: Path, index: list[dict]) -> dict:
         "skipped_by_reason": dict(Counter(reason_kind(e["reason"]) for e in skipped).most_common()),
         "notes": dict(Counter(reason_kind(n) for e in index for n in e["notes"]).most_common()),
         "skipped_records": [{"record_id": e["record_id"], "reason": e["reason"]} for e in skipped],
+        "used_records": [{"record_id": e["record_id"], "windows": e["windows"], "leads": len(e["leads"])}
+                         for e in index if e["status"] == "used"],
+        # each note with the records it applies to, so that a reviewer can open them
+        "noted_records": {kind: [e["record_id"] for e in index if any(reason_kind(n) == kind for n in e["notes"])]
+                          for kind in dict.fromkeys(reason_kind(n) for e in index for n in e["notes"])},
     }
 
 

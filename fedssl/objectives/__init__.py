@@ -6,19 +6,22 @@ import torch
 
 from fedssl.config import ConfigError, Scenario
 from fedssl.data.augment import Augment
-from fedssl.models import TOKEN_ENCODERS, build_encoder
+from fedssl.models import TIME_TOKEN_ENCODERS, TOKEN_ENCODERS, build_encoder
 from fedssl.objectives.base import Objective
 from fedssl.objectives.byol import BYOL
 from fedssl.objectives.cmsc import CMSC, MultiPositiveInfoNCE
 from fedssl.objectives.contrastive import NTXentLoss, ProjectionHead, SimCLR
-from fedssl.objectives.generative import MaskedModeling, MaskedReconstruction
+from fedssl.objectives.cpc import CPC
+from fedssl.objectives.generative import MaskedModeling, MaskedReconstruction, TokenDecoder
 from fedssl.objectives.hybrid import CREMA
 from fedssl.objectives.hybrid_byol import MaskedBYOL
+from fedssl.objectives.jepa import JEPA
 
-__all__ = ["BYOL", "CMSC", "CREMA", "MaskedBYOL", "MaskedModeling", "Objective", "SimCLR", "build_objective"]
+__all__ = ["BYOL", "CMSC", "CPC", "CREMA", "JEPA", "MaskedBYOL", "MaskedModeling", "Objective", "SimCLR",
+           "build_objective"]
 
-NAMES = ("generative", "contrastive", "simclr", "cmsc", "byol", "hybrid", "hybrid_byol")
-MASKED = ("generative", "hybrid", "hybrid_byol")  # need an encoder with patch tokens
+NAMES = ("generative", "contrastive", "simclr", "cmsc", "byol", "hybrid", "hybrid_byol", "cpc", "jepa")
+MASKED = ("generative", "hybrid", "hybrid_byol", "jepa")  # need an encoder with tokens
 
 
 def build_objective(scenario: Scenario) -> Objective:
@@ -37,9 +40,13 @@ def build_objective(scenario: Scenario) -> Objective:
         name = "contrastive"
     if name in MASKED and model.encoder not in TOKEN_ENCODERS:
         others = [n for n in NAMES if n not in MASKED]
-        raise ConfigError(f"objective {name!r} reconstructs masked patch tokens, which model.encoder "
+        raise ConfigError(f"objective {name!r} masks tokens, which model.encoder "
                           f"{model.encoder!r} does not have: use it with {others}, or use "
                           f"{list(MASKED)} with model.encoder {list(TOKEN_ENCODERS)}")
+    if name == "cpc" and (model.encoder not in TIME_TOKEN_ENCODERS or not model.causal):
+        raise ConfigError(f"objective 'cpc' predicts future time tokens from a causal context: use model.encoder "
+                          f"{list(TIME_TOKEN_ENCODERS)} with model.causal: true (got {model.encoder!r}, "
+                          f"causal {model.causal})")
     window = round(scenario.data.window_seconds * scenario.data.sample_rate)
     if name == "cmsc" and model.encoder == "st_mem" and (window // 2) % model.patch_size:
         raise ConfigError(f"objective 'cmsc' encodes half windows of {window // 2} samples, which is "
@@ -57,6 +64,11 @@ def build_objective(scenario: Scenario) -> Objective:
         return SimCLR(encoder, augment, projection(), NTXentLoss(cfg.temperature))
     if name == "cmsc":
         return CMSC(encoder, projection(), MultiPositiveInfoNCE(cfg.temperature))
+    if name == "cpc":
+        return CPC(encoder, cfg.prediction_steps, cfg.temperature)
+    if name == "jepa":
+        predictor = TokenDecoder(encoder, cfg.decoder_width, cfg.decoder_depth, encoder.width)
+        return JEPA(encoder, predictor, cfg.mask_ratio, cfg.target_momentum)
     if name == "byol":
         prediction = ProjectionHead(cfg.projection_dim, cfg.projection_dim, hidden=encoder.width)
         return BYOL(encoder, augment, projection(), prediction, cfg.target_momentum)

@@ -54,11 +54,16 @@ class BYOL(Objective):
         ema_update(self, self.momentum)
 
 
+ONLINE_AND_TARGET = (("encoder", "target_encoder"), ("projection", "target_projection"))
+
+
 @torch.no_grad()
-def ema_update(objective: nn.Module, momentum: float) -> None:
-    """BYOL's target update, target <- momentum * target + (1 - momentum) * online, for an objective
-    with `encoder`/`target_encoder` and `projection`/`target_projection`."""
-    pairs = ((objective.encoder, objective.target_encoder), (objective.projection, objective.target_projection))
-    for online, target in pairs:
+def ema_update(objective: nn.Module, momentum: float,
+               pairs: tuple[tuple[str, str], ...] = ONLINE_AND_TARGET) -> None:
+    """BYOL's target update, target <- momentum * target + (1 - momentum) * online, for each
+    (online, target) pair of the objective's modules named in `pairs` (BYOL's encoder and
+    projector; JEPA has only the encoder)."""
+    for online_name, target_name in pairs:
+        online, target = getattr(objective, online_name), getattr(objective, target_name)
         for o, t in zip(online.parameters(), target.parameters(), strict=True):
             t.lerp_(o, 1 - momentum)

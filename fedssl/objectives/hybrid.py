@@ -10,16 +10,16 @@ masked views are pulled together with NT-Xent. The loss is
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from fedssl.data.augment import Augment
-from fedssl.models import ECGTransformer
 from fedssl.objectives.base import Objective
 from fedssl.objectives.contrastive import NTXentLoss, ProjectionHead
 from fedssl.objectives.generative import MaskedReconstruction
 
 
 class CREMA(Objective):
-    def __init__(self, encoder: ECGTransformer, augment: Augment, reconstruction: MaskedReconstruction,
+    def __init__(self, encoder: nn.Module, augment: Augment, reconstruction: MaskedReconstruction,
                  projection: ProjectionHead, loss: NTXentLoss, generative_weight: float,
                  contrastive_weight: float) -> None:
         super().__init__(encoder)

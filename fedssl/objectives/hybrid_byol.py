@@ -18,9 +18,9 @@ from __future__ import annotations
 import copy
 
 import torch
+from torch import nn
 
 from fedssl.data.augment import Augment
-from fedssl.models import ECGTransformer
 from fedssl.objectives.base import Objective
 from fedssl.objectives.byol import BYOLLoss, ema_update
 from fedssl.objectives.contrastive import ProjectionHead
@@ -30,7 +30,7 @@ from fedssl.objectives.generative import MaskedReconstruction, random_masking
 class MaskedBYOL(Objective):
     """CREMA with BYOL's agreement instead of NT-Xent: per-sample, DP-safe."""
 
-    def __init__(self, encoder: ECGTransformer, augment: Augment, reconstruction: MaskedReconstruction,
+    def __init__(self, encoder: nn.Module, augment: Augment, reconstruction: MaskedReconstruction,
                  projection: ProjectionHead, prediction: ProjectionHead, momentum: float,
                  generative_weight: float, agreement_weight: float) -> None:
         super().__init__(encoder)
@@ -50,7 +50,7 @@ class MaskedBYOL(Objective):
     def _target(self, x: torch.Tensor, lead_mask: torch.Tensor) -> torch.Tensor:
         """Target projection of a freshly masked view (B, projection_dim)."""
         valid = self.target_encoder.token_valid(lead_mask)
-        keep, visible, _ = random_masking(valid, self.reconstruction.mask_ratio)
+        keep, visible, _ = random_masking(valid, self.reconstruction.mask_ratio, self.target_encoder.mask_span)
         latent = self.target_encoder.encode(x, lead_mask, keep=keep, visible=visible)
         return self.target_projection(self.target_encoder.pool(latent, visible))
 

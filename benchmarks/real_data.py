@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 from fedssl.baselines import centralized_state, local_only_state, probe_states, random_init_states
 from fedssl.config import ConfigError, Scenario, SiteConfig, from_dict, save_scenario, to_dict
+from fedssl.check import check_scenario
 from fedssl.data.site import load_site
 from fedssl.evaluate import ProbeSplits, difference, held_out_set, summarise
 from fedssl.report import read_metrics
@@ -91,6 +92,12 @@ DATA_CURVE = {"centralized_quarter": 0.25, "centralized_half": 0.5}
 TARGETS = {"federated - random_init": 0.08, "federated - mean local_only": 0.05, "federated / centralized": 0.97}
 
 
+def fail(message: str) -> None:
+    """Bad input: one line and exit code 2, before anything trains."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def log(message: str) -> None:
     print(f"[{datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
 
@@ -123,7 +130,7 @@ def source_records(data: Path) -> list[SourceRecord]:
             records += [SourceRecord(hospital, dataset, header) for header in sorted((data / dataset).glob("*.hea"))
                         if pattern.match(header.stem)]
     if not records:
-        raise SystemExit(f"error: no source records under {data} (expected cinc2020/, cinc2021/, ludb/)")
+        fail(f"no source records under {data} (expected cinc2020/, cinc2021/, ludb/)")
     return records
 
 
@@ -501,17 +508,22 @@ def main() -> None:
         return
     data = Path(args.data)
     if not (data / "cinc2020").is_dir() or not (data / "ludb").is_dir():
-        raise SystemExit(f"error: {data} has no cinc2020/ and ludb/ (the shared real ECG data); pass --data")
+        fail(f"{data} has no cinc2020/ and ludb/ (the shared real ECG data); pass --data")
     try:
         template = load_template(Path(args.scenario), args.set)
     except (ConfigError, OSError, yaml.YAMLError) as err:
-        raise SystemExit(f"error: {err}") from None
+        fail(str(err))
     torch.set_num_threads(template.train.threads)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="fedssl-real-data-"))
     work.mkdir(parents=True, exist_ok=True)
     log(f"work folder: {work}")
     bench = Benchmark(template, data, work, holdout=args.holdout, holdout_seed=args.holdout_seed,
                       small_site_records=args.small_site_records, reuse=args.reuse)
+    try:  # every arm's scenario refused in seconds, before anything trains
+        for arm in args.arms:
+            check_scenario(bench.scenario(arm, 0))
+    except ConfigError as err:
+        fail(str(err))
     log(f"records: {json.dumps(bench.records)}; held-out positives: {json.dumps(bench.positives)}")
     seeds = list(range(args.seeds))
     argv = [a for i, a in enumerate(sys.argv[1:]) if a != "--note" and (i == 0 or sys.argv[i] != "--note")]

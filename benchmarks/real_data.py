@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -52,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 from fedssl.baselines import centralized_state, local_only_state, probe_states, random_init_states
 from fedssl.config import ConfigError, Scenario, SiteConfig, from_dict, save_scenario, to_dict
+from fedssl.check import check_scenario
 from fedssl.data.site import load_site
 from fedssl.evaluate import ProbeSplits, difference, held_out_set, summarise
 from fedssl.report import read_metrics
@@ -85,7 +87,15 @@ LUDB_CODES = {
     "Complete right bundle branch block": "59118001",
 }
 ARMS = ("federated", "centralized", "local_only", "random_init", "federated_small", "local_only_small")
+# centralized on a share of every source's pretraining records, the same steps: does more data help?
+DATA_CURVE = {"centralized_quarter": 0.25, "centralized_half": 0.5}
 TARGETS = {"federated - random_init": 0.08, "federated - mean local_only": 0.05, "federated / centralized": 0.97}
+
+
+def fail(message: str) -> None:
+    """Bad input: one line and exit code 2, before anything trains."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def log(message: str) -> None:
@@ -120,7 +130,7 @@ def source_records(data: Path) -> list[SourceRecord]:
             records += [SourceRecord(hospital, dataset, header) for header in sorted((data / dataset).glob("*.hea"))
                         if pattern.match(header.stem)]
     if not records:
-        raise SystemExit(f"error: no source records under {data} (expected cinc2020/, cinc2021/, ludb/)")
+        fail(f"no source records under {data} (expected cinc2020/, cinc2021/, ludb/)")
     return records
 
 
@@ -156,6 +166,12 @@ def hold_out(records: list[SourceRecord], fraction: float, seed: int) -> tuple[l
         held += [own[i] for i in sorted(order[:cut])]
         pretraining += [own[i] for i in sorted(order[cut:])]
     return pretraining, held
+
+
+def share_of(records: list[SourceRecord], fraction: float) -> list[SourceRecord]:
+    """The first `fraction` of `records` (at least one) in a fixed shuffled order: nested shares."""
+    order = np.random.default_rng(0).permutation(len(records))
+    return [records[i] for i in sorted(order[: max(1, int(round(fraction * len(records))))])]
 
 
 def small_sites(records: list[SourceRecord], per_site: int) -> dict[str, list[SourceRecord]]:
@@ -232,6 +248,8 @@ class Benchmark:
     def __init__(self, template: Scenario, data: Path, work: Path, *, holdout: float, holdout_seed: int,
                  small_site_records: int, reuse: bool) -> None:
         self.template, self.work, self.reuse = template, work, reuse
+        # encoders are kept per template settings: --reuse never returns encoders of other settings
+        self.settings = hashlib.sha256(json.dumps(to_dict(template), sort_keys=True).encode()).hexdigest()[:12]
         records = source_records(data)
         ludb = ludb_codes(data)
         pretraining, held = hold_out(records, holdout, holdout_seed)
@@ -242,6 +260,9 @@ class Benchmark:
                         for h in SOURCES}
         cut = small_sites(pretraining, small_site_records)
         self.small = {name: symlink_folder(work / "small_sites" / name, part) for name, part in cut.items()}
+        self.curve = {arm: {h: symlink_folder(work / "curve" / arm / h, share_of([r for r in pretraining if r.hospital == h],
+                                                                                   fraction), f"{h}/")
+                            for h in SOURCES} for arm, fraction in DATA_CURVE.items()}
         self.records = {"held_out": len(held), "pretraining": len(pretraining),
                         "sources": {h: sum(r.hospital == h for r in pretraining) for h in SOURCES},
                         "held_out_by_source": {h: sum(r.hospital == h for r in held) for h in SOURCES},
@@ -250,20 +271,20 @@ class Benchmark:
         self.seconds: dict[str, float] = {}
 
     def scenario(self, arm: str, seed: int) -> Scenario:
-        sites = self.small if arm.endswith("_small") else self.sources
+        sites = self.small if arm.endswith("_small") else self.curve.get(arm, self.sources)
         return arm_scenario(self.template, arm, seed, sites, self.held_out, self.labels_csv)
 
     def states(self, arm: str, seed: int) -> dict[str, dict[str, torch.Tensor]]:
         """{encoder name: weights} of the arm at `seed`, trained once and kept in the work folder."""
-        path = self.work / "states" / f"seed{seed}" / f"{arm}.pt"
+        path = self.work / "states" / self.settings / f"seed{seed}" / f"{arm}.pt"
         if self.reuse and path.exists():
             log(f"seed {seed} {arm}: reused {path}")
             return torch.load(path, weights_only=True)
         started = time.perf_counter()
         scenario = self.scenario(arm, seed)
         if arm.startswith("federated"):
-            states = {arm: self.federated(scenario, self.work / "runs" / f"seed{seed}" / arm)}
-        elif arm == "centralized":
+            states = {arm: self.federated(scenario, self.run_dir(arm, seed))}
+        elif arm.startswith("centralized"):
             states = {arm: centralized_state(scenario, self.data_dir)[0]}
         elif arm.startswith("local_only"):
             states = {f"{arm}/{site.name}": local_only_state(scenario, i, self.data_dir)[0]
@@ -277,6 +298,9 @@ class Benchmark:
         log(f"seed {seed} {arm}: {len(states)} encoder(s) in {self.seconds[f'seed{seed}/{arm}']:.0f}s")
         return states
 
+    def run_dir(self, arm: str, seed: int) -> Path:
+        return self.work / "runs" / self.settings / f"seed{seed}" / arm
+
     def federated(self, scenario: Scenario, run_dir: Path) -> dict[str, torch.Tensor]:
         """A real Flower simulation of the scenario; its run folder shares the benchmark's window cache."""
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -288,7 +312,7 @@ class Benchmark:
         return torch.load(run_dir / "encoder.pt", weights_only=True)
 
     def by_round(self, arm: str, seed: int) -> list[dict]:
-        rounds = read_metrics(self.work / "runs" / f"seed{seed}" / arm / "metrics.jsonl")
+        rounds = read_metrics(self.run_dir(arm, seed) / "metrics.jsonl")
         return [{"round": r["round"], "probe_macro_auroc": r.get("probe_macro_auroc"),
                  "probe_macro_auroc_ci95": r.get("probe_macro_auroc_ci95"), "loss": r.get("loss")} for r in rounds]
 
@@ -314,7 +338,8 @@ def evaluate(bench: Benchmark, seeds: list[int], arms: list[str]) -> dict:
     encoders = {name: summarise(runs, replicates) for name, runs in results.items()}
     pairs = [("federated", "random_init"), ("federated", "mean local_only"), ("federated", "centralized"),
              ("federated_small", "random_init"), ("federated_small", "mean local_only_small"),
-             ("federated_small", "federated"), ("centralized", "random_init")]
+             ("federated_small", "federated"), ("centralized", "random_init"),
+             *((arm, "random_init") for arm in DATA_CURVE)]
     differences = {f"{a} - {b}": difference(results[a], results[b], replicates)
                    for a, b in pairs if a in results and b in results}
     targets = {}
@@ -354,13 +379,16 @@ def interval(summary: dict, key: str = "macro_auroc") -> str:
 def render(report: dict) -> str:
     """docs/real_data.md from the JSON report."""
     e, d = report["encoders"], report["differences"]
-    order = ["federated", "centralized", "mean local_only", "random_init", "federated_small", "mean local_only_small"]
+    order = ["federated", "centralized", *DATA_CURVE, "mean local_only", "random_init", "federated_small",
+             "mean local_only_small"]
     labels = {"federated": f"federated ({len(report['records']['sources'])} source hospitals)",
               "centralized": "centralized (pooled, same samples seen)",
               "mean local_only": "local-only, mean over the source hospitals",
               "random_init": f"random init (mean of {report['random_inits']} inits per seed)",
               "federated_small": f"federated, {len(report['records']['small_sites'])} small hospitals",
-              "mean local_only_small": "local-only, mean over the small hospitals"}
+              "mean local_only_small": "local-only, mean over the small hospitals",
+              **{arm: f"centralized on {share:.0%} of every source's pretraining records, same steps"
+                 for arm, share in DATA_CURVE.items()}}
     b = report["budget"]
     task = ", ".join(f"{name} ({report['positives'][code + ' ' + name]} held-out positives)"
                      for code, name in report["task"].items())
@@ -412,8 +440,44 @@ def render(report: dict) -> str:
         lines += ["| local-only hospital | macro AUROC [95 % interval] |", "|---|---|"]
         lines += [f"| {name.split('/', 1)[1]} | {interval(s)} |" for name, s in per_site]
         lines.append("")
-    lines += ["## Notes", ""] + [line for note in report.get("notes", []) for line in (note, "")]
+    lines += by_round_table(report)
+    lines += ["## Notes", ""] + [line for note in report.get("notes", []) + NOTES for line in (note, "")]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def by_round_table(report: dict) -> list[str]:
+    """The server's per-round probe of the global encoder, mean over seeds (every seed's in the JSON)."""
+    arms = {arm: seeds for arm, seeds in report.get("by_round", {}).items() if seeds}
+    if not arms:
+        return []
+    rounds = max(len(rows) for seeds in arms.values() for rows in seeds.values())
+    lines = ["## Probe of the global encoder per round", "",
+             ("Macro AUROC of the ServerApp's per-round probe (`probe_macro_auroc` in each run's metrics.jsonl), "
+              "mean over seeds; random init for reference: "
+              f"{report['encoders']['random_init']['macro_auroc']:.3f}." if "random_init" in report["encoders"]
+              else "Macro AUROC of the ServerApp's per-round probe, mean over seeds."), "",
+             "| round | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
+    for r in range(rounds):
+        cells = []
+        for seeds in arms.values():
+            values = [rows[r]["probe_macro_auroc"] for rows in seeds.values()
+                      if len(rows) > r and rows[r]["probe_macro_auroc"] is not None]
+            cells.append(f"{np.mean(values):.3f}" if values else "-")
+        lines.append(f"| {r + 1} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+NOTES = [
+    ("**A hospital's own labels.** The probe's labels reach fedssl as a labels CSV "
+     "(`evaluation.labels_csv`, or `labels_csv` of a site): a header row naming `record` and `labels`, "
+     "optionally `patient`; `record` is the record's path in its folder without suffix (`ludb/ludb/1`) or its "
+     "header's name; `labels` its codes separated by `;`; `patient` its patient id, by which every split and "
+     "every bootstrap then groups the records. Listed records take their labels from the CSV instead of "
+     "`# Dx:` or ptbxl_database.csv; a `# Patient:` header comment gives the patient where the CSV does not."),
+    ("**Rerun after changing the defaults.** `model` and `objective` are not set in "
+     "simulations/real_sources.yaml, so a run without `--set model.*` / `--set objective.*` measures the "
+     "project's defaults; `--reuse --work DIR` re-probes encoders already trained in DIR."),
+]
 
 
 def machine() -> str:
@@ -427,7 +491,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a template key, e.g. model.encoder=resnet1d (repeatable)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1: pretraining seed and probe split")
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=[*ARMS, *DATA_CURVE],
+                        help=f"arms to run; {', '.join(DATA_CURVE)}: centralized on a share of the records")
     parser.add_argument("--holdout", type=float, default=0.4, help="share of every source held out for the probe")
     parser.add_argument("--holdout-seed", type=int, default=0)
     parser.add_argument("--small-site-records", type=int, default=40, help="records per small hospital")
@@ -443,17 +508,22 @@ def main() -> None:
         return
     data = Path(args.data)
     if not (data / "cinc2020").is_dir() or not (data / "ludb").is_dir():
-        raise SystemExit(f"error: {data} has no cinc2020/ and ludb/ (the shared real ECG data); pass --data")
+        fail(f"{data} has no cinc2020/ and ludb/ (the shared real ECG data); pass --data")
     try:
         template = load_template(Path(args.scenario), args.set)
     except (ConfigError, OSError, yaml.YAMLError) as err:
-        raise SystemExit(f"error: {err}") from None
+        fail(str(err))
     torch.set_num_threads(template.train.threads)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="fedssl-real-data-"))
     work.mkdir(parents=True, exist_ok=True)
     log(f"work folder: {work}")
     bench = Benchmark(template, data, work, holdout=args.holdout, holdout_seed=args.holdout_seed,
                       small_site_records=args.small_site_records, reuse=args.reuse)
+    try:  # every arm's scenario refused in seconds, before anything trains
+        for arm in args.arms:
+            check_scenario(bench.scenario(arm, 0))
+    except ConfigError as err:
+        fail(str(err))
     log(f"records: {json.dumps(bench.records)}; held-out positives: {json.dumps(bench.positives)}")
     seeds = list(range(args.seeds))
     argv = [a for i, a in enumerate(sys.argv[1:]) if a != "--note" and (i == 0 or sys.argv[i] != "--note")]

@@ -505,8 +505,10 @@ def _usable_cpus() -> int:
 def summary_table(summary: dict) -> str:
     """Macro AUROC with its 95 % interval per encoder, and federated minus each other encoder, as
     plain text (it goes to `echo`, which may be a log rather than a terminal)."""
-    def interval(value, ci95) -> str:
-        return "-" if value is None else f"{value:.3f} [{ci95[0]:.3f}, {ci95[1]:.3f}]" if ci95 else f"{value:.3f}"
+    def interval(value, ci95, sign: str = "") -> str:
+        if value is None:
+            return "-"
+        return f"{value:{sign}.3f} [{ci95[0]:{sign}.3f}, {ci95[1]:{sign}.3f}]" if ci95 else f"{value:{sign}.3f}"
 
     table = Table("encoder", "macro AUROC [95 % CI]", "federated minus this", box=box.SIMPLE_HEAD,
                   caption=f"{summary['rounds']} rounds, {len(summary['sites'])} sites, {summary['wall_seconds']:.0f}s; "
@@ -514,7 +516,7 @@ def summary_table(summary: dict) -> str:
     for name, e in summary["encoders"].items():
         minus = e.get("federated_minus")
         table.add_row(name, interval(e["macro_auroc"], e.get("ci95")),
-                      interval(minus["mean"], minus["ci95"]) if minus else "")
+                      interval(minus["mean"], minus["ci95"], "+") if minus else "")
     console = Console(width=120, color_system=None, force_terminal=False, file=io.StringIO())
     with console.capture() as captured:
         console.print(table)

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedssl.data.windows import WindowSet
-from fedssl.evaluate import auroc, linear_probe
+from fedssl.data.windows import RecordInfo, WindowSet
+from fedssl.evaluate import (ProbeResult, ProbeSplits, TestScores, _weighted_auroc, auroc, bootstrap_interval,
+                             difference, linear_probe, summarise)
 from tests.conftest import labelled
 
 
@@ -36,9 +37,6 @@ def test_probe_finds_a_linearly_separable_class_and_is_chance_without_signal():
 
 
 # -- intervals ------------------------------------------------------------------------------------
-
-from fedssl.evaluate import (ProbeResult, ProbeSplits, TestScores, _weighted_auroc, bootstrap_interval, difference,
-                             summarise)
 
 
 def test_weighted_auroc_counts_a_window_drawn_k_times_k_times():

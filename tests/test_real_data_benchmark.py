@@ -68,3 +68,12 @@ def test_held_out_folder_reads_with_the_task_labels_csv(tmp_path):
     windows = build_site(folder, DataConfig(), tmp_path / "cache", labels)
     assert {r.record_id: r.labels for r in windows.records}["ludb/ludb/1"] == ("426177001",)
     assert len(windows.records) == len(sample)
+
+
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["real_data.py", "--data", str(tmp_path / "absent"), "--work", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        real_data.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "absent has no cinc2020/" in err[0]

@@ -154,3 +154,15 @@ def test_cli_report(run_dir, tmp_path, capsys):
     assert main(["report", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fedssl report:") and "no scenario.yaml" in err and "Traceback" not in err
+
+
+def test_summary_table_prints_intervals_and_the_federated_differences():
+    from simulations.run import summary_table
+
+    summary = {"encoders": {"random_init": {"macro_auroc": 0.7, "ci95": [0.6, 0.8],
+                                            "federated_minus": {"mean": 0.05, "ci95": [-0.01, 0.1]}},
+                            "federated": {"macro_auroc": 0.75, "ci95": [0.7, 0.8]}},
+               "rounds": 2, "sites": ["a", "b"], "wall_seconds": 3.0, "run_dir": "/run"}
+    lines = summary_table(summary).splitlines()
+    assert lines[2].split() == ["random_init", "0.700", "[0.600,", "0.800]", "+0.050", "[-0.010,", "+0.100]"]
+    assert lines[3].split() == ["federated", "0.750", "[0.700,", "0.800]"]

@@ -14,7 +14,10 @@ from fedssl.cli import main
 from fedssl.data.site import build_site
 from fedssl.evaluate import embed
 from fedssl.export import CARD, CONFIG, WEIGHTS, ExportError, embed_folder, export_run, load_encoder
-from tests.conftest import SHARED_DATA, write_records
+from fedssl.objectives import build_objective
+from tests.conftest import SHARED_DATA, two_site_scenario, write_records
+
+WIDTH = build_objective(two_site_scenario("generative", records=4)).encoder.width  # the default encoder's
 
 
 def test_export_round_trip_gives_the_same_encoder(run_dir, exported):
@@ -27,7 +30,7 @@ def test_export_round_trip_gives_the_same_encoder(run_dir, exported):
         assert json.loads(f.metadata()["fedssl_config"])["model"]["size"] == "tiny"
     config = json.loads((exported / CONFIG).read_text())
     assert config["parameters"] == sum(p.numel() for p in loaded.encoder.parameters())
-    assert config["embedding_dim"] == 128 and len(config["leads"]) == 12
+    assert config["embedding_dim"] == loaded.encoder.width and len(config["leads"]) == 12
 
 
 def test_model_card_says_what_the_encoder_is_and_was_trained_on(exported):
@@ -76,11 +79,11 @@ def test_cli_export_and_embed_end_to_end(run_dir, tmp_path, capsys):
     assert main(["export", str(run_dir), "--out", str(tmp_path / "model")]) == 0
     assert main(["embed", str(tmp_path / "model"), str(folder), "--out", str(tmp_path / "e.npz")]) == 0
     captured = capsys.readouterr()
-    assert "embedded 6 windows of 3 records (128 dimensions)" in captured.out
+    assert f"embedded 6 windows of 3 records ({WIDTH} dimensions)" in captured.out
     assert "skipped 1 unusable records (unreadable header: 1)" in captured.out
     assert "embedding records" in captured.err and "4/4" in captured.err  # the progress bar
     with np.load(tmp_path / "e.npz") as saved:  # plain arrays: no pickle needed
-        assert saved["embeddings"].shape == (6, 128) and saved["record_embeddings"].shape == (3, 128)
+        assert saved["embeddings"].shape == (6, WIDTH) and saved["record_embeddings"].shape == (3, WIDTH)
         assert saved["record_id"].tolist()[:2] == ["syn00001", "syn00001"]
         assert saved["skipped_records"].tolist() == ["broken"]
         assert saved["skipped_reasons"][0].startswith("unreadable header")
@@ -103,5 +106,5 @@ def test_embed_real_records(exported):
     """PTB-XL at 100 Hz (12 leads) and the 30-min two-lead MIT-BIH record (windows capped at 12)."""
     for name, windows in (("ptb-xl", 5), ("mit-bih", 12)):
         result = embed_folder(exported, SHARED_DATA / name, progress=False)
-        assert result.windows.shape == (windows, 128) and np.isfinite(result.windows).all(), name
+        assert result.windows.shape == (windows, WIDTH) and np.isfinite(result.windows).all(), name
         assert not result.skipped

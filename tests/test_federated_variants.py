@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import nn
 
 from client.state import FEDEMA_FILE, HEADS_FILE
-from fedssl.config import ConfigError, FederationConfig, TrainConfig, load_scenario
+from fedssl.config import ConfigError, FederationConfig, ModelConfig, ObjectiveConfig, TrainConfig, load_scenario
 from fedssl.federated import (divergence, encoder_state, fedema_blend, fedema_scale, fedema_start,
                               proximal_term, shared_state)
 from fedssl.objectives import build_objective
@@ -145,7 +145,7 @@ def test_federated_evaluation_weights_sites_by_probe_windows(tmp_path):
 
 # -- through the real runner ----------------------------------------------------------------------
 
-# each variant switches what its name says in TINY (hybrid objective, st_mem encoder, FedAvg, share: encoder)
+# each variant switches what its name says in TINY (the default objective and encoder, FedAvg, share: encoder)
 VARIANTS = {
     "fedprox-share-all": {"federation": "{strategy: fedprox, proximal_mu: 0.1, share: all, rounds: 2, min_sites: 2}",
                           "evaluation": "federated: true"},
@@ -180,11 +180,12 @@ def variant(request, tmp_path_factory):
 
 def test_variant_scenario_has_the_switches(variant):
     name, _, _, scenario = variant
-    expected = {"fedprox-share-all": ("hybrid", "st_mem", "fedprox", "all"),
-                "fedadam-fedema": ("hybrid", "st_mem", "fedadam", "encoder"),
+    objective, encoder = ObjectiveConfig().name, ModelConfig().encoder  # TINY's defaults
+    expected = {"fedprox-share-all": (objective, encoder, "fedprox", "all"),
+                "fedadam-fedema": (objective, encoder, "fedadam", "encoder"),
                 "cmsc-resnet1d-fedavgm": ("cmsc", "resnet1d", "fedavgm", "encoder"),
-                "byol-fedyogi-share-all": ("byol", "st_mem", "fedyogi", "all"),
-                "simclr-fedmedian": ("simclr", "st_mem", "fedmedian", "encoder")}[name]
+                "byol-fedyogi-share-all": ("byol", encoder, "fedyogi", "all"),
+                "simclr-fedmedian": ("simclr", encoder, "fedmedian", "encoder")}[name]
     fed = scenario.federation
     assert (scenario.objective.name, scenario.model.encoder, fed.strategy, fed.share) == expected
     assert scenario.evaluation.federated == (name == "fedprox-share-all")

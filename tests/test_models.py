@@ -45,7 +45,7 @@ def test_resnet_sizes(size, width):
 
 
 def test_transformer_takes_shorter_windows_in_whole_patches():
-    encoder = build_encoder(ModelConfig(), 200).eval()
+    encoder = build_encoder(ModelConfig(encoder="st_mem"), 200).eval()
     assert isinstance(encoder, ECGTransformer)
     mask = torch.ones(2, 12, dtype=torch.bool)
     assert encoder(torch.randn(2, 12, 100), mask).shape == (2, 128)
@@ -55,7 +55,7 @@ def test_transformer_takes_shorter_windows_in_whole_patches():
 
 
 def test_a_short_window_uses_the_first_positions():
-    encoder = build_encoder(ModelConfig(), 200)
+    encoder = build_encoder(ModelConfig(encoder="st_mem"), 200)
     lead_ids, pos_ids = encoder.token_ids(2)
     assert lead_ids.tolist() == [lead for lead in range(12) for _ in range(2)]
     assert pos_ids.tolist() == [0, 1] * 12
@@ -86,7 +86,7 @@ def test_a_causal_conv_transformer_token_does_not_see_the_future():
     change = (encoder.encode(x, mask) - encoder.encode(y, mask)).abs().amax((0, 2))
     # token t reads samples up to 20 t + 23: tokens 0..28 end before sample 600, token 29 reaches it
     assert change[:29].max() < 1e-5 and change[29:].min() > 1e-3
-    bidirectional = build_encoder(ModelConfig(encoder="conv_transformer"), 1000).eval()
+    bidirectional = build_encoder(ModelConfig(encoder="conv_transformer", causal=False), 1000).eval()
     assert (bidirectional.encode(x, mask) - bidirectional.encode(y, mask))[:, 0].abs().max() > 1e-3
 
 

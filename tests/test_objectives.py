@@ -99,7 +99,7 @@ def test_masked_reconstruction_needs_patch_tokens(name):
 
 
 def test_cmsc_half_windows_must_fit_the_patches():
-    bad = dataclasses.replace(small_scenario("cmsc"), model=ModelConfig(patch_size=40))  # 200 = 5 x 40
+    bad = dataclasses.replace(small_scenario("cmsc"), model=ModelConfig(encoder="st_mem", patch_size=40))  # 200 = 5 x 40
     with pytest.raises(ConfigError, match="half windows of 100 samples"):
         build_objective(bad)
 
@@ -176,7 +176,7 @@ def test_masking_hides_the_requested_ratio_of_recorded_tokens_only():
 
 
 def test_hidden_patches_do_not_leak_into_the_decoder():
-    objective = build_objective(small_scenario("generative"))
+    objective = build_objective(scenario("generative", "st_mem"))
     x, mask = batch(4)
     valid = objective.encoder.token_valid(mask)
     torch.manual_seed(3)
@@ -243,17 +243,6 @@ def test_cpc_negatives_come_from_the_same_window_only():
     assert abs(whole.mean().item() - np.log(10)) < 0.5
 
 
-def test_cpc_predicts_only_the_future():
-    objective = build_objective(scenario("cpc", "conv_transformer", prediction_steps=2))
-    x, mask = batch(2)
-    grads = []
-    for part in (slice(0, 100), slice(100, 200)):  # does the loss's context read the first or the second second?
-        x_ = x.clone().requires_grad_(True)
-        objective.per_sample_terms(x_, mask)["loss"].sum().backward()
-        grads.append(x_.grad[..., part].abs().sum().item())
-    assert all(g > 0 for g in grads)  # both halves are targets and context
-
-
 def test_jepa_target_is_an_ema_of_the_encoder_predicted_at_hidden_spans():
     objective = build_objective(scenario("jepa", "conv_transformer", target_momentum=0.9))
     assert isinstance(objective, JEPA)
@@ -266,7 +255,8 @@ def test_jepa_target_is_an_ema_of_the_encoder_predicted_at_hidden_spans():
                                      strict=True):
         assert torch.allclose(after, 0.9 * before + 0.1 * online, atol=1e-6)
     x, mask = batch(4)
-    whole = objective.per_sample_terms(x, mask)["loss"]
-    torch.manual_seed(0)
-    first = objective.per_sample_terms(x[:2], mask[:2])["loss"]
-    assert whole.shape == (4,) and first.shape == (2,) and torch.isfinite(whole).all()
+    loss = objective.per_sample_terms(x, mask)["loss"]
+    assert loss.shape == (4,) and torch.isfinite(loss).all()
+    loss.sum().backward()  # the loss reaches the online encoder and predictor, never the target
+    assert all(p.grad is None for p in objective.target_encoder.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in objective.predictor.parameters())

@@ -64,19 +64,20 @@ class Randomness:
 
 
 def dp_objectives():
-    yield "generative", build_objective(small_scenario("generative", mask_ratio=0.5))
-    yield "hybrid-without-contrastive", build_objective(small_scenario("hybrid", contrastive_weight=0.0))
-    yield "hybrid_byol", build_objective(small_scenario("hybrid_byol", mask_ratio=0.5))  # per-sample CREMA
-    conv = ModelConfig(encoder="conv_transformer")
+    def on(encoder: str, name: str, **objective_kwargs):
+        model = ModelConfig(encoder=encoder, causal=name == "cpc")
+        return build_objective(dataclasses.replace(small_scenario(name, **objective_kwargs), model=model))
+
+    yield "generative", on("st_mem", "generative", mask_ratio=0.5)
+    yield "hybrid-without-contrastive", on("st_mem", "hybrid", contrastive_weight=0.0)
+    yield "hybrid_byol", on("st_mem", "hybrid_byol", mask_ratio=0.5)  # per-sample CREMA
     # CPC: contrastive, yet per-sample (negatives from the same window); JEPA: EMA target under no_grad
-    yield "cpc", build_objective(dataclasses.replace(small_scenario("cpc"), model=ModelConfig(encoder="conv_transformer",
-                                                                                                causal=True)))
-    yield "jepa", build_objective(dataclasses.replace(small_scenario("jepa", mask_ratio=0.5), model=conv))
-    yield "generative-conv_transformer", build_objective(dataclasses.replace(small_scenario("generative"), model=conv))
+    yield "cpc", on("conv_transformer", "cpc")
+    yield "jepa", on("conv_transformer", "jepa", mask_ratio=0.5)
+    yield "generative-conv_transformer", on("conv_transformer", "generative")
     try:
-        yield "byol", build_objective(small_scenario("byol"))
-        resnet = dataclasses.replace(small_scenario("byol"), model=ModelConfig(encoder="resnet1d"))
-        yield "byol-resnet1d", build_objective(resnet)  # Conv1d + GroupNorm per-sample gradients
+        yield "byol", on("st_mem", "byol")
+        yield "byol-resnet1d", on("resnet1d", "byol")  # Conv1d + GroupNorm per-sample gradients
     except ConfigError:  # BYOL or the ResNet not there
         pass
 

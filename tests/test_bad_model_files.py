@@ -88,7 +88,8 @@ def test_embed_refuses_overwritten_safetensors_bytes(exported, tmp_path, capsys)
 def test_embed_refuses_non_finite_embeddings(exported, tmp_path, capsys):  # noqa: F811
     """Finite weights that overflow: the embedding, not the file, is non-finite."""
     state = load_file(exported / WEIGHTS)
-    state["patch_embed.weight"] = torch.full_like(state["patch_embed.weight"], 3e38)
+    first_layer = next(name for name, tensor in state.items() if tensor.ndim >= 2)  # the encoder's input map
+    state[first_layer] = torch.full_like(state[first_layer], 3e38)
     save_file(state, exported / WEIGHTS, metadata={"format": "pt"})
     folder = write_records(tmp_path / "records")
     assert main(["embed", str(exported), str(folder), "--out", str(tmp_path / "e.npz"), "--quiet"]) == 2

@@ -139,9 +139,12 @@ def check_privacy(scenario: Scenario, objective: Objective) -> None:
 
 
 def check_forward(scenario: Scenario, objective: Objective) -> None:
-    """One training step's forward and backward pass of `objective` on two dummy windows: what
-    cannot run, or gives a non-finite loss, is refused here."""
+    """One training step's learning rate, forward and backward pass of `objective` on two dummy
+    windows: what cannot run, or gives a non-finite loss, is refused here."""
     from fedssl.privacy import PrivacyError, check_dp_safe
+    from fedssl.train import learning_rate_at
+
+    learning_rate_at(0, scenario.train.local_steps, scenario.train)  # refuses an unknown train.lr_schedule
 
     try:
         check_dp_safe(objective)

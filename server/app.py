@@ -26,6 +26,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import (FedAdam, FedAvg, FedAvgM, FedMedian,
                                      FedProx, FedTrimmedAvg, FedYogi, Krum, MultiKrum, Strategy)
+from torch import nn
 
 from fedssl.check import check_scenario
 from fedssl.config import ConfigError, FederationConfig, Scenario, load_scenario
@@ -95,12 +96,12 @@ def main(grid: Grid, context: Context) -> None:
             return None
         tracker.require_update(server_round)
         auroc, ci95, seconds = None, None, 0.0
-        state = encoder_state(tracker.state_dict(arrays))
+        encoder = global_encoder(scenario, encoder_state(tracker.state_dict(arrays)))
         if scenario.evaluation.every_round or server_round == fed.rounds:
-            auroc, ci95, seconds = probe(scenario, run_dir, state)
+            auroc, ci95, seconds = probe(scenario, run_dir, encoder)
         sampled = max(int(len(list(grid.get_node_ids())) * fed.fraction_train), fed.min_sites)
         tracker.finish_round(server_round, arrays, auroc, seconds, expected=sampled, probe_ci95=ci95,
-                             monitor=collapse_monitor(scenario, run_dir, state))
+                             monitor=collapse_monitor(scenario, run_dir, encoder))
         ServerCheckpoint(server_round, fed.strategy, {k: a.numpy() for k, a in arrays.items()},
                          optimizer_state(strategy), random.getstate(), dict(tracker.epsilon)).save(run_dir)
         return None if auroc is None else MetricRecord({PROBE_AUROC_KEY: auroc})
@@ -206,23 +207,23 @@ def probe_splits(scenario: Scenario, run_dir: Path) -> ProbeSplits:
     return _probe_sets[workdir]
 
 
-def global_encoder(scenario: Scenario, state: dict):
+def global_encoder(scenario: Scenario, state: dict) -> nn.Module:
     encoder = build_objective(scenario).encoder
     encoder.load_state_dict(state)
     return encoder
 
 
-def probe(scenario: Scenario, run_dir: Path, state: dict) -> tuple[float, list[float], float]:
-    """Linear-probe macro AUROC of the encoder `state` (mean over the held-out set's patient-level
-    splits), its 95 % bootstrap interval and the seconds it took."""
+def probe(scenario: Scenario, run_dir: Path, encoder: nn.Module) -> tuple[float, list[float], float]:
+    """Linear-probe macro AUROC of `encoder` (mean over the held-out set's patient-level splits),
+    its 95 % bootstrap interval and the seconds it took."""
     start = time.perf_counter()
     splits = probe_splits(scenario, run_dir)
-    result = summarise(splits.probe(global_encoder(scenario, state)), scenario.evaluation.bootstrap, scenario.seed)
+    result = summarise(splits.probe(encoder), scenario.evaluation.bootstrap, scenario.seed)
     return result["macro_auroc"], result["ci95"], time.perf_counter() - start
 
 
-def collapse_monitor(scenario: Scenario, run_dir: Path, state: dict) -> dict[str, float]:
-    """`embedding_rank` and `embedding_std` of the encoder `state` on the first windows of the
-    first probe-train split: the same fixed windows every round (fedssl/monitor.py)."""
+def collapse_monitor(scenario: Scenario, run_dir: Path, encoder: nn.Module) -> dict[str, float]:
+    """`embedding_rank` and `embedding_std` of `encoder` on the first windows of the first
+    probe-train split: the same fixed windows every round (fedssl/monitor.py)."""
     train, _ = probe_splits(scenario, run_dir).first()
-    return embedding_health(global_encoder(scenario, state), train)
+    return embedding_health(encoder, train)

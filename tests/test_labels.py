@@ -127,7 +127,7 @@ def test_probe_splits_never_put_a_patient_or_a_record_on_both_sides(tmp_path):
     from server.app import probe as server_probe  # the ServerApp's per-round probe
     from fedssl.objectives import build_objective
 
-    auroc, ci95, _ = server_probe(scenario, tmp_path / "run", build_objective(scenario).encoder.state_dict())
+    auroc, ci95, _ = server_probe(scenario, tmp_path / "run", build_objective(scenario).encoder)
     assert ci95[0] <= auroc <= ci95[1]
 
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from fedssl.config import ConfigError, PrivacyConfig
 from fedssl.data.windows import WindowSet
+from fedssl.federated import proximal_term
 from fedssl.objectives.base import Objective
 from fedssl.storage import atomic_write
 
@@ -356,7 +357,7 @@ class PrivateTraining:
         self._starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
         self.params = [p for p in objective.parameters() if p.requires_grad]
         self.gsm = self._wrap(objective)
-        self.steps_taken = 0
+        self.steps_taken = 0  # noised gradients released: what the ledger accounts
 
     def _wrap(self, objective: Objective) -> nn.Module | LayerCalls:
         if self.mode == "bookkeeping":
@@ -540,11 +541,45 @@ def make_private(objective: Objective, data: WindowSet, privacy: PrivacyConfig,
     return PrivateTraining(objective, data, privacy, batch_size, sigma, delta)
 
 
+class PrivateStep:
+    """The DP-SGD step of `fedssl.train.train_local` (a `fedssl.train.TrainingStep`): Poisson
+    batches over privacy units and `PrivateTraining`'s noised gradient of clipped per-unit
+    gradients, with no further clipping. FedProx's proximal gradient, a function of the weights
+    only, is added after the noise (post-processing, no privacy cost). `record_round` adds the
+    round's spend to the ledger. The batch's groups are not used: objectives that pair samples
+    across a batch (CMSC) are refused for DP."""
+
+    def __init__(self, training: PrivateTraining, proximal: tuple[float, dict[str, torch.Tensor]] | None,
+                 ledger: PrivacyLedger | None) -> None:
+        self.training, self.proximal, self.ledger = training, proximal, ledger
+
+    def batches(self, steps: int, rng: np.random.Generator):
+        return self.training.batches(steps, rng)
+
+    def gradients(self, x: torch.Tensor, lead_mask: torch.Tensor, group: torch.Tensor) -> dict[str, float] | None:
+        values = self.training.backward(x, lead_mask)
+        if self.proximal:
+            mu, reference = self.proximal
+            prox = proximal_term(self.training.objective, reference)
+            (mu * prox).backward()
+            values = None if values is None else {**values, "proximal": prox.item()}
+        return values
+
+    def close(self) -> None:
+        self.training.close()
+
+    def record_round(self, round: int | None) -> None:
+        if self.ledger is not None:
+            self.ledger.record(self.training.steps_taken, self.training.sample_rate, self.training.noise_multiplier,
+                               round=round)
+
+
 def begin_private_round(objective: Objective, data: WindowSet,
                         privacy: PrivacyConfig, batch_size: int, *, steps: int, planned_steps: int | None = None,
-                        ledger: PrivacyLedger | None = None) -> PrivateTraining:
-    """`make_private`, then decline (`PrivacyBudgetExceeded`, nothing spent) a round of `steps`
-    steps that would take the ledger past its target epsilon."""
+                        proximal: tuple[float, dict[str, torch.Tensor]] | None = None,
+                        ledger: PrivacyLedger | None = None) -> PrivateStep:
+    """The DP-SGD step of a round of `steps` steps (`make_private`, see `PrivateStep`); declines
+    (`PrivacyBudgetExceeded`, nothing spent) a round that would take the ledger past its target epsilon."""
     dp = make_private(objective, data, privacy, batch_size, planned_steps=planned_steps or steps,
                       ledger=ledger)
     if ledger is not None and ledger.would_exceed(steps, dp.sample_rate, dp.noise_multiplier):
@@ -552,4 +587,4 @@ def begin_private_round(objective: Objective, data: WindowSet,
         after = ledger.epsilon_after(steps, dp.sample_rate, dp.noise_multiplier)
         raise PrivacyBudgetExceeded(f"{steps} more steps would spend epsilon {after:.3f} > target "
                                     f"{ledger.target_epsilon} (spent so far {ledger.epsilon():.3f})")
-    return dp
+    return PrivateStep(dp, proximal, ledger)

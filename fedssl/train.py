@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -80,6 +83,66 @@ class TimedBatches:
             yield batch
 
 
+class TrainingStep(Protocol):
+    """How one optimizer step gets its gradient: `PlainStep` or DP-SGD's `fedssl.privacy.PrivateStep`.
+    `train_local` picks one (`training_step`) before its loop, so the loop reads the same for both
+    and a new kind of step needs no branch inside it."""
+
+    def batches(self, steps: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+        """Sorted window indices of `steps` batches, drawn from `rng`."""
+
+    def gradients(self, x: torch.Tensor, lead_mask: torch.Tensor, group: torch.Tensor) -> dict[str, float] | None:
+        """Put this batch's gradient into the parameters' `.grad` (zeroed by the caller) and return
+        its batch-mean loss terms; None when the batch counts for no loss (an empty DP batch)."""
+
+    def close(self) -> None:
+        """Undo what the step did to the objective (hooks), also when training failed."""
+
+    def record_round(self, round: int | None) -> None:
+        """After the round's last step: account for what the round spent (a DP step's ledger)."""
+
+
+class PlainStep:
+    """The ordinary step: the objective's batch-mean loss, plus mu times FedProx's proximal term,
+    backward, then the gradient norm clipped to `cfg.grad_clip` (when > 0); shuffled-epoch batches."""
+
+    def __init__(self, objective: Objective, windows: int, cfg: TrainConfig,
+                 proximal: tuple[float, dict[str, torch.Tensor]] | None) -> None:
+        self.objective, self.windows, self.cfg, self.proximal = objective, windows, cfg, proximal
+
+    def batches(self, steps: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+        return batches(self.windows, self.cfg.batch_size, steps, rng)
+
+    def gradients(self, x: torch.Tensor, lead_mask: torch.Tensor, group: torch.Tensor) -> dict[str, float]:
+        terms = self.objective(x, lead_mask, group)
+        loss = terms["loss"]
+        if self.proximal:
+            mu, reference = self.proximal
+            terms["proximal"] = proximal_term(self.objective, reference)
+            loss = loss + mu * terms["proximal"]
+        loss.backward()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.objective.parameters(), self.cfg.grad_clip)
+        return {k: v.item() for k, v in terms.items()}
+
+    def close(self) -> None:
+        """Nothing to undo: the plain step leaves the objective as it found it."""
+
+    def record_round(self, round: int | None) -> None:
+        """Nothing to account: plain steps spend no privacy budget."""
+
+
+def training_step(objective: Objective, data: WindowSet, cfg: TrainConfig, *, steps: int,
+                  proximal: tuple[float, dict[str, torch.Tensor]] | None, privacy: PrivacyConfig | None,
+                  ledger: PrivacyLedger | None, planned_steps: int | None) -> TrainingStep:
+    """The step `train_local` runs: DP-SGD when `privacy.enabled` (`begin_private_round`, which
+    declines a round that would pass the ledger's target epsilon), the plain step otherwise."""
+    if privacy is not None and privacy.enabled:
+        return begin_private_round(objective, data, privacy, cfg.batch_size, steps=steps,
+                                   planned_steps=planned_steps, proximal=proximal, ledger=ledger)
+    return PlainStep(objective, len(data), cfg, proximal)
+
+
 def train_local(objective: Objective, data: WindowSet, cfg: TrainConfig, *, steps: int, seed: int,
                 proximal: tuple[float, dict[str, torch.Tensor]] | None = None,
                 privacy: PrivacyConfig | None = None, ledger: PrivacyLedger | None = None,
@@ -105,54 +168,31 @@ def train_local(objective: Objective, data: WindowSet, cfg: TrainConfig, *, step
     schedule_steps = planned_steps or steps
     optimizer = torch.optim.AdamW(objective.parameters(), lr=learning_rate_at(first_step, schedule_steps, cfg),
                                   weight_decay=cfg.weight_decay)
-    dp = None
-    if privacy is not None and privacy.enabled:
-        dp = begin_private_round(objective, data, privacy, cfg.batch_size, steps=steps,
-                                 planned_steps=planned_steps, ledger=ledger)
-    windows, lead_mask = torch.from_numpy(data.windows), torch.from_numpy(data.lead_mask)
-    groups = torch.from_numpy(privacy_units(data, "patient"))  # CMSC: same patient, positive pair
-    objective.train()
-    totals: dict[str, float] = {}
-    examples = counted = 0
-    start = time.perf_counter()
-    sampler = dp.batches(steps, rng) if dp else batches(len(data), cfg.batch_size, steps, rng)
-    fetched = TimedBatches(sampler, windows, lead_mask, groups)
-    try:
-        for step, (index, x, mask, group) in enumerate(fetched, start=1):
+    with closing(training_step(objective, data, cfg, steps=steps, proximal=proximal, privacy=privacy,
+                               ledger=ledger, planned_steps=planned_steps)) as step:
+        windows, lead_mask = torch.from_numpy(data.windows), torch.from_numpy(data.lead_mask)
+        groups = torch.from_numpy(privacy_units(data, "patient"))  # CMSC: same patient, positive pair
+        objective.train()
+        totals: dict[str, float] = {}
+        examples = counted = 0
+        start = time.perf_counter()
+        fetched = TimedBatches(step.batches(steps, rng), windows, lead_mask, groups)
+        for step_number, (index, x, mask, group) in enumerate(fetched, start=1):
             for param_group in optimizer.param_groups:
-                param_group["lr"] = learning_rate_at(first_step + step - 1, schedule_steps, cfg)
+                param_group["lr"] = learning_rate_at(first_step + step_number - 1, schedule_steps, cfg)
             optimizer.zero_grad(set_to_none=True)
-            if dp:  # the DP-SGD gradient (clipped per unit, noised) lands in .grad; no extra clipping
-                values = dp.backward(x, mask)
-                if proximal:  # a function of the weights only: added after the noise (post-processing)
-                    prox = proximal_term(objective, proximal[1])
-                    (proximal[0] * prox).backward()
-                    values = None if values is None else {**values, "proximal": prox.item()}
-            else:
-                terms = objective(x, mask, group)
-                loss = terms["loss"]
-                if proximal:
-                    terms["proximal"] = proximal_term(objective, proximal[1])
-                    loss = loss + proximal[0] * terms["proximal"]
-                loss.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.grad_clip)
-                values = {k: v.item() for k, v in terms.items()}
+            values = step.gradients(x, mask, group)
             optimizer.step()
             objective.after_step()
             if values is None:  # an empty Poisson batch: a noise-only DP step
                 continue
             if not np.isfinite(values["loss"]):
-                raise FloatingPointError(f"loss became {values['loss']} at step {step}")
+                raise FloatingPointError(f"loss became {values['loss']} at step {step_number}")
             for k, v in values.items():
                 totals[k] = totals.get(k, 0.0) + v
             examples += len(index)
             counted += 1
-    finally:
-        if dp:
-            dp.close()
-    if dp and ledger is not None:
-        ledger.record(steps, dp.sample_rate, dp.noise_multiplier, round=round)
+    step.record_round(round)
     done = max(counted, 1)
     return TrainResult(examples, steps, {k: v / done for k, v in totals.items()}, time.perf_counter() - start,
                        fetched.seconds)

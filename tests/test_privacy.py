@@ -310,6 +310,54 @@ def test_private_training_runs_records_and_declines_rounds(tmp_path):
     assert len(PrivacyLedger.load(tmp_path).entries) == 2
 
 
+def short_round(privacy: PrivacyConfig | None, seed: int, **kwargs) -> tuple[dict[str, float], torch.nn.Module]:
+    """Four steps of the generative objective (built from torch seed 0) with a FedProx pull."""
+    torch.manual_seed(0)
+    objective = build_objective(small_scenario("generative"))
+    reference = {k: v.detach() + 0.01 for k, v in objective.state_dict().items() if k.startswith("encoder.")}
+    result = train_local(objective, random_windows(24), TrainConfig(batch_size=6, grad_clip=0.5), steps=4,
+                         seed=seed, privacy=privacy, proximal=(0.3, reference), **kwargs)
+    return result.losses, objective
+
+
+@pytest.mark.parametrize("privacy", [None, PrivacyConfig(enabled=True, noise_multiplier=1.1, max_grad_norm=1.0)],
+                         ids=["plain", "dp"])
+def test_the_same_seed_gives_the_same_round_for_plain_and_dp_steps(privacy):
+    (losses, first), (again, second) = short_round(privacy, seed=7), short_round(privacy, seed=7)
+    assert losses == again and {"loss", "proximal"} <= losses.keys()
+    for k, v in first.state_dict().items():
+        assert torch.equal(v, second.state_dict()[k]), k
+    assert short_round(privacy, seed=8)[0] != losses  # the seed draws the batches (and the noise)
+
+
+def test_the_dp_step_records_its_steps_and_leaves_no_hooks(tmp_path, monkeypatch):
+    privacy = PrivacyConfig(enabled=True, noise_multiplier=1.1, max_grad_norm=1.0)
+    ledger = PrivacyLedger.load(tmp_path, privacy, units=24)
+    _, objective = short_round(privacy, seed=7, ledger=ledger, round=5)
+    assert [(e["round"], e["steps"], e["sample_rate"], e["noise_multiplier"]) for e in ledger.entries] == [
+        (5, 4, 0.25, 1.1)]
+    assert not any(m._forward_hooks for m in objective.modules())
+    # a round that fails half-way records nothing and still removes the per-sample hooks
+    from fedssl.privacy import PrivateTraining
+
+    backward, calls = PrivateTraining.backward, []
+
+    def failing_backward(self, x, lead_mask):
+        calls.append(len(x))
+        if len(calls) == 2:
+            raise FloatingPointError("the second step fails")
+        return backward(self, x, lead_mask)
+
+    monkeypatch.setattr(PrivateTraining, "backward", failing_backward)
+    torch.manual_seed(0)
+    objective = build_objective(small_scenario("generative"))
+    with pytest.raises(FloatingPointError):
+        train_local(objective, random_windows(24), TrainConfig(batch_size=6), steps=4, seed=7, privacy=privacy,
+                    ledger=ledger, round=6)
+    assert len(ledger.entries) == 1 and len(PrivacyLedger.load(tmp_path).entries) == 1
+    assert not any(m._forward_hooks for m in objective.modules())
+
+
 def test_privacy_config_is_checked():
     scenario = from_dict(Scenario, {"privacy": {"enabled": True, "unit": "patient", "target_epsilon": 2}})
     assert scenario.privacy.unit == "patient" and scenario.privacy.target_epsilon == 2.0

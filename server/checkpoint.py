@@ -6,10 +6,13 @@ global model, the round number and the server optimiser. After every round the S
 
 - `round`: the last completed round; `arrays`: the global model exactly as aggregated (dtypes
   kept, e.g. FedAdam's float64), what the next round sends to the sites;
-- `strategy_state`: the server optimiser's state, read from the Flower strategy objects
-  (`SERVER_OPTIMIZER_STATE`: FedAdam/FedYogi's moments `m_t`/`v_t`, FedAvgM's `momentum_vector`);
+- `strategy_state`: the server optimiser's state by attribute name, read from the base Flower
+  strategy inside the fedssl wrappers (`SERVER_OPTIMIZER_STATE`: FedAdam/FedYogi's moments
+  `m_t`/`v_t`, FedAvgM's `momentum_vector`), so adding or removing a wrapper keeps checkpoints valid;
 - `random_state`: Python's `random` state, with which the strategies sample the round's nodes;
-- `epsilon`: each DP site's epsilon as last reported; `strategy`, to refuse another scenario's.
+- `epsilon`: each DP site's epsilon as last reported; `strategy`, to refuse another scenario's;
+- `format`: `CHECKPOINT_FORMAT`. Checkpoints without it (older fedssl keyed the optimiser state by
+  the wrappers' nesting depth, `"1.m_t"`) are refused: restoring them by guess could be silently wrong.
 
 A run started with run config `resume = true` loads it and runs the remaining rounds through
 `ContinuedStrategy`, so the round numbers the sites see continue (they seed their local training
@@ -37,10 +40,13 @@ CHECKPOINT_FILE = "checkpoints/server.pt"
 # attributes of flwr.serverapp.strategy objects that carry state from one round to the next
 # (FedOpt's and FedAvgM's `current_arrays` is the global model itself, set again in configure_train)
 SERVER_OPTIMIZER_STATE = ("m_t", "v_t", "momentum_vector")
+# 2: `strategy_state` by attribute name of the base strategy (1, unnumbered: by wrapper depth, "1.m_t")
+CHECKPOINT_FORMAT = 2
 
 
-class CheckpointMismatch(RuntimeError):
-    """The run folder's checkpoint belongs to another configuration than the scenario's."""
+class CheckpointMismatch(ValueError):
+    """The run folder's checkpoint belongs to another configuration than the scenario's, or to
+    another fedssl version (a ValueError: the command line reports it as one line)."""
 
 
 @dataclass
@@ -60,18 +66,25 @@ class ServerCheckpoint:
     def save(self, run_dir: Path) -> Path:
         """Write the checkpoint atomically (numpy arrays as tensors: loadable with weights_only)."""
         state = {k: _tensors(v) for k, v in self.strategy_state.items()}
-        return atomic_torch_save({"round": self.round, "strategy": self.strategy,
+        return atomic_torch_save({"format": CHECKPOINT_FORMAT, "round": self.round, "strategy": self.strategy,
                                   "arrays": _tensors(self.arrays), "strategy_state": state,
                                   "random_state": self.random_state, "epsilon": dict(self.epsilon)},
                                  Path(run_dir) / CHECKPOINT_FILE)
 
     @classmethod
     def load(cls, run_dir: Path) -> ServerCheckpoint | None:
-        """The run folder's checkpoint, or None if no round has completed there."""
+        """The run folder's checkpoint, or None if no round has completed there; refused if it
+        was written in another format than `CHECKPOINT_FORMAT`."""
         path = Path(run_dir) / CHECKPOINT_FILE
         if not path.exists():
             return None
         saved = torch.load(path, map_location="cpu", weights_only=True)
+        written = saved.get("format", 1)
+        if written != CHECKPOINT_FORMAT:
+            version = "an older" if written < CHECKPOINT_FORMAT else "a newer"
+            raise CheckpointMismatch(f"{path} was written by {version} fedssl (checkpoint format {written}, this "
+                                     f"one reads format {CHECKPOINT_FORMAT}); start the run afresh (without "
+                                     "resume) or resume it with the fedssl version that wrote it")
         return cls(round=saved["round"], strategy=saved["strategy"],
                    arrays=_arrays(saved["arrays"]),
                    strategy_state={k: _arrays(v) for k, v in saved["strategy_state"].items()},
@@ -121,34 +134,28 @@ def _arrays(value):
     return [v.numpy() for v in value]
 
 
-def strategy_chain(strategy) -> list:
-    """`strategy` and every strategy it wraps (`.strategy`: validation, central DP, continuation)."""
-    chain = [strategy]
-    while isinstance(getattr(chain[-1], "strategy", None), Strategy):
-        chain.append(chain[-1].strategy)
-    return chain
+def base_strategy(strategy: Strategy) -> Strategy:
+    """The Flower strategy inside every wrapper (`.strategy`: validation, central DP, continuation):
+    the one that holds the server optimiser's state."""
+    while isinstance(getattr(strategy, "strategy", None), Strategy):
+        strategy = strategy.strategy
+    return strategy
 
 
 def optimizer_state(strategy: Strategy) -> dict[str, dict | list]:
-    """The server optimiser's state held by the Flower strategy objects (empty for FedAvg & co)."""
-    state = {}
-    for depth, part in enumerate(strategy_chain(strategy)):
-        for name in SERVER_OPTIMIZER_STATE:
-            value = getattr(part, name, None)
-            if value is not None:
-                state[f"{depth}.{name}"] = value
-    return state
+    """The base strategy's server optimiser state by attribute name (empty for FedAvg & co)."""
+    base = base_strategy(strategy)
+    return {name: value for name in SERVER_OPTIMIZER_STATE if (value := getattr(base, name, None)) is not None}
 
 
 def restore_optimizer_state(strategy: Strategy, state: dict[str, dict | list]) -> None:
     """Put `optimizer_state`'s output back on a freshly built strategy of the same kind."""
-    chain = strategy_chain(strategy)
-    for key, value in state.items():
-        depth, name = key.split(".", 1)
-        part = chain[int(depth)] if int(depth) < len(chain) else None
-        if name not in SERVER_OPTIMIZER_STATE or not hasattr(part, name):
-            raise CheckpointMismatch(f"the checkpoint holds {name} for a strategy the scenario does not build")
-        setattr(part, name, value)
+    base = base_strategy(strategy)
+    for name, value in state.items():
+        if name not in SERVER_OPTIMIZER_STATE or not hasattr(base, name):
+            raise CheckpointMismatch(f"the checkpoint holds the server optimiser state {name!r}, which the "
+                                     f"scenario's {type(base).__name__} does not keep")
+        setattr(base, name, value)
 
 
 class ContinuedStrategy(Strategy):

@@ -139,6 +139,7 @@ def run_scenario(path: str | Path, out_dir: str | Path | None = None, *, verbose
     """
     from fedssl.baselines import compare
     from fedssl.config import load_scenario, save_scenario
+    from server.checkpoint import ServerCheckpoint
 
     if resume and out_dir is None:
         raise FederationError("resume needs the run folder to continue (--out RUN_DIR)")
@@ -149,6 +150,8 @@ def run_scenario(path: str | Path, out_dir: str | Path | None = None, *, verbose
     check(scenario)  # refuse before any data is generated or a folder is created
     run = RunFolder(out_dir or Path("runs") / f"{scenario.name}-{datetime.now():%Y%m%d-%H%M%S}")
     prepare_run_folder(run, resume=resume, overwrite=overwrite, echo=echo)
+    if resume:  # a checkpoint of another fedssl version is refused here, not by the ServerApp under Flower
+        ServerCheckpoint.load(run.root)
     run_dir = run.root
     scenario_path = run.scenario
     save_scenario(scenario, scenario_path)

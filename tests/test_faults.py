@@ -218,7 +218,7 @@ def test_run_resumes_after_the_superlink_is_killed(faults):
     assert "fedssl | done:" not in faults["first"].stdout  # the first submission died with its SuperLink
     resumed = faults["resumed"].stdout
     assert faults["resumed"].returncode == 0, resumed[-3000:]
-    assert "resuming after round 3 of 4" in resumed and "1.m_t, 1.v_t" in resumed  # FedAdam's moments
+    assert "resuming after round 3 of 4" in resumed and "m_t, v_t" in resumed  # FedAdam's moments
     rounds = _rounds(faults["run_dir"])
     assert [r["round"] for r in rounds] == [1, 2, 3, 4]
     assert rounds[:3] == faults["lines_before"][:3]  # rounds 1-3 ran once

@@ -22,10 +22,12 @@ from client.app import app as client_app
 from fedssl.config import FederationConfig
 from server.app import main as server_main
 from server.app import make_strategy
-from server.checkpoint import CheckpointMismatch, ServerCheckpoint, optimizer_state
+from server.checkpoint import (CHECKPOINT_FILE, CheckpointMismatch, ContinuedStrategy, ServerCheckpoint,
+                               optimizer_state, restore_optimizer_state)
 from server.metrics import RoundTracker
 from fedssl.report import read_metrics
 from simulations.run import FederationError, run_scenario
+from simulations.run import main as simulate
 
 SCENARIO = """
 name: resume
@@ -120,11 +122,11 @@ def test_resumed_run_ends_at_the_configured_rounds(in_process):
 
 def test_resumed_run_equals_the_uninterrupted_one(in_process):
     whole, resumed, after_crash, *_ = in_process
-    assert set(after_crash.strategy_state) == {"1.m_t", "1.v_t"}  # FedAdam's moments, inside validation
+    assert set(after_crash.strategy_state) == {"m_t", "v_t"}  # FedAdam's moments, by name (it sits inside validation)
     final_whole, final_resumed = ServerCheckpoint.load(whole), ServerCheckpoint.load(resumed)
     for key, value in final_whole.arrays.items():
         np.testing.assert_allclose(final_resumed.arrays[key], value, rtol=0, atol=1e-6, err_msg=key)
-    for name in ("1.m_t", "1.v_t"):
+    for name in ("m_t", "v_t"):
         for key, value in final_whole.strategy_state[name].items():
             np.testing.assert_allclose(final_resumed.strategy_state[name][key], value, rtol=0, atol=1e-8)
     losses = [r["loss"] for r in read_metrics(whole / "metrics.jsonl")]
@@ -163,3 +165,36 @@ def test_fedavgm_momentum_survives_a_checkpoint(tmp_path):
     restored = fresh.strategy.momentum_vector
     assert [a.dtype for a in restored] == [np.float64, np.float32]
     assert all(np.array_equal(a, b) for a, b in zip(restored, momentum, strict=True))
+
+
+def test_server_state_is_kept_by_name_whatever_wraps_the_strategy(tmp_path):
+    """FedAdam's moments saved from inside update validation restore into FedAdam under one wrapper
+    more: they are keyed by their name, not by how deep FedAdam sits."""
+    reference = {"w": torch.zeros(3)}
+    tracker = RoundTracker(tmp_path, 3, reference)
+    plain = make_strategy(FederationConfig(strategy="fedadam", min_sites=1), 1, tracker)
+    moments = {"w": np.array([0.5, -1.0, 2.0])}
+    plain.strategy.m_t, plain.strategy.v_t = moments, {"w": np.ones(3)}
+    assert set(optimizer_state(plain)) == {"m_t", "v_t"}
+    fresh = make_strategy(FederationConfig(strategy="fedadam", min_sites=1), 1, tracker)
+    restore_optimizer_state(ContinuedStrategy(fresh, 1), optimizer_state(plain))  # one wrapper more
+    np.testing.assert_array_equal(fresh.strategy.m_t["w"], moments["w"])
+    fedavg = make_strategy(FederationConfig(strategy="fedavg", min_sites=1), 1, tracker)
+    with pytest.raises(CheckpointMismatch, match="'m_t', which the scenario's FedAvg does not keep"):
+        restore_optimizer_state(fedavg, optimizer_state(plain))
+
+
+def test_checkpoint_of_an_older_fedssl_is_refused_in_one_line(tmp_path, capsys):
+    """Older fedssl keyed the server moments by wrapper depth ("1.m_t") and wrote no format number:
+    restoring them by guess could put them on the wrong strategy, so `--resume` refuses before Flower."""
+    (tmp_path / "scenario.yaml").write_text(SCENARIO)
+    run_dir = tmp_path / "old"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    torch.save({"round": 1, "strategy": "fedadam", "arrays": {"w": torch.zeros(3)},
+                "strategy_state": {"1.m_t": {"w": torch.zeros(3)}, "1.v_t": {"w": torch.zeros(3)}},
+                "random_state": random.getstate(), "epsilon": {}}, run_dir / CHECKPOINT_FILE)
+    with pytest.raises(CheckpointMismatch, match="written by an older fedssl .* start the run afresh"):
+        ServerCheckpoint.load(run_dir)
+    assert simulate([str(tmp_path / "scenario.yaml"), "--out", str(run_dir), "--resume"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and "older fedssl" in error and error.count("\n") == 1, error

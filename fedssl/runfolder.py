@@ -5,7 +5,7 @@ A site or scenario name comes from a user's YAML file; joined to a folder unchec
 resolves a path and refuses it unless it lies inside `base`; `RunFolder` names the files of one
 run folder (the layout below) through it, so callers never join strings themselves.
 
-    scenario.yaml  metrics.jsonl  summary.json  report.md  encoder.pt  global.pt
+    scenario.yaml  metrics.jsonl  summary.json  report.md  encoder.pt  global.pt  presence.json
     checkpoints/   sites/<site>/  data/         logs/      flower/     earlier/<time>/
 
 Names are checked when a scenario is loaded (`fedssl.config.check_name`); `inside`
@@ -20,9 +20,12 @@ from pathlib import Path
 
 from fedssl.config import ConfigError, check_name
 
+# the ServerApp's record of which sites are online and when each was last seen (server/presence.py)
+PRESENCE = "presence.json"
 # what a run writes besides its inputs (scenario.yaml, data/) and Flower's files (logs/, flower/):
 # the files a new run would mix with its own, moved aside by `RunFolder.archive_results`
-RESULTS = ("metrics.jsonl", "checkpoints", "encoder.pt", "global.pt", "summary.json", "report.md", "sites")
+RESULTS = ("metrics.jsonl", "checkpoints", "encoder.pt", "global.pt", "summary.json", "report.md", "sites",
+           PRESENCE)
 INPUTS = ("data",)  # what may already be in a new run's folder: data caches are reused
 # the simulation runner's record of the run (running / finished / failed with its error line), which
 # each run rewrites when it starts: not a result to move aside (simulations/run.py, `recorded_outcome`)

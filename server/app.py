@@ -6,7 +6,8 @@ new global encoder on held-out labelled ECGs (linear probe, macro AUROC). Files 
 `run-dir`: `metrics.jsonl` (one line per round, with each DP site's epsilon and the rounds sites
 declined for their privacy budget), `checkpoints/encoder_round_<r>.pt`, `encoder.pt`
 (latest global encoder) and, with `share: all`, `global.pt` (latest whole global objective); also
-`scenario.yaml` (the configuration used) and, at the end, `report.md` with plots (fedssl/report.py).
+`scenario.yaml` (the configuration used), `presence.json` (which sites are online, server/presence.py)
+and, at the end, `report.md` with plots (fedssl/report.py).
 
 `checkpoints/server.pt` holds what a resumed run needs (server/checkpoint.py).
 
@@ -36,10 +37,11 @@ from fedssl.monitor import embedding_health
 from fedssl.objectives import build_objective
 from fedssl.protocol import NUM_ROUNDS_KEY, PROBE_AUROC_KEY
 from fedssl.report import save_run_config, write_report
+from fedssl.runfolder import PRESENCE
 from server.central_dp import CENTRAL_DP, SITE_WEIGHT_KEY, central_dp, no_metrics
 from server.checkpoint import ContinuedStrategy, ServerCheckpoint, optimizer_state, resume_point
 from server.metrics import RoundTracker
-from server.presence import PatientGrid
+from server.presence import PatientGrid, PresenceFile
 from server.robust import robust_options
 from server.validation import ValidatedStrategy
 
@@ -106,9 +108,9 @@ def main(grid: Grid, context: Context) -> None:
                          optimizer_state(strategy), random.getstate(), dict(tracker.epsilon)).save(run_dir)
         return None if auroc is None else MetricRecord({PROBE_AUROC_KEY: auroc})
 
-    # never wait without end: fail naming the missing sites after connect_timeout
+    # never wait without end: fail naming the missing sites after connect_timeout; keep presence.json
     grid = PatientGrid(grid, [s.name for s in scenario.sites], fed.min_sites, timeout=fed.connect_timeout,
-                       straggler_timeout=fed.straggler_timeout)
+                       straggler_timeout=fed.straggler_timeout, presence=PresenceFile(run_dir / PRESENCE))
     continued = ContinuedStrategy(strategy, done)  # rounds done+1 .. fed.rounds
     if done < fed.rounds:
         continued.start(

@@ -5,7 +5,8 @@ line may be half-written at the moment of reading), `summary.json` appears at th
 simulated run, and the simulation runner keeps `run_state.json` (simulations/run.py,
 `recorded_outcome`) as running / finished / failed with the error line. A deployed ServerApp's run
 folder has no `run_state.json`; its state is then inferred from the rounds recorded against the
-rounds planned. Every field a run may lack (DP, central DP, federated probes, the collapse
+rounds planned. A ServerApp of this version also keeps `presence.json` (server/presence.py): which
+sites were online at its last poll of the SuperLink and when each was last seen. Every field a run may lack (DP, central DP, federated probes, the collapse
 monitor, probe intervals, the baselines) is None or empty rather than missing, so the page has
 one shape to draw.
 """
@@ -17,16 +18,19 @@ import math
 import os
 import socket
 import time
+from datetime import datetime
 from pathlib import Path
 
 from fedssl.config import ConfigError, Scenario, load_scenario
 from fedssl.report import ABSENT, loss_terms, participation_reasons
-from fedssl.runfolder import RUN_STATE
+from fedssl.runfolder import PRESENCE, RUN_STATE
 from ops.processes import pid_alive
 
 LOG = Path("logs") / "flower.log"
 LOG_TAIL_BYTES = 64 * 1024  # the end of Flower's log is searched for the lines that explain a failure
 RECENT_ROUNDS = 3  # rounds whose mean wall time estimates the time remaining
+# presence.json older than this (plus the longest probe so far) while rounds run: the ServerApp stopped polling
+PRESENCE_STALE_SECONDS = 15
 
 WAITING, RUNNING, FINISHED, FAILED = "waiting", "running", "finished", "failed"
 
@@ -44,6 +48,9 @@ def run_view(folder: str | Path) -> dict:
     sites = [s.name for s in scenario.sites] if scenario else sorted(
         {site for r in rounds for site in r.get("site_windows", {})})
     state, error = run_state(folder, scenario, rounds, summary, recorded)
+    times = run_time(folder, rounds, recorded, state, planned)
+    presence = presence_view(_json_file(folder / PRESENCE, problems), sites, times["started"], state, rounds,
+                             planned, problems)
     return json_safe({
         "run_dir": str(folder.resolve()),
         "scenario": _scenario_facts(scenario),
@@ -54,8 +61,10 @@ def run_view(folder: str | Path) -> dict:
         "problems": problems,
         "round": rounds[-1]["round"] if rounds else 0,
         "rounds": planned,
-        "time": run_time(folder, rounds, recorded, state, planned),
-        "sites": site_view(sites, rounds, scenario),
+        "time": times,
+        "presence": presence and {k: presence[k] for k in ("live", "stale_since")},
+        "sites": site_view(sites, rounds, scenario, presence),
+        "other_nodes": presence["others"] if presence else [],
         "round_numbers": [r["round"] for r in rounds],
         "losses": {term: [_finite(r.get(term)) for r in rounds] for term in loss_terms(rounds)},
         "probe": probe_view(rounds, summary),
@@ -141,9 +150,58 @@ def run_time(folder: Path, rounds: list[dict], recorded: dict | None, state: str
             "remaining_seconds": remaining}
 
 
-def site_view(sites: list[str], rounds: list[dict], scenario: Scenario | None) -> list[dict]:
+def presence_view(record: dict | None, sites: list[str], started: float | None, state: str,
+                  rounds: list[dict], planned: int | None, problems: list[str]) -> dict | None:
+    """presence.json read for the page: per site whether it is online and when it was last seen, and
+    the nodes that name no site of the scenario (`others`: not replied yet, or registered under
+    another name); None when the run has none (an older run, or the file of an earlier ServerApp in
+    this folder: older than this run's start).
+
+    It is `live` while rounds remain to run; afterwards nobody polls and "online" means nothing
+    (None). A live file is stale once older than PRESENCE_STALE_SECONDS plus the longest probe so
+    far (`stale_since` its time): the ServerApp polls at least once a second while it waits for
+    sites or replies, but not while it probes a new global encoder between rounds. Stale, every
+    site counts as offline.
+    """
+    if record is None:
+        return None
+    try:
+        updated = _unix(record["updated"])
+        nodes = [{"name": node["site"] or f"node {node['node_id']}", "site": node["site"],
+                  "online": bool(node["online"]), "last_seen": _unix(node["last_seen"]), "round": node["round"]}
+                 for node in record["nodes"]]
+    except (KeyError, TypeError, ValueError) as err:
+        problems.append(f"{PRESENCE} is not as the ServerApp writes it ({type(err).__name__}: {err}); left out")
+        return None
+    if started is not None and updated < started:
+        return None
+    live = state == RUNNING and (planned is None or not rounds or rounds[-1]["round"] < planned)
+    longest_probe = max((r.get("probe_seconds") or 0 for r in rounds), default=0)
+    stale = live and time.time() - updated > PRESENCE_STALE_SECONDS + longest_probe
+    for node in nodes:
+        node["online"] = (node["online"] and not stale) if live else None
+        if node["online"]:  # seen now: without its time the view changes only when a site comes or goes
+            node["last_seen"] = None
+    return {"live": live, "stale_since": updated if stale else None,
+            "sites": {site: site_presence([n for n in nodes if n["site"] == site]) for site in sites},
+            "others": [n for n in nodes if n["site"] not in sites]}
+
+
+def site_presence(nodes: list[dict]) -> dict:
+    """One site's presence from its nodes (a site that reconnected may have had several): online if
+    any is, else last seen when the latest was; never seen: nothing known."""
+    if not nodes:
+        return {"online": None, "last_seen": None, "round": None}
+    online = [node for node in nodes if node["online"]]
+    latest = online[0] if online else max(nodes, key=lambda node: node["last_seen"])
+    return {key: latest[key] for key in ("online", "last_seen", "round")}
+
+
+def site_view(sites: list[str], rounds: list[dict], scenario: Scenario | None,
+              presence: dict | None = None) -> list[dict]:
     """Per site: its part in every round (with the reason of a decline, rejection or error), the last
-    round it replied in, its training windows, and the epsilon it spent against its DP budget."""
+    round it replied in, whether it is online and when it was last seen (with presence.json), its
+    training windows, and the epsilon it spent against its DP budget."""
     table = participation_reasons(sites, rounds)
     view = []
     for site in sites:
@@ -155,7 +213,8 @@ def site_view(sites: list[str], rounds: list[dict], scenario: Scenario | None) -
         privacy = _privacy(scenario, site)
         view.append({
             "name": site,
-            "last_seen": replied[-1] if replied else None,
+            "last_replied": replied[-1] if replied else None,
+            "presence": presence and presence["sites"][site],
             "windows": windows[-1] if windows else None,
             "epsilon": epsilon[-1] if epsilon else None,
             "epsilon_by_round": [r.get("epsilon", {}).get(site) for r in rounds],
@@ -282,6 +341,10 @@ def _interval(value) -> list[float] | None:
     if isinstance(value, (list, tuple)) and len(value) == 2 and all(_finite(v) is not None for v in value):
         return [float(value[0]), float(value[1])]
     return None
+
+
+def _unix(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp()
 
 
 def _mtime(path: Path) -> float | None:

@@ -22,6 +22,7 @@ from dashboard.app import COOKIE, create_app
 from dashboard.view import run_view
 from fedssl.cli import main
 from fedssl.config import FederationConfig, PrivacyConfig, SiteConfig, save_scenario
+from server.presence import PresenceFile
 from tests.conftest import two_site_scenario
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -127,16 +128,90 @@ def test_declines_rejections_and_privacy_spent_per_site(tmp_path):
     assert (a["dp"], a["budget"], a["unit"], a["epsilon"], a["delta"]) == (True, 4.0, "patient", 3.9, 1e-5)
     assert a["epsilon_by_round"] == [1.0, 2.0, None, 3.9]
     assert (b["dp"], b["budget"], b["epsilon"]) == (False, None, None)
-    assert [s["last_seen"] for s in (a, b, c)] == [4, 4, 4]  # an error reply is a reply
+    assert [s["last_replied"] for s in (a, b, c)] == [4, 4, 4]  # an error reply is a reply
     assert (a["windows"], c["windows"]) == (10, 8)
 
 
-def test_a_site_that_stops_replying_is_last_seen_in_its_last_round(tmp_path):
+def test_without_presence_a_site_that_stops_replying_is_known_by_its_last_reply(tmp_path):
+    """A run folder without presence.json (an older ServerApp): no online state, the last reply only."""
     write_run(tmp_path, [round_line(1), round_line(2, site_windows={"a": 10, "b": 12}, sites=2)],
               state=running_state())
-    sites = {s["name"]: s for s in run_view(tmp_path)["sites"]}
-    assert (sites["a"]["last_seen"], sites["c"]["last_seen"]) == (2, 1)
+    view = run_view(tmp_path)
+    sites = {s["name"]: s for s in view["sites"]}
+    assert (sites["a"]["last_replied"], sites["c"]["last_replied"]) == (2, 1)
     assert sites["c"]["cells"][1]["state"] == "-"
+    assert view["presence"] is None and view["other_nodes"] == [] and sites["c"]["presence"] is None
+
+
+class Clock:
+    def __init__(self, now: float):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def record_presence(folder: Path, start: float) -> PresenceFile:
+    """presence.json as the ServerApp's PresenceFile writes it: nodes 11-13 and 99 online in round 1,
+    11-13 named a, b, c by their replies; 30 s later, in round 2, c's node is gone. Written now."""
+    clock = Clock(start)
+    presence = PresenceFile(folder / "presence.json", clock=clock)
+    presence.round = 1
+    presence.polled([(11, ""), (12, ""), (13, ""), (99, "")])
+    for node, site in ((11, "a"), (12, "b"), (13, "c")):
+        presence.name(node, site)
+    clock.now, presence.round = start + 30, 2
+    presence.polled([(11, ""), (12, ""), (99, "")])
+    clock.now = time.time()
+    presence.write()
+    return presence
+
+
+def test_presence_shows_who_is_online_and_when_an_offline_site_was_last_seen(tmp_path):
+    write_run(tmp_path, [round_line(1)], state=running_state())
+    start = time.time() - 40
+    record_presence(tmp_path, start)
+    view = run_view(tmp_path)
+    sites = {s["name"]: s["presence"] for s in view["sites"]}
+    assert view["presence"] == {"live": True, "stale_since": None}
+    # online: seen now (no time, so the view changes only when a site comes or goes)
+    assert sites["a"] == sites["b"] == {"online": True, "last_seen": None, "round": 2}
+    assert sites["c"] == {"online": False, "last_seen": pytest.approx(start, abs=1e-3), "round": 1}
+    # a node that has not replied yet is shown by its id
+    assert view["other_nodes"] == [{"name": "node 99", "site": None, "online": True, "last_seen": None, "round": 2}]
+
+
+def test_stale_presence_counts_every_site_offline_and_a_finished_run_has_no_online_state(tmp_path):
+    write_run(tmp_path, [round_line(1)], state=running_state(started=time.time() - 600))
+    stale = time.time() - 17  # the limit: 15 s + the longest probe so far (1 s)
+    presence = record_presence(tmp_path, stale - 30)
+    presence.clock.now = stale
+    presence.write()
+    view = run_view(tmp_path)
+    assert view["presence"] == {"live": True, "stale_since": pytest.approx(stale, abs=1e-3)}
+    assert [s["presence"]["online"] for s in view["sites"]] == [False, False, False]
+    assert view["sites"][0]["presence"]["last_seen"] == pytest.approx(stale, abs=1e-3)
+
+    presence.clock.now = time.time() - 14  # within the limit: live again
+    presence.write()
+    assert [s["presence"]["online"] for s in run_view(tmp_path)["sites"]] == [True, True, False]
+
+    write_run(tmp_path, [round_line(r) for r in (1, 2, 3, 4)], state=running_state())  # every round is done
+    view = run_view(tmp_path)  # nobody polls any more: last seen, but not online or offline
+    assert view["presence"]["live"] is False and [s["presence"]["online"] for s in view["sites"]] == [None] * 3
+    assert view["sites"][2]["presence"]["last_seen"] == pytest.approx(stale - 30, abs=1e-3)
+
+
+def test_presence_of_an_earlier_serverapp_or_not_its_own_is_left_out(tmp_path):
+    presence = record_presence(tmp_path, time.time() - 100)
+    presence.clock.now = time.time() - 60
+    presence.write()
+    write_run(tmp_path, [], state=running_state(started=time.time() - 10))  # a new run started since
+    assert run_view(tmp_path)["presence"] is None
+    (tmp_path / "presence.json").write_text(json.dumps({"updated": "yesterday", "nodes": []}))
+    view = run_view(tmp_path)
+    assert view["presence"] is None and view["problems"] == [
+        "presence.json is not as the ServerApp writes it (ValueError: Invalid isoformat string: 'yesterday'); left out"]
 
 
 def test_finished_run_has_the_random_init_reference_and_the_encoders(tmp_path):
@@ -389,6 +464,16 @@ def test_the_page_follows_a_run_round_by_round(browser, start_dashboard, tmp_pat
         wait.until(lambda d: d.execute_script(
             "return document.querySelectorAll('#auroc .traceauroc-main .points path.point').length") == r,
             message=f"the AUROC chart does not show {r} points")
+        if r == 3:  # while rounds remain, presence.json says who is online: c's node went away in round 2
+            record_presence(run, time.time() - 40)
+            offline = re.compile(r"offline last seen \d+ s ago \(round 1\)")
+            wait.until(lambda d: offline.fullmatch(d.find_element(By.CSS_SELECTOR, 'tr[data-site="c"] .presence').text),
+                       message="c is not shown offline")
+            assert browser.find_element(By.CSS_SELECTOR, 'tr[data-site="a"] .presence').text == "online"
+            assert browser.find_element(By.CSS_SELECTOR, 'tr[data-node="node 99"]').text.startswith("node 99 online")
+    # every round is done: nobody polls the SuperLink any more, so no badge, only when c was last seen
+    wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#sites .badge"))
+    assert "last seen" in browser.find_element(By.CSS_SELECTOR, 'tr[data-site="c"] .presence').text
 
     declined = browser.find_element(By.CSS_SELECTOR, '.cell.declined[data-site="a"][data-round="3"]')
     assert BUDGET_REASON in declined.get_attribute("title")

@@ -98,6 +98,40 @@ function tick() {
   const since = t.ended ?? t.last_update; // a finished run: how long ago it ended; else its last round
   document.getElementById("last-update-label").textContent = t.ended ? "ended" : "last round recorded";
   document.getElementById("last-update").textContent = since ? `${duration(serverNow() - since)} ago` : "-";
+  for (const node of document.querySelectorAll("[data-since]")) {
+    node.textContent = `${duration(serverNow() - Number(node.dataset.since))} ago`;
+  }
+}
+
+function ago(since) {
+  return el("span", {class: "ago", "data-since": String(since), text: `${duration(serverNow() - since)} ago`});
+}
+
+// The "last seen" cell. With presence.json: an online / offline badge while rounds run (its title says
+// why a site is offline) and when and in which round the site was last seen; without it (an older
+// run), the last round the site replied in.
+function seenCell(site) {
+  const presence = site.presence;
+  if (!presence) {
+    if (site.last_replied === null) return el("td", {class: "seen", text: "never replied"});
+    const behind = view.round - site.last_replied;
+    return el("td", {class: behind ? "seen behind" : "seen current",
+                     text: `last replied in round ${site.last_replied}` + (behind ? ` (${behind} behind)` : "")});
+  }
+  const cell = el("td", {class: "presence"});
+  if (presence.online !== null) {
+    const stale = view.presence.stale_since;
+    cell.append(el("span", {
+      class: `badge ${presence.online ? "online" : "offline"}`, text: presence.online ? "online" : "offline",
+      title: presence.online ? "connected to the SuperLink at the ServerApp's last poll"
+        : stale ? `no news: the ServerApp has not written presence.json since ${new Date(stale * 1000).toISOString()}`
+        : "not connected to the SuperLink at the ServerApp's last poll",
+    }));
+  }
+  if (presence.online) return cell;
+  if (presence.last_seen === null) cell.append(" not seen yet");
+  else cell.append(" last seen ", ago(presence.last_seen), presence.round === null ? "" : ` (round ${presence.round})`);
+  return cell;
 }
 
 function renderSites() {
@@ -106,11 +140,7 @@ function renderSites() {
       text: view.round_numbers.length <= 20 || r === 1 || r % 5 === 0 ? String(r) : "",
     })));
   const body = document.querySelector("#sites tbody");
-  body.replaceChildren(...view.sites.map((site) => {
-    const seen = site.last_seen === null ? "never"
-      : site.last_seen === view.round ? `round ${site.last_seen}`
-      : `round ${site.last_seen} (${view.round - site.last_seen} behind)`;
-    const seenClass = site.last_seen === null ? "seen" : site.last_seen === view.round ? "seen current" : "seen behind";
+  const sites = view.sites.map((site) => {
     let privacy;
     if (site.dp) {
       const spent = site.epsilon ?? 0;
@@ -131,9 +161,17 @@ function renderSites() {
       text: SYMBOL[cell.state] ?? "?",
     })));
     return el("tr", {"data-site": site.name},
-      el("td", {text: site.name}), el("td", {class: seenClass, text: seen}),
+      el("td", {text: site.name}), seenCell(site),
       el("td", {class: "num", text: site.windows ?? "-"}), el("td", {}, privacy), el("td", {}, grid));
-  }));
+  });
+  // SuperNodes that name no site of the scenario: not replied yet (simulated nodes have no names) or
+  // registered under another name
+  const others = view.other_nodes.map((node) => el("tr", {class: "other", "data-node": node.name},
+    el("td", {text: node.name}), seenCell({presence: node}),
+    el("td", {colspan: "3", class: "meta",
+              text: node.site === null ? "not matched to a site yet: named by its first reply"
+                : "registered under a name that is not a site of this scenario"})));
+  body.replaceChildren(...sites, ...others);
 }
 
 function renderAuroc() {
@@ -213,7 +251,8 @@ function renderCollapse() {
     {x, y: collapse.embedding_std, mode: "lines+markers", name: "embedding std", yaxis: "y2",
      line: {color: COLORS[4], dash: "dash"}},
   ], layout("Collapse monitor per round: embeddings of the global encoder", "effective rank",
-            {yaxis2: {title: {text: "std"}, overlaying: "y", side: "right", zeroline: false}}));
+            // automargin: the right margin grows to the second axis's tick labels and title (16 px clipped them)
+            {yaxis2: {title: {text: "std"}, overlaying: "y", side: "right", zeroline: false, automargin: true}}));
 }
 
 function renderWall() {

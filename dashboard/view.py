@@ -5,10 +5,10 @@ line may be half-written at the moment of reading), `summary.json` appears at th
 simulated run, and the simulation runner keeps `run_state.json` (simulations/run.py,
 `recorded_outcome`) as running / finished / failed with the error line. A deployed ServerApp's run
 folder has no `run_state.json`; its state is then inferred from the rounds recorded against the
-rounds planned. A ServerApp of this version also keeps `presence.json` (server/presence.py): which
-sites were online at its last poll of the SuperLink and when each was last seen. Every field a run may lack (DP, central DP, federated probes, the collapse
-monitor, probe intervals, the baselines) is None or empty rather than missing, so the page has
-one shape to draw.
+rounds planned. The ServerApp also keeps `presence.json` (server/presence.py): which sites were
+online at its last poll of the SuperLink and when each was last seen; older runs lack it. Every
+field a run may lack (DP, central DP, federated probes, the collapse monitor, probe intervals, the
+baselines, presence) is None or empty rather than missing, so the page has one shape to draw.
 """
 
 from __future__ import annotations

@@ -466,14 +466,15 @@ def test_the_page_follows_a_run_round_by_round(browser, start_dashboard, tmp_pat
             message=f"the AUROC chart does not show {r} points")
         if r == 3:  # while rounds remain, presence.json says who is online: c's node went away in round 2
             record_presence(run, time.time() - 40)
-            offline = re.compile(r"offline last seen \d+ s ago \(round 1\)")
+            offline = re.compile(r"offline \d+ s ago \(round 1\)")  # last seen then
             wait.until(lambda d: offline.fullmatch(d.find_element(By.CSS_SELECTOR, 'tr[data-site="c"] .presence').text),
                        message="c is not shown offline")
             assert browser.find_element(By.CSS_SELECTOR, 'tr[data-site="a"] .presence').text == "online"
             assert browser.find_element(By.CSS_SELECTOR, 'tr[data-node="node 99"]').text.startswith("node 99 online")
     # every round is done: nobody polls the SuperLink any more, so no badge, only when c was last seen
     wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#sites .badge"))
-    assert "last seen" in browser.find_element(By.CSS_SELECTOR, 'tr[data-site="c"] .presence').text
+    last_seen = browser.find_element(By.CSS_SELECTOR, 'tr[data-site="c"] .presence').text
+    assert re.fullmatch(r"\d+ s ago \(round 1\)", last_seen), last_seen
 
     declined = browser.find_element(By.CSS_SELECTOR, '.cell.declined[data-site="a"][data-round="3"]')
     assert BUDGET_REASON in declined.get_attribute("title")

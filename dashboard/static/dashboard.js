@@ -130,7 +130,7 @@ function seenCell(site) {
   }
   if (presence.online) return cell;
   if (presence.last_seen === null) cell.append(" not seen yet");
-  else cell.append(" last seen ", ago(presence.last_seen), presence.round === null ? "" : ` (round ${presence.round})`);
+  else cell.append(" ", ago(presence.last_seen), presence.round === null ? "" : ` (round ${presence.round})`);
   return cell;
 }
 
@@ -251,8 +251,10 @@ function renderCollapse() {
     {x, y: collapse.embedding_std, mode: "lines+markers", name: "embedding std", yaxis: "y2",
      line: {color: COLORS[4], dash: "dash"}},
   ], layout("Collapse monitor per round: embeddings of the global encoder", "effective rank",
-            // automargin: the right margin grows to the second axis's tick labels and title (16 px clipped them)
-            {yaxis2: {title: {text: "std"}, overlaying: "y", side: "right", zeroline: false, automargin: true}}));
+            // automargin: the right margin grows to the second axis's tick labels and title (16 px clipped
+            // them); its ticks, aligned to the rank's grid lines, get 3 significant digits, even near collapse
+            {yaxis2: {title: {text: "std"}, overlaying: "y", side: "right", zeroline: false, automargin: true,
+                      tickformat: ".3~g"}}));
 }
 
 function renderWall() {

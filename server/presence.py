@@ -203,7 +203,8 @@ class PatientGrid(Grid):
         SuperNode is otherwise noticed only by Flower's heartbeat, after 30-60 s).
 
         With `presence`, the wait also asks who is online (at most once per its interval: the
-        round may wait minutes without any other poll) and names each replying node by its site.
+        round may wait minutes without any other poll, and once at its end) and names each
+        replying node by its site.
         """
         messages = list(messages)
         if self.presence is not None:
@@ -232,6 +233,8 @@ class PatientGrid(Grid):
                     "other %d", answered, self.min_sites, self.straggler_timeout, len(pending))
             if pending:
                 time.sleep(REPLY_POLL_SECONDS)
+        if self.presence is not None:  # the names the last replies gave are written now, not next round
+            self.presence.polled(self.online())
         return replies
 
     def __getattr__(self, name: str):  # anything newer Grids add

@@ -156,6 +156,16 @@ def test_presence_names_nodes_by_their_replies_and_keeps_when_each_was_last_seen
     assert nodes_in(path)[13] == ("cardiology_c", True, utc_iso(1_000_010.0), 2)
 
 
+def test_the_names_the_last_replies_give_are_written_when_the_wait_ends(tmp_path):
+    clock, path = Clock(), tmp_path / "presence.json"
+    fake = FakeGrid([(11, ""), (12, "")], clock, sites=[11, 12])
+    presence = PresenceFile(path, clock=clock, interval=60)  # no poll during the wait is due
+    grid = PatientGrid(fake, SITES, 1, timeout=60, clock=clock, presence=presence)
+    grid.get_node_ids()
+    grid.send_and_receive([instruction("a", 11, 1), instruction("b", 12, 1)], timeout=100)
+    assert {node: seen[0] for node, seen in nodes_in(path).items()} == {11: "hospital_a", 12: "clinic_b"}
+
+
 def test_presence_is_written_at_once_on_a_change_else_at_most_once_per_interval(tmp_path):
     clock, path = Clock(), tmp_path / "presence.json"
     presence = PresenceFile(path, clock=clock, interval=1.0)

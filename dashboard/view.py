@@ -197,8 +197,7 @@ def site_presence(nodes: list[dict]) -> dict:
     return {key: latest[key] for key in ("online", "last_seen", "round")}
 
 
-def site_view(sites: list[str], rounds: list[dict], scenario: Scenario | None,
-              presence: dict | None = None) -> list[dict]:
+def site_view(sites: list[str], rounds: list[dict], scenario: Scenario | None, presence: dict | None) -> list[dict]:
     """Per site: its part in every round (with the reason of a decline, rejection or error), the last
     round it replied in, whether it is online and when it was last seen (with presence.json), its
     training windows, and the epsilon it spent against its DP budget."""

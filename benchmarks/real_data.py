@@ -474,9 +474,10 @@ NOTES = [
      "header's name; `labels` its codes separated by `;`; `patient` its patient id, by which every split and "
      "every bootstrap then groups the records. Listed records take their labels from the CSV instead of "
      "`# Dx:` or ptbxl_database.csv; a `# Patient:` header comment gives the patient where the CSV does not."),
-    ("**Rerun after changing the defaults.** `model` and `objective` are not set in "
-     "simulations/real_sources.yaml, so a run without `--set model.*` / `--set objective.*` measures the "
-     "project's defaults; `--reuse --work DIR` re-probes encoders already trained in DIR."),
+    ("**Rerun after changing the defaults.** `model`, `objective` and `federation.strategy` are not set in "
+     "simulations/real_sources.yaml, so a run without `--set model.*` / `--set objective.*` / "
+     "`--set federation.strategy=...` measures the project's defaults; `--reuse --work DIR` re-probes "
+     "encoders already trained in DIR."),
 ]
 
 

@@ -138,27 +138,34 @@ class FedSSLStrategy(Strategy):
         if sent is None or sent.round != server_round:
             raise RuntimeError(f"aggregate_train of round {server_round} before its configure_train")
         replies = list(replies)
+        self.node_sites.update(node_sites(replies, self.sites))
+        # 1. the sites' float16 arrays back to float32, what the global model is kept in
         if self.transfer_dtype == "float16":
             for msg in replies:
                 widen_float16(msg)
-        kept, rejected = validate_replies(server_round, replies, {k: a.numpy() for k, a in sent.global_arrays.items()},
-                                          self.layout, self.max_update_ratio, WEIGHT_KEY, self.sites)
+        # 2. validation: what reaches the aggregate (error replies pass, for Flower to log)
+        global_arrays = {k: a.numpy() for k, a in sent.global_arrays.items()}
+        kept, rejected = validate_replies(server_round, replies, global_arrays, self.layout, self.max_update_ratio,
+                                          WEIGHT_KEY, self.sites)
         for rejection in rejected:
             log_rejection(rejection)
         trained = [msg for msg in kept if not msg.has_error()]
-        self.node_sites.update(node_sites(trained, self.sites))
         if not trained:
             raise NoSiteReplied(f"round {server_round}: no site returned an update"
                                 f"{error_hint(replies)}; see the site errors above")
-        spent = None
-        if self.central_dp:
-            arrays, spent = self.central_dp.aggregate_train(server_round, sent.instructions, trained,
-                                                            sent.global_arrays)
-        else:
-            arrays, _ = self.base.aggregate_train(server_round, kept)  # Flower logs the error replies
         if len(trained) < len(sent.instructions):
             log(WARNING, "fedssl | round %d: only %d of %d sites replied", server_round, len(trained),
                 len(sent.instructions))
+        # 3. central DP: every sampled site's clipped update (a zero update for a site without one), each
+        # weighted 1, into 4. the base strategy's mean, then noised and accounted
+        if self.central_dp:
+            arrays, spent = self.central_dp.aggregate_train(server_round, sent.instructions, trained,
+                                                            sent.global_arrays)
+        # 4. otherwise the base strategy's aggregation alone
+        else:
+            arrays, _ = self.base.aggregate_train(server_round, kept)  # Flower logs the error replies
+            spent = None
+        # 5. the round's record from what the steps returned
         self._record = round_record(server_round, trained, replies, rejected, self.sites, self.node_sites,
                                     seconds=time.perf_counter() - sent.started, central=spent)
         return arrays, MetricRecord(self._record.losses)

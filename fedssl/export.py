@@ -252,7 +252,8 @@ def privacy_section(run: Run) -> list[str]:
         if not privacy.enabled:
             rows.append((site.name, "none", "-", "-", "-"))
         elif values:
-            rows.append((site.name, f"({values[-1]:.3g}, {last_delta(run.rounds, site.name):.2g})-DP", privacy.unit, privacy.accountant,
+            guarantee = f"({values[-1]:.3g}, {last_delta(run.rounds, site.name):.2g})-DP"
+            rows.append((site.name, guarantee, privacy.unit, privacy.accountant,
                          f"{privacy.target_epsilon:g}"))
         else:
             rows.append((site.name, "DP-SGD on, no round trained", privacy.unit, privacy.accountant,

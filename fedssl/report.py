@@ -158,7 +158,8 @@ def render(run: Run, plots: dict[str, str]) -> str:
         for site, values in eps.items():
             spent = [v for v in values if v is not None]
             privacy = s.privacy_of(s.site(site)) if site in run.sites else None
-            lines.append(f"| {site} | {spent[-1]:.3f} | {last_delta(run.rounds, site):.2g} | {privacy.unit if privacy else '?'} | "
+            lines.append(f"| {site} | {spent[-1]:.3f} | {last_delta(run.rounds, site):.2g} | "
+                         f"{privacy.unit if privacy else '?'} | "
                          f"{_number(privacy.target_epsilon if privacy else None, 'g')} |")
     else:
         lines.append("No DP: no site trained with DP-SGD, so there is no epsilon to plot.")
@@ -171,8 +172,8 @@ def render(run: Run, plots: dict[str, str]) -> str:
         lines += [f"| {name} | {_number(e.get('macro_auroc'), '.3f')} | {interval_text(e.get('ci95'))} | "
                   f"{len(e.get('runs', [])) or '-'} | {difference_text(e.get('federated_minus'))} |"
                   for name, e in run.summary["encoders"].items()]
-    problems = [(r.round, kind, e) for r in run.rounds for kind, entries in (("rejected", r.rejected), ("errors", r.errors))
-                for e in entries]
+    problems = [(r.round, kind, e) for r in run.rounds
+                for kind, entries in (("rejected", r.rejected), ("errors", r.errors)) for e in entries]
     if problems:
         lines += ["", "## Rejected updates and errors", "", "| round | site | what | reason |", "|---|---|---|---|"]
         lines += [f"| {rnd} | {e.get('site') or e.get('node_id')} | {kind} | {e.get('reason', '')} |"

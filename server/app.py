@@ -100,5 +100,6 @@ class GlobalEvaluation:
             return record
         start = time.perf_counter()
         result = summarise(self.splits.probe(encoder), self.scenario.evaluation.bootstrap, self.scenario.seed)
-        return dataclasses.replace(record, probe_macro_auroc=result["macro_auroc"], probe_macro_auroc_ci95=result["ci95"],
+        return dataclasses.replace(record, probe_macro_auroc=result["macro_auroc"],
+                                   probe_macro_auroc_ci95=result["ci95"],
                                    probe_seconds=round(time.perf_counter() - start, 3))

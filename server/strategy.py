@@ -73,6 +73,11 @@ ROBUST = ("fedmedian", "fedtrimmedavg", "krum", "multikrum")  # not a mean: cent
 EvaluateEncoder = Callable[[RoundRecord, dict[str, torch.Tensor]], RoundRecord]
 
 
+def unprobed(record: RoundRecord, encoder: dict[str, torch.Tensor]) -> RoundRecord:
+    """An `EvaluateEncoder` that adds nothing: for strategies that only aggregate (tools, tests)."""
+    return record
+
+
 class NoSiteReplied(RuntimeError):
     """A round in which no site returned an update: continuing would only repeat the failure."""
 
@@ -97,7 +102,7 @@ class FedSSLStrategy(Strategy):
     """
 
     def __init__(self, base: FedAvg, *, name: str, reference: dict[str, torch.Tensor], run: RunFolder, rounds: int,
-                 evaluate_encoder: EvaluateEncoder, sites: Sequence[str] = (), max_update_ratio: float = 5.0,
+                 evaluate_encoder: EvaluateEncoder = unprobed, sites: Sequence[str] = (), max_update_ratio: float = 5.0,
                  transfer_dtype: str = "float32", central_dp: CentralDP | None = None, done: int = 0,
                  epsilon: dict[str, float] | None = None) -> None:
         self.base, self.name, self.central_dp = base, name, central_dp
@@ -217,7 +222,7 @@ class FedSSLStrategy(Strategy):
 # -- building the strategy ----------------------------------------------------------------------
 
 def make_strategy(fed: FederationConfig, sites: Sequence[str], reference: dict[str, torch.Tensor], run: RunFolder,
-                  evaluate_encoder: EvaluateEncoder = lambda record, encoder: record, *,
+                  evaluate_encoder: EvaluateEncoder = unprobed, *,
                   federated_evaluation: bool = False, checkpoint: ServerCheckpoint | None = None) -> FedSSLStrategy:
     """The scenario's strategy, checked first; with `federated_evaluation` every site also probes
     each round's global encoder on its own labelled windows; with `checkpoint` it continues a run

@@ -49,8 +49,7 @@ def run(request, tmp_path_factory, module_flower_messages):
     initial = shared_state(objective, scenario.federation.share)
     run_config = {"scenario": str(folder / "scenario.yaml"), "run-dir": str(folder / "run")}
     strategy = FedSSLStrategy(strategy_class(fraction_evaluate=0.0), name=strategy_class.__name__, reference=initial,
-                              run=RunFolder(folder / "run"), rounds=2, evaluate_encoder=lambda record, state: record,
-                              sites=[s.name for s in scenario.sites])
+                              run=RunFolder(folder / "run"), rounds=2, sites=[s.name for s in scenario.sites])
     arrays, replies = ArrayRecord(initial), []
     for server_round in (1, 2):
         sent = strategy.configure_train(server_round, arrays, ConfigRecord({"num-rounds": 2}), NodeGrid(NODES))

@@ -71,8 +71,7 @@ def run_round(strategy: Strategy, encoder: dict, updates: list, metrics: list[di
 def validated(base: Strategy, encoder: dict, run_dir, **kwargs) -> FedSSLStrategy:
     """`base` aggregating in fedssl's round: validation first (no round is finished here, so nothing
     is written to `run_dir`)."""
-    return FedSSLStrategy(base, name="test", reference=encoder, run=RunFolder(run_dir), rounds=1,
-                          evaluate_encoder=lambda record, state: record, **kwargs)
+    return FedSSLStrategy(base, name="test", reference=encoder, run=RunFolder(run_dir), rounds=1, **kwargs)
 
 
 def rejected(strategy: FedSSLStrategy) -> list[dict]:

@@ -169,9 +169,10 @@ def run_federation(engine: str, scenario_path: Path, run_dir: Path, flower_env: 
 
     scenario = load_scenario(scenario_path)
     run_dir.mkdir(parents=True)
-    saved = RunFolder(run_dir).scenario
+    run = RunFolder(run_dir)
+    saved = run.scenario
     save_scenario(scenario, saved)
-    materialise_data(scenario, RunFolder(run_dir).data, echo=lambda line: None)  # warm caches, as `fedssl simulate`
+    materialise_data(scenario, run.data, echo=lambda line: None)  # warm caches, as `fedssl simulate`
     if engine == "simulation":
         federation = LocalSimulation(run_dir, echo=lambda line: None)
     else:
@@ -179,9 +180,9 @@ def run_federation(engine: str, scenario_path: Path, run_dir: Path, flower_env: 
     federation.env.update(flower_env)
     with federation:
         federation.run(saved, num_sites=len(scenario.sites), timeout=1800)
-    rounds = RunFolder(run_dir).rounds()
+    rounds = run.rounds()
     if len(rounds) != scenario.federation.rounds:
-        raise RuntimeError(f"{engine}: {len(rounds)} of {scenario.federation.rounds} rounds; see {RunFolder(run_dir).logs}")
+        raise RuntimeError(f"{engine}: {len(rounds)} of {scenario.federation.rounds} rounds; see {run.logs}")
     return rounds
 
 

@@ -200,7 +200,7 @@ def test_killed_node_rejoins_with_its_site_state(faults):
     rounds = _rounds(faults["run_dir"])
     assert KILLED in rounds[2].site_windows or KILLED in rounds[3].site_windows
     # its heads were picked up again after the restart, not started afresh (round 1: every site's first)
-    assert [sorted(r["new_heads"]) for r in rounds] == [sorted(SITES), [], [], []]
+    assert [sorted(r.new_heads) for r in rounds] == [sorted(SITES), [], [], []]
     ledger = json.loads((faults["homes"][KILLED] / "state" / LEDGER_FILE).read_text())
     before = faults["ledger_before"]["entries"]
     assert [e["round"] for e in before] == [1]

@@ -56,7 +56,7 @@ from fedssl.config import ConfigError, Scenario, SiteConfig, from_dict, save_sce
 from fedssl.check import check_scenario
 from fedssl.data.site import load_site
 from fedssl.evaluate import ProbeSplits, difference, held_out_set, summarise
-from fedssl.report import read_metrics
+from fedssl.runfolder import RunFolder
 from simulations.run import run_scenario
 
 TEMPLATE = ROOT / "simulations" / "real_sources.yaml"
@@ -312,9 +312,9 @@ class Benchmark:
         return torch.load(run_dir / "encoder.pt", weights_only=True)
 
     def by_round(self, arm: str, seed: int) -> list[dict]:
-        rounds = read_metrics(self.run_dir(arm, seed) / "metrics.jsonl")
-        return [{"round": r["round"], "probe_macro_auroc": r.get("probe_macro_auroc"),
-                 "probe_macro_auroc_ci95": r.get("probe_macro_auroc_ci95"), "loss": r.get("loss")} for r in rounds]
+        rounds = RunFolder(self.run_dir(arm, seed)).rounds()
+        return [{"round": r.round, "probe_macro_auroc": r.probe_macro_auroc,
+                 "probe_macro_auroc_ci95": r.probe_macro_auroc_ci95, "loss": r.losses.get("loss")} for r in rounds]
 
 
 def evaluate(bench: Benchmark, seeds: list[int], arms: list[str]) -> dict:

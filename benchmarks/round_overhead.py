@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedssl.report import read_metrics
+from fedssl.runfolder import RoundRecord, RunFolder
 from ops.deploy import FAST_POLLING_ENV
 from ops.processes import free_port
 from server.presence import REPLY_POLL_SECONDS
@@ -132,7 +132,7 @@ def site_phases(log_path: Path) -> dict[int, dict[str, float]]:
     return rounds
 
 
-def deployment_breakdown(run_dir: Path, sites: list[str], rounds: list[dict]) -> dict:
+def deployment_breakdown(run_dir: Path, sites: list[str], rounds: list[RoundRecord]) -> dict:
     """Median seconds per phase over the rounds after the first, for the site that replied last;
     the phases follow each other except the download, which overlaps the ClientApp's start.
     `server_and_polling` is the rest of the round (the SuperNode noticing the message, the
@@ -140,7 +140,7 @@ def deployment_breakdown(run_dir: Path, sites: list[str], rounds: list[dict]) ->
     phases = {site: site_phases(run_dir / "logs" / f"supernode-{site}.log") for site in sites}
     rows = []
     for r in rounds[1:] or rounds:
-        marks = [phases[site][r["round"]] for site in sites if r["round"] in phases[site]]
+        marks = [phases[site][r.round] for site in sites if r.round in phases[site]]
         if not marks:
             continue
         last = max(marks, key=lambda m: m["sent"])
@@ -150,7 +150,7 @@ def deployment_breakdown(run_dir: Path, sites: list[str], rounds: list[dict]) ->
             "clientapp_setup": last["training_started"] - last["clientapp_started"],
             "reply_to_supernode": last["sending"] - last["trained"],
             "upload_reply": last["sent"] - last["sending"],
-            "server_and_polling": r["seconds"] - (last["sent"] - min(m["received"] for m in marks)),
+            "server_and_polling": r.seconds - (last["sent"] - min(m["received"] for m in marks)),
         })
     return {phase: round(statistics.median(row[phase] for row in rows), 3) for phase in rows[0]} if rows else {}
 
@@ -163,15 +163,16 @@ def write_scenario(folder: Path, size: str, args: argparse.Namespace) -> Path:
     return path
 
 
-def run_federation(engine: str, scenario_path: Path, run_dir: Path, flower_env: dict[str, str]) -> list[dict]:
-    """Run the scenario on `engine` with `flower_env` in every Flower process; its metrics.jsonl lines."""
+def run_federation(engine: str, scenario_path: Path, run_dir: Path, flower_env: dict[str, str]) -> list[RoundRecord]:
+    """Run the scenario on `engine` with `flower_env` in every Flower process; its rounds' records."""
     from fedssl.config import load_scenario, save_scenario
 
     scenario = load_scenario(scenario_path)
     run_dir.mkdir(parents=True)
-    saved = run_dir / "scenario.yaml"
+    run = RunFolder(run_dir)
+    saved = run.scenario
     save_scenario(scenario, saved)
-    materialise_data(scenario, run_dir / "data", echo=lambda line: None)  # warm caches, as `fedssl simulate`
+    materialise_data(scenario, run.data, echo=lambda line: None)  # warm caches, as `fedssl simulate`
     if engine == "simulation":
         federation = LocalSimulation(run_dir, echo=lambda line: None)
     else:
@@ -179,20 +180,20 @@ def run_federation(engine: str, scenario_path: Path, run_dir: Path, flower_env: 
     federation.env.update(flower_env)
     with federation:
         federation.run(saved, num_sites=len(scenario.sites), timeout=1800)
-    rounds = read_metrics(run_dir / "metrics.jsonl")
+    rounds = run.rounds()
     if len(rounds) != scenario.federation.rounds:
-        raise RuntimeError(f"{engine}: {len(rounds)} of {scenario.federation.rounds} rounds; see {run_dir / 'logs'}")
+        raise RuntimeError(f"{engine}: {len(rounds)} of {scenario.federation.rounds} rounds; see {run.logs}")
     return rounds
 
 
-def overhead(rounds: list[dict]) -> dict:
+def overhead(rounds: list[RoundRecord]) -> dict:
     """Per round: wall time, slowest site's compute, overhead seconds and ratio; medians after round 1."""
     rows = []
     for r in rounds:
-        compute = max(r["compute_seconds"].values())
-        rows.append({"round": r["round"], "wall_seconds": r["seconds"], "slowest_compute_seconds": compute,
-                     "overhead_seconds": round(r["seconds"] - compute, 3),
-                     "overhead_ratio": round((r["seconds"] - compute) / compute, 3)})
+        compute = max(r.compute_seconds.values())
+        rows.append({"round": r.round, "wall_seconds": r.seconds, "slowest_compute_seconds": compute,
+                     "overhead_seconds": round(r.seconds - compute, 3),
+                     "overhead_ratio": round((r.seconds - compute) / compute, 3)})
     later = rows[1:] or rows
     return {"rounds": rows,
             "median_overhead_seconds": round(statistics.median(r["overhead_seconds"] for r in later), 3),

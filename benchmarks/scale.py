@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fedssl.runfolder import RunFolder
 from ops.processes import marked_processes, stop_pids, terminate
 
 MARKER = "FEDSSL_SCALE_BENCHMARK"  # inherited by every process of the measured run
@@ -99,15 +100,15 @@ def run_sites(sites: int, args: argparse.Namespace, out: Path) -> dict:
     wall = time.perf_counter() - started
     if runner.returncode != 0:
         raise RuntimeError(f"{sites} sites: the runner exited with {runner.returncode}; see {log_path}")
-    summary = json.loads((run_dir / "summary.json").read_text())
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    run = RunFolder(run_dir)
+    summary, first_round = run.read_summary(), run.rounds()[0]
     return {
         "sites": sites,
         "wall_seconds": round(wall, 1),
         "data_seconds": summary["data_seconds"],  # generating + windowing every site's records, probe data
         "federation_seconds": summary["federation_seconds"],  # Flower + Ray start-up, the round, shutdown
-        "round_seconds": metrics[0]["seconds"],
-        "sites_replied": metrics[0]["sites"],
+        "round_seconds": first_round.seconds,
+        "sites_replied": first_round.sites,
         "peak_rss_gb": round(peak["rss_kb"] / 2**20, 2),
         "peak_pss_gb": round(peak["pss_kb"] / 2**20, 2),
         "peak_processes": peak["processes"],

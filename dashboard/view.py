@@ -23,10 +23,9 @@ from pathlib import Path
 
 from fedssl.config import ConfigError, Scenario, load_scenario
 from fedssl.report import ABSENT, loss_terms, participation_reasons
-from fedssl.runfolder import PRESENCE, RUN_STATE
+from fedssl.runfolder import RoundRecord, RunFolder
 from ops.processes import pid_alive
 
-LOG = Path("logs") / "flower.log"
 LOG_TAIL_BYTES = 64 * 1024  # the end of Flower's log is searched for the lines that explain a failure
 RECENT_ROUNDS = 3  # rounds whose mean wall time estimates the time remaining
 # presence.json older than this (plus the longest probe so far) while rounds run: the ServerApp stopped polling
@@ -38,35 +37,35 @@ WAITING, RUNNING, FINISHED, FAILED = "waiting", "running", "finished", "failed"
 def run_view(folder: str | Path) -> dict:
     """Everything the page shows about the run in `folder`; `now` is the reading's time (Unix), from
     which the page counts elapsed time and ages on its own clock between readings."""
-    folder = Path(folder)
+    folder = RunFolder(folder)
     problems: list[str] = []
     scenario = _scenario(folder, problems)
-    rounds = complete_rounds(folder / "metrics.jsonl", problems)
-    summary = _json_file(folder / "summary.json", problems)
-    recorded = _json_file(folder / RUN_STATE, problems)
+    rounds = _rounds(folder, problems)
+    summary = _json_file(folder.summary, problems)
+    recorded = _json_file(folder.run_state, problems)
     planned = scenario.federation.rounds if scenario else None
     sites = [s.name for s in scenario.sites] if scenario else sorted(
-        {site for r in rounds for site in r.get("site_windows", {})})
+        {site for r in rounds for site in r.site_windows})
     state, error = run_state(folder, scenario, rounds, summary, recorded)
     times = run_time(folder, rounds, recorded, state, planned)
-    presence = presence_view(_json_file(folder / PRESENCE, problems), sites, times["started"], state, rounds,
+    presence = presence_view(_json_file(folder.presence, problems), sites, times["started"], state, rounds,
                              planned, problems)
     return json_safe({
-        "run_dir": str(folder.resolve()),
+        "run_dir": str(folder.root),
         "scenario": _scenario_facts(scenario),
         "now": time.time(),
         "state": state,
         "error": error,
-        "log_errors": log_errors(folder / LOG) if state == FAILED else [],
+        "log_errors": log_errors(folder.flower_log) if state == FAILED else [],
         "problems": problems,
-        "round": rounds[-1]["round"] if rounds else 0,
+        "round": rounds[-1].round if rounds else 0,
         "rounds": planned,
         "time": times,
         "presence": presence and {k: presence[k] for k in ("live", "stale_since")},
         "sites": site_view(sites, rounds, scenario, presence),
         "other_nodes": presence["others"] if presence else [],
-        "round_numbers": [r["round"] for r in rounds],
-        "losses": {term: [_finite(r.get(term)) for r in rounds] for term in loss_terms(rounds)},
+        "round_numbers": [r.round for r in rounds],
+        "losses": {term: [_finite(r.losses.get(term)) for r in rounds] for term in loss_terms(rounds)},
         "probe": probe_view(rounds, summary),
         "collapse": _series(rounds, "embedding_rank", "embedding_std"),
         "central_dp": _series(rounds, "central_epsilon", "central_delta"),
@@ -87,33 +86,17 @@ def json_safe(value):
     return value
 
 
-def complete_rounds(path: Path, problems: list[str]) -> list[dict]:
-    """The lines of `metrics.jsonl` that are complete (a line is complete once its newline is
-    written; the tracker appends whole lines, so only the last one can be caught half-written).
-    A complete line that is not a round's JSON object is left out and named in `problems`."""
+def _rounds(folder: RunFolder, problems: list[str]) -> list[RoundRecord]:
+    """The rounds recorded so far; the run is still writing them (fedssl.runfolder reads only
+    complete lines, and names a damaged one in `problems`)."""
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return []
+        return folder.rounds(problems)
     except OSError as err:
-        problems.append(f"cannot read {path.name}: {err}")
+        problems.append(f"cannot read {folder.metrics.name}: {err}")
         return []
-    rounds = []
-    for number, line in enumerate(text.split("\n")[:-1], start=1):  # the piece after the last newline is incomplete
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if isinstance(record, dict) and isinstance(record.get("round"), int):
-            rounds.append(record)
-        else:
-            problems.append(f"{path.name} line {number} is not a round's metrics; left out")
-    return rounds
 
 
-def run_state(folder: Path, scenario: Scenario | None, rounds: list[dict], summary: dict | None,
+def run_state(folder: RunFolder, scenario: Scenario | None, rounds: list[RoundRecord], summary: dict | None,
               recorded: dict | None) -> tuple[str, str | None]:
     """(state, error line). The runner's own record wins; a runner recorded as running on this host
     whose process is gone was killed (it could not record why). Without a record (a deployed run):
@@ -128,30 +111,32 @@ def run_state(folder: Path, scenario: Scenario | None, rounds: list[dict], summa
         return FINISHED, None
     if scenario is None:
         return WAITING, None
-    if rounds and rounds[-1]["round"] >= scenario.federation.rounds:
+    if rounds and rounds[-1].round >= scenario.federation.rounds:
         return FINISHED, None
     return RUNNING, None
 
 
-def run_time(folder: Path, rounds: list[dict], recorded: dict | None, state: str, planned: int | None) -> dict:
+def run_time(folder: RunFolder, rounds: list[RoundRecord], recorded: dict | None, state: str,
+             planned: int | None) -> dict:
     """Start, end and last-update times (Unix) and the estimated seconds left for the rounds to run:
     the mean wall time (training + probe) of the last rounds times the rounds still to come."""
     recorded = recorded or {}
-    started = recorded.get("started") or _mtime(folder / "scenario.yaml")
+    started = recorded.get("started") or _mtime(folder.scenario)
     ended = None
     if state in (FINISHED, FAILED):  # a killed runner recorded no end: its files' last change is the best known
-        ended = recorded.get("ended") or max(filter(None, (_mtime(folder / name) for name in
-                                                           ("summary.json", "metrics.jsonl", RUN_STATE))), default=None)
-    durations = [(r.get("seconds") or 0) + (r.get("probe_seconds") or 0) for r in rounds[-RECENT_ROUNDS:]]
+        ended = recorded.get("ended") or max(filter(None, (_mtime(path) for path in
+                                                           (folder.summary, folder.metrics, folder.run_state))),
+                                             default=None)
+    durations = [r.seconds + r.probe_seconds for r in rounds[-RECENT_ROUNDS:]]
     remaining = None
     if state == RUNNING and planned is not None and durations:
-        remaining = max(0, planned - rounds[-1]["round"]) * sum(durations) / len(durations)
-    return {"started": started, "ended": ended, "last_update": _mtime(folder / "metrics.jsonl"),
+        remaining = max(0, planned - rounds[-1].round) * sum(durations) / len(durations)
+    return {"started": started, "ended": ended, "last_update": _mtime(folder.metrics),
             "remaining_seconds": remaining}
 
 
 def presence_view(record: dict | None, sites: list[str], started: float | None, state: str,
-                  rounds: list[dict], planned: int | None, problems: list[str]) -> dict | None:
+                  rounds: list[RoundRecord], planned: int | None, problems: list[str]) -> dict | None:
     """presence.json read for the page: per site whether it is online and when it was last seen, and
     the nodes that name no site of the scenario (`others`: not replied yet, or registered under
     another name); None when the run has none (an older run, or the file of an earlier ServerApp in
@@ -171,12 +156,12 @@ def presence_view(record: dict | None, sites: list[str], started: float | None, 
                   "online": bool(node["online"]), "last_seen": _unix(node["last_seen"]), "round": node["round"]}
                  for node in record["nodes"]]
     except (KeyError, TypeError, ValueError) as err:
-        problems.append(f"{PRESENCE} is not as the ServerApp writes it ({type(err).__name__}: {err}); left out")
+        problems.append(f"presence.json is not as the ServerApp writes it ({type(err).__name__}: {err}); left out")
         return None
     if started is not None and updated < started:
         return None
-    live = state == RUNNING and (planned is None or not rounds or rounds[-1]["round"] < planned)
-    longest_probe = max((r.get("probe_seconds") or 0 for r in rounds), default=0)
+    live = state == RUNNING and (planned is None or not rounds or rounds[-1].round < planned)
+    longest_probe = max((r.probe_seconds or 0 for r in rounds), default=0)
     stale = live and time.time() - updated > PRESENCE_STALE_SECONDS + longest_probe
     for node in nodes:
         node["online"] = (node["online"] and not stale) if live else None
@@ -197,18 +182,19 @@ def site_presence(nodes: list[dict]) -> dict:
     return {key: latest[key] for key in ("online", "last_seen", "round")}
 
 
-def site_view(sites: list[str], rounds: list[dict], scenario: Scenario | None, presence: dict | None) -> list[dict]:
+def site_view(sites: list[str], rounds: list[RoundRecord], scenario: Scenario | None,
+              presence: dict | None) -> list[dict]:
     """Per site: its part in every round (with the reason of a decline, rejection or error), the last
     round it replied in, whether it is online and when it was last seen (with presence.json), its
     training windows, and the epsilon it spent against its DP budget."""
     table = participation_reasons(sites, rounds)
     view = []
     for site in sites:
-        cells = [{"round": r["round"], "state": row[site][0], "reason": row[site][1]} for r, row in zip(rounds, table)]
+        cells = [{"round": r.round, "state": row[site][0], "reason": row[site][1]} for r, row in zip(rounds, table)]
         replied = [c["round"] for c in cells if c["state"] != ABSENT]
-        windows = [r["site_windows"][site] for r in rounds if site in r.get("site_windows", {})]
-        epsilon = [r["epsilon"][site] for r in rounds if site in r.get("epsilon", {})]
-        delta = [r["delta"][site] for r in rounds if site in r.get("delta", {})]
+        windows = [r.site_windows[site] for r in rounds if site in r.site_windows]
+        epsilon = [r.epsilon[site] for r in rounds if site in r.epsilon]
+        delta = [r.delta[site] for r in rounds if site in r.delta]
         privacy = _privacy(scenario, site)
         view.append({
             "name": site,
@@ -216,25 +202,25 @@ def site_view(sites: list[str], rounds: list[dict], scenario: Scenario | None, p
             "presence": presence and presence["sites"][site],
             "windows": windows[-1] if windows else None,
             "epsilon": epsilon[-1] if epsilon else None,
-            "epsilon_by_round": [r.get("epsilon", {}).get(site) for r in rounds],
+            "epsilon_by_round": [r.epsilon.get(site) for r in rounds],
             "delta": delta[-1] if delta else None,
             "dp": privacy is not None,
             "budget": privacy.target_epsilon if privacy else None,
             "unit": privacy.unit if privacy else None,
-            "probe_auroc": [_finite(r.get("site_probe_macro_auroc", {}).get(site)) for r in rounds],
+            "probe_auroc": [_finite(r.site_probe_macro_auroc.get(site)) for r in rounds],
             "cells": cells,
         })
     return view
 
 
-def probe_view(rounds: list[dict], summary: dict | None) -> dict:
+def probe_view(rounds: list[RoundRecord], summary: dict | None) -> dict:
     """The global encoder's probe AUROC per round with its 95 % interval, the sites' federated mean,
     and the random-init encoder's AUROC (from summary.json: known once the run is compared)."""
     random_init = encoder_view(summary).get("random_init")
     return {
-        "auroc": [_finite(r.get("probe_macro_auroc")) for r in rounds],
-        "ci95": [_interval(r.get("probe_macro_auroc_ci95")) for r in rounds],
-        "federated": [_finite(r.get("federated_macro_auroc")) for r in rounds],
+        "auroc": [_finite(r.probe_macro_auroc) for r in rounds],
+        "ci95": [_interval(r.probe_macro_auroc_ci95) for r in rounds],
+        "federated": [_finite(r.federated_macro_auroc) for r in rounds],
         "random_init": random_init and {
             "macro_auroc": random_init["macro_auroc"], "ci95": random_init["ci95"],
             "inits": ((summary or {}).get("evaluation") or {}).get("random_inits"),  # its mean is over these
@@ -258,16 +244,16 @@ def encoder_view(summary: dict | None) -> dict[str, dict]:
     return view
 
 
-def wall_view(rounds: list[dict]) -> dict:
+def wall_view(rounds: list[RoundRecord]) -> dict:
     """Each round's wall time split into compute (the slowest site's training loop: the round waits
     for it) and overhead (the rest: sending, waiting, validation, aggregation), and the probe."""
-    compute = [max(r["compute_seconds"].values()) if r.get("compute_seconds") else None for r in rounds]
-    seconds = [r.get("seconds") for r in rounds]
+    compute = [max(r.compute_seconds.values()) if r.compute_seconds else None for r in rounds]
+    seconds = [r.seconds for r in rounds]
     return {
         "seconds": seconds,
         "compute": compute,
         "overhead": [None if c is None or s is None else max(0.0, s - c) for s, c in zip(seconds, compute)],
-        "probe": [r.get("probe_seconds") for r in rounds],
+        "probe": [r.probe_seconds for r in rounds],
     }
 
 
@@ -282,19 +268,18 @@ def log_errors(path: Path, keep: int = 3) -> list[str]:
     return [line.strip() for line in tail.splitlines() if "ERROR" in line][-keep:]
 
 
-def _series(rounds: list[dict], *keys: str) -> dict | None:
-    """{key: value per round} when any round has one of `keys`, else None (the run does not record them)."""
-    if not any(key in r for r in rounds for key in keys):
+def _series(rounds: list[RoundRecord], *fields: str) -> dict | None:
+    """{field: value per round} when any round has one of `fields`, else None (the run does not record them)."""
+    if all(getattr(r, name) is None for r in rounds for name in fields):
         return None
-    return {key: [_finite(r.get(key)) for r in rounds] for key in keys}
+    return {name: [_finite(getattr(r, name)) for r in rounds] for name in fields}
 
 
-def _scenario(folder: Path, problems: list[str]) -> Scenario | None:
-    path = folder / "scenario.yaml"
-    if not path.is_file():
+def _scenario(folder: RunFolder, problems: list[str]) -> Scenario | None:
+    if not folder.scenario.is_file():
         return None
     try:
-        return load_scenario(path)
+        return load_scenario(folder.scenario)
     except ConfigError as err:
         problems.append(str(err))
         return None

@@ -76,25 +76,24 @@ def _pretrain(args: argparse.Namespace) -> None:
     import torch
 
     from fedssl.baselines import centralized_state
-    from fedssl.config import save_scenario
-    from fedssl.storage import atomic_torch_save
-
     from fedssl.check import check_scenario
+    from fedssl.runfolder import RunFolder
+    from fedssl.storage import atomic_torch_save
 
     scenario = load_scenario(args.scenario)
     check_scenario(scenario)
-    out = Path(args.out)
-    if (out / "encoder.pt").exists():  # e.g. a federated run's encoder: never replaced by a baseline
-        raise ConfigError(f"--out {out} already holds an encoder.pt; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    out = RunFolder(args.out)
+    if out.encoder.exists():  # e.g. a federated run's encoder: never replaced by a baseline
+        raise ConfigError(f"--out {out.root} already holds an {out.encoder.name}; choose another --out")
+    out.root.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(scenario.train.threads)
-    state, result = centralized_state(scenario, Path(args.data) if args.data else out / "data")
-    atomic_torch_save(state, out / "encoder.pt")
-    save_scenario(scenario, out / "scenario.yaml")
+    state, result = centralized_state(scenario, Path(args.data) if args.data else out.data)
+    atomic_torch_save(state, out.encoder)
+    out.keep_scenario(scenario, args.scenario)
     summary = {"scenario": str(args.scenario), "sites": len(scenario.sites), "steps": result.steps,
                "samples_seen": result.examples, "batch_size": scenario.train.batch_size,
-               "losses": result.losses, "seconds": round(result.seconds, 1), "encoder": str(out / "encoder.pt")}
-    (out / "pretrain.json").write_text(json.dumps(summary, indent=2))
+               "losses": result.losses, "seconds": round(result.seconds, 1), "encoder": str(out.encoder)}
+    out.path("pretrain.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
 
 

@@ -34,7 +34,8 @@ from fedssl.data.site import SiteDataError
 from fedssl.data.windows import STANDARD_LEADS, RecordInfo, WindowSet
 from fedssl.evaluate import embed
 from fedssl.models import CONV_TRANSFORMER_SIZES, LOCAL_BLOCKS, RESNET_SIZES, SIZES, build_encoder
-from fedssl.report import Run, RunFolderError, epsilon_by_site, load_run, privacy_text
+from fedssl.report import Run, epsilon_by_site, last_delta, load_run, privacy_text
+from fedssl.runfolder import RunFolderError
 from fedssl.storage import atomic_write
 
 WEIGHTS, CONFIG, CARD = "encoder.safetensors", "encoder_config.json", "MODEL_CARD.md"
@@ -59,9 +60,9 @@ class ExportedEncoder:
 def export_run(run_dir: str | Path, out: str | Path) -> Path:
     """Write the run's final global encoder, its config and its model card into `out`."""
     run = load_run(run_dir)
-    checkpoint = run.folder / "encoder.pt"
+    checkpoint = run.folder.encoder
     if not checkpoint.is_file():
-        raise ExportError(f"run folder {run.folder} has no global encoder (encoder.pt)")
+        raise ExportError(f"run folder {run.folder.root} has no global encoder ({checkpoint.name})")
     samples = window_samples(run.scenario.data)
     encoder = build_encoder(run.scenario.model, samples)
     state = load_state_file(checkpoint)
@@ -76,7 +77,7 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
         "leads": list(STANDARD_LEADS),
         "embedding_dim": encoder.width,
         "parameters": parameter_count(encoder),
-        "source": {"run_dir": str(run.folder), "scenario": run.scenario.name, "rounds": len(run.rounds),
+        "source": {"run_dir": str(run.folder.root), "scenario": run.scenario.name, "rounds": len(run.rounds),
                    "exported": datetime.now(timezone.utc).isoformat(timespec="seconds")},
     }
     out = Path(out)
@@ -140,7 +141,7 @@ def model_card(run: Run, config: dict) -> str:
         "",
         (f"A self-supervised 12-lead ECG encoder, pretrained with federated learning (fedssl on Flower) by "
         f"{len(s.sites)} sites over {len(run.rounds)} rounds; only encoder weights left the sites. Exported "
-        f"{config['source']['exported']} from run folder `{run.folder}`."),
+        f"{config['source']['exported']} from run folder `{run.folder.root}`."),
         "",
         (f"Files: `{WEIGHTS}` (weights, float32), `{CONFIG}` (rebuilds the encoder and its preprocessing), "
         f"this card. Load with `fedssl.export.load_encoder(FOLDER)`; embed a folder of WFDB records with "
@@ -236,14 +237,14 @@ def objective(s: Scenario) -> list[tuple[str, str]]:
 def sites_and_samples(run: Run) -> list[tuple[str, str, int]]:
     rows = []
     for site in run.sites:
-        seen = [r["site_windows"][site] for r in run.rounds if site in r.get("site_windows", {})]
+        seen = [r.site_windows[site] for r in run.rounds if site in r.site_windows]
         rows.append((site, str(max(seen)) if seen else "not recorded", len(seen)))
     return rows
 
 
 def privacy_section(run: Run) -> list[str]:
     s, spent = run.scenario, epsilon_by_site(run.rounds)
-    lines = [f"Setting: {privacy_text(s)}.", ""]
+    lines = [f"Setting: {privacy_text(s, run.rounds)}.", ""]
     rows = []
     for site in s.sites:
         privacy = s.privacy_of(site)
@@ -251,8 +252,8 @@ def privacy_section(run: Run) -> list[str]:
         if not privacy.enabled:
             rows.append((site.name, "none", "-", "-", "-"))
         elif values:
-            delta = next(r["delta"][site.name] for r in reversed(run.rounds) if site.name in r.get("delta", {}))
-            rows.append((site.name, f"({values[-1]:.3g}, {delta:.2g})-DP", privacy.unit, privacy.accountant,
+            guarantee = f"({values[-1]:.3g}, {last_delta(run.rounds, site.name):.2g})-DP"
+            rows.append((site.name, guarantee, privacy.unit, privacy.accountant,
                          f"{privacy.target_epsilon:g}"))
         else:
             rows.append((site.name, "DP-SGD on, no round trained", privacy.unit, privacy.accountant,
@@ -273,8 +274,8 @@ def evaluation_section(run: Run) -> list[str]:
         rows = [(name, "-" if e.get("macro_auroc") is None else f"{e['macro_auroc']:.3f}")
                 for name, e in encoders.items()]
     else:
-        probes = [r for r in run.rounds if r.get("probe_macro_auroc") is not None]
-        rows = [("federated", f"{probes[-1]['probe_macro_auroc']:.3f} (round {probes[-1]['round']})")] if probes else []
+        probes = [r for r in run.rounds if r.probe_macro_auroc is not None]
+        rows = [("federated", f"{probes[-1].probe_macro_auroc:.3f} (round {probes[-1].round})")] if probes else []
     return lines + (_table(rows, header=("encoder", "macro AUROC")) if rows else ["No probe was recorded."])
 
 

@@ -1,13 +1,16 @@
 """Differentially private local training (DP-SGD) for per-sample self-supervised objectives.
 
-One call, `make_private(objective, data, privacy, batch_size, ...)`, turns the ordinary
-objective + windows into the DP-SGD gradient of a step (`PrivateTraining`): Poisson sampling
-over privacy units (records or patients; one window per sampled unit), per-unit gradients (by
-default book-keeping with Opacus' per-layer formulas, `LayerCalls`; or Opacus' `GradSampleModule`
-hooks, functorch, or ghost clipping), clipping to `max_grad_norm`, Gaussian noise of
-std `noise_multiplier * max_grad_norm` on the sum; the ordinary optimizer then steps. The privacy
-spent by every round goes into a `PrivacyLedger` in the site's state folder, which composes all
-rounds with Opacus' RDP (or PRV) accountant. See docs/privacy.md for what this does guarantee.
+`fedssl.train.train_local` has one training loop; with DP it runs `PrivateStep`, the DP-SGD
+kind of its `TrainingStep`, which `begin_private_round(objective, data, privacy, batch_size, ...)`
+makes for a round (or declines, before anything is spent, when the round would pass the site's
+budget). Its gradient comes from `PrivateTraining` (`make_private`): Poisson sampling over
+privacy units (records or patients; one window per sampled unit), per-unit gradients (by default
+book-keeping with Opacus' per-layer formulas, `LayerCalls`; or Opacus' `GradSampleModule` hooks,
+functorch, or ghost clipping), clipping to `max_grad_norm`, Gaussian noise of std
+`noise_multiplier * max_grad_norm` on the sum; the loop's ordinary optimizer then steps. After the
+round, `PrivateStep.record_round` adds what it spent to the `PrivacyLedger` in the site's state
+folder, which composes all rounds with Opacus' RDP (or PRV) accountant. See docs/privacy.md for
+what this does guarantee.
 
 Objectives whose loss couples the samples of a batch (in-batch negatives) are refused: their
 per-sample gradient is not a function of one sample, so clipping it does not bound one unit's

@@ -30,6 +30,9 @@ PROBE_AUROC_KEY = "probe-macro-auroc"  # federated evaluation: the site's own li
 FEDERATED_AUROC_KEY = "federated-macro-auroc"  # the server's mean of PROBE_AUROC_KEY over sites
 # describe one site, not the round: kept out of the weighted mean over sites
 PER_SITE_METRICS = (SITE_INDEX_KEY, DP_SGD_KEY, EPSILON_KEY, DELTA_KEY, COMPUTE_SECONDS_KEY, NEW_HEADS_KEY)
+# averaged over the sites but describe their training, not its loss; every other metric of a training
+# reply (besides WEIGHT_KEY and PER_SITE_METRICS) is a loss term: "loss", the one minimised, and its parts
+TRAINING_METRICS = (EXAMPLES_SEEN_KEY, FEDEMA_MU_KEY)
 
 # -- site -> server: error replies (Flower reserves the small codes) ------------------------------
 SITE_ERROR_CODE = 1000  # the site's round failed; the reason names the error's kind only

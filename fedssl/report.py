@@ -2,44 +2,32 @@
 
 Reading files (not the live server) lets the deployed ServerApp, the simulation runner and
 `fedssl report RUN_DIR` write the same report, and lets it be regenerated anywhere later. A run
-folder holds `scenario.yaml` (the configuration used), `metrics.jsonl` (one line per round, see
-server/metrics.py), the encoder checkpoints and, from the simulation runner, `summary.json` (the
-comparison with the baselines). Plots are drawn with matplotlib's object API on its Agg canvas,
-so no display and no global pyplot state is involved.
+folder (fedssl/runfolder.py) holds `scenario.yaml` (the configuration used), one `RoundRecord` per
+round in `metrics.jsonl`, the encoder checkpoints and, from the simulation runner, `summary.json`
+(the comparison with the baselines). Plots are drawn with matplotlib's object API on its Agg
+canvas, so no display and no global pyplot state is involved.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedssl.config import Scenario, load_scenario, save_scenario
+from fedssl.config import Scenario
+from fedssl.runfolder import RoundRecord, RunFolder, RunFolderError
 
-REPORT = "report.md"
-# metrics.jsonl keys that are bookkeeping, not loss terms (the rest of a line are the loss terms,
-# the sites' weighted means)
-NOT_LOSS_TERMS = frozenset({
-    "round", "probe_macro_auroc", "probe_macro_auroc_ci95", "site_probe_macro_auroc", "federated_macro_auroc", "seconds", "probe_seconds",
-    "sites", "site_windows", "examples", "rejected", "epsilon", "delta", "declined", "errors",
-    "examples-seen", "fedema-mu", "central_epsilon", "central_delta", "embedding_rank", "embedding_std",
-})
 RANK_DROP_WARNING = 0.5  # warn when the embedding's effective rank fell below this fraction of its maximum
 # participation of a site in a round, as the report's table writes it
 TRAINED, DECLINED, REJECTED, FAILED, ABSENT = "trained", "declined", "rejected", "error", "-"
-
-
-class RunFolderError(ValueError):
-    """A folder that is not a (complete enough) fedssl run folder; the message says what is missing."""
 
 
 @dataclass(frozen=True)
 class Run:
     """What a run folder records."""
 
-    folder: Path
+    folder: RunFolder
     scenario: Scenario
-    rounds: list[dict]  # the lines of metrics.jsonl
+    rounds: list[RoundRecord]
     summary: dict | None  # summary.json of a simulated run
 
     @property
@@ -47,48 +35,30 @@ class Run:
         return [s.name for s in self.scenario.sites]
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """The rounds of a `metrics.jsonl` ([] when there is none yet)."""
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def epsilon_by_site(rounds: list[dict]) -> dict[str, list[float | None]]:
+def epsilon_by_site(rounds: list[RoundRecord]) -> dict[str, list[float | None]]:
     """{site: [epsilon after round 1, 2, ...]} of the sites that trained with DP-SGD."""
-    sites = sorted({site for r in rounds for site in r.get("epsilon", {})})
-    return {site: [r.get("epsilon", {}).get(site) for r in rounds] for site in sites}
+    sites = sorted({site for r in rounds for site in r.epsilon})
+    return {site: [r.epsilon.get(site) for r in rounds] for site in sites}
 
 
-def save_run_config(scenario: Scenario, source: str | Path, folder: str | Path) -> None:
-    """Keep the scenario as resolved in the run folder (`scenario.yaml`), unless it is read from there
-    (the simulation runner saves it before the sites start reading it)."""
-    target = Path(folder) / "scenario.yaml"
-    if Path(source).resolve() != target.resolve():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        save_scenario(scenario, target)
+def last_delta(rounds: list[RoundRecord], site: str) -> float:
+    """The delta `site` reported last (with the epsilon of the same guarantee)."""
+    return next(r.delta[site] for r in reversed(rounds) if site in r.delta)
 
 
 def load_run(folder: str | Path) -> Run:
-    folder = Path(folder)
-    if not (folder / "scenario.yaml").is_file():
-        raise RunFolderError(f"{folder} is not a fedssl run folder: no scenario.yaml")
-    try:
-        scenario = load_scenario(folder / "scenario.yaml")
-        rounds = read_metrics(folder / "metrics.jsonl")
-        summary_path = folder / "summary.json"
-        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-    except ValueError as err:  # a bad scenario (ConfigError) or a damaged JSON file
-        raise RunFolderError(f"run folder {folder}: {err}") from None
+    """The run in `folder`; a RunFolderError says what is missing or damaged."""
+    run = RunFolder(folder)
+    scenario = run.load_scenario()
+    rounds = run.rounds()
     if not rounds:
-        raise RunFolderError(f"run folder {folder}: no round recorded in metrics.jsonl")
-    return Run(folder, scenario, rounds, summary)
+        raise RunFolderError(f"run folder {run.root}: no round recorded in {run.metrics.name}")
+    return Run(run, scenario, rounds, run.read_summary())
 
 
-def loss_terms(rounds: list[dict]) -> list[str]:
+def loss_terms(rounds: list[RoundRecord]) -> list[str]:
     """The loss terms of the run, "loss" (the one minimised) first."""
-    terms = {k for r in rounds for k, v in r.items() if k not in NOT_LOSS_TERMS and isinstance(v, (int, float))}
-    return sorted(terms, key=lambda k: (k != "loss", k))
+    return sorted({term for r in rounds for term in r.losses}, key=lambda k: (k != "loss", k))
 
 
 def participation(run: Run) -> list[dict[str, str]]:
@@ -98,24 +68,23 @@ def participation(run: Run) -> list[dict[str, str]]:
     return [{site: state for site, (state, _) in row.items()} for row in participation_reasons(run.sites, run.rounds)]
 
 
-def participation_reasons(sites: list[str], rounds: list[dict]) -> list[dict[str, tuple[str, str]]]:
+def participation_reasons(sites: list[str], rounds: list[RoundRecord]) -> list[dict[str, tuple[str, str]]]:
     """`participation` with the reason each site gave or was given: per round {site: (state, reason)},
     the reason empty for trained and - (the dashboard shows it; the report lists it apart)."""
     table = []
     for r in rounds:
         row = dict.fromkeys(sites, (ABSENT, ""))
-        for state, entries in ((FAILED, r.get("errors", [])), (REJECTED, r.get("rejected", [])),
-                               (DECLINED, r.get("declined", [])),
-                               (TRAINED, [{"site": site} for site in r.get("site_windows", {})])):
+        for state, entries in ((FAILED, r.errors), (REJECTED, r.rejected), (DECLINED, r.declined),
+                               (TRAINED, [{"site": site} for site in r.site_windows])):
             row.update({e.get("site"): (state, e.get("reason", "")) for e in entries if e.get("site") in row})
         table.append(row)
     return table
 
 
-def collapse_warning(rounds: list[dict]) -> str | None:
+def collapse_warning(rounds: list[RoundRecord]) -> str | None:
     """A warning when the embedding's effective rank (`embedding_rank`, fedssl/monitor.py) of the
     last round fell by more than half from its maximum over the rounds: a collapsing encoder."""
-    ranks = [(r["round"], r["embedding_rank"]) for r in rounds if r.get("embedding_rank") is not None]
+    ranks = [(r.round, r.embedding_rank) for r in rounds if r.embedding_rank is not None]
     if not ranks:
         return None
     best_round, best = max(ranks, key=lambda item: item[1])
@@ -131,21 +100,22 @@ def write_report(folder: str | Path) -> Path:
     """Write `report.md` and its plots into the run folder; return the report's path."""
     run = load_run(folder)
     plots = draw_plots(run)
-    path = run.folder / REPORT
-    path.write_text(render(run, plots))
-    return path
+    run.folder.report.write_text(render(run, plots))
+    return run.folder.report
 
 
 def render(run: Run, plots: dict[str, str]) -> str:
     """The markdown of the report; `plots` maps each plot's name to its PNG file name."""
     s = run.scenario
     last = run.rounds[-1]
-    probes = [r["probe_macro_auroc"] for r in run.rounds if r.get("probe_macro_auroc") is not None]
+    probes = [r.probe_macro_auroc for r in run.rounds if r.probe_macro_auroc is not None]
+    files = run.folder
     lines = [
         f"# Run report: {s.name}",
         "",
-        (f"Run folder `{run.folder}`: configuration [scenario.yaml](scenario.yaml), per-round metrics "
-         "[metrics.jsonl](metrics.jsonl), final global encoder `encoder.pt` (each round's in `checkpoints/`)."),
+        (f"Run folder `{files.root}`: configuration [{files.scenario.name}]({files.scenario.name}), per-round "
+         f"metrics [{files.metrics.name}]({files.metrics.name}), final global encoder `{files.encoder.name}` (each "
+         f"round's in `{files.checkpoints.name}/`)."),
         "",
         "| | |",
         "|---|---|",
@@ -154,11 +124,11 @@ def render(run: Run, plots: dict[str, str]) -> str:
          f"share {s.federation.share}, {s.train.local_steps} local steps of batch {s.train.batch_size} |"),
         f"| objective | {s.objective.name} |",
         f"| encoder | {s.model.encoder} {s.model.size} |",
-        f"| privacy | {privacy_text(s)} |",
-        f"| final loss | {_number(last.get('loss'), '.4f')} |",
+        f"| privacy | {privacy_text(s, run.rounds)} |",
+        f"| final loss | {_number(last.losses.get('loss'), '.4f')} |",
         (f"| final probe macro AUROC | {_number(probes[-1] if probes else None, '.3f')}"
-         f"{' ' + interval_text(last['probe_macro_auroc_ci95']) if last.get('probe_macro_auroc_ci95') else ''} |"),
-        f"| wall time of the rounds | {sum(r.get('seconds', 0) + r.get('probe_seconds', 0) for r in run.rounds):.1f} s |",
+         f"{' ' + interval_text(last.probe_macro_auroc_ci95) if last.probe_macro_auroc_ci95 else ''} |"),
+        f"| wall time of the rounds | {sum(r.seconds + r.probe_seconds for r in run.rounds):.1f} s |",
         "",
         "## Loss terms per round",
         "",
@@ -188,8 +158,8 @@ def render(run: Run, plots: dict[str, str]) -> str:
         for site, values in eps.items():
             spent = [v for v in values if v is not None]
             privacy = s.privacy_of(s.site(site)) if site in run.sites else None
-            delta = next(r["delta"][site] for r in reversed(run.rounds) if site in r.get("delta", {}))
-            lines.append(f"| {site} | {spent[-1]:.3f} | {delta:.2g} | {privacy.unit if privacy else '?'} | "
+            lines.append(f"| {site} | {spent[-1]:.3f} | {last_delta(run.rounds, site):.2g} | "
+                         f"{privacy.unit if privacy else '?'} | "
                          f"{_number(privacy.target_epsilon if privacy else None, 'g')} |")
     else:
         lines.append("No DP: no site trained with DP-SGD, so there is no epsilon to plot.")
@@ -202,7 +172,8 @@ def render(run: Run, plots: dict[str, str]) -> str:
         lines += [f"| {name} | {_number(e.get('macro_auroc'), '.3f')} | {interval_text(e.get('ci95'))} | "
                   f"{len(e.get('runs', [])) or '-'} | {difference_text(e.get('federated_minus'))} |"
                   for name, e in run.summary["encoders"].items()]
-    problems = [(r["round"], kind, e) for r in run.rounds for kind in ("rejected", "errors") for e in r.get(kind, [])]
+    problems = [(r.round, kind, e) for r in run.rounds
+                for kind, entries in (("rejected", r.rejected), ("errors", r.errors)) for e in entries]
     if problems:
         lines += ["", "## Rejected updates and errors", "", "| round | site | what | reason |", "|---|---|---|---|"]
         lines += [f"| {rnd} | {e.get('site') or e.get('node_id')} | {kind} | {e.get('reason', '')} |"
@@ -230,16 +201,24 @@ def difference_text(diff: dict | None) -> str:
     return "" if not diff else f"{diff['mean']:+.3f} {interval_text(diff['ci95'])}"
 
 
-def privacy_text(s: Scenario) -> str:
-    """Which sites train with DP-SGD (and their target epsilon and unit), and central DP if on."""
+def privacy_text(s: Scenario, rounds: list[RoundRecord]) -> str:
+    """Which sites train with DP-SGD (and their target epsilon and unit), and central DP if on, with
+    the site-level epsilon its accountant reported after the last round (server/central_dp.py)."""
     dp = {site.name: s.privacy_of(site) for site in s.sites if s.privacy_of(site).enabled}
     parts = [f"DP-SGD at {name} (target epsilon {p.target_epsilon:g} per {p.unit})" for name, p in dp.items()]
     plain = [site.name for site in s.sites if site.name not in dp]
     if plain:
         parts.append(f"no DP at {', '.join(plain)}")
-    if s.federation.central_dp != "none":
-        parts.append(f"central DP ({s.federation.central_dp}-side clipping at {s.federation.central_clipping_norm:g}, "
-                     f"noise multiplier {s.federation.central_noise_multiplier:g}; no epsilon accounted)")
+    fed = s.federation
+    if fed.central_dp != "none":
+        accounted = [r for r in rounds if r.central_epsilon is not None]
+        if accounted:
+            spent = (f"site-level ({accounted[-1].central_epsilon:.3g}, {accounted[-1].central_delta:.2g})-DP after "
+                     f"round {accounted[-1].round}")
+        else:
+            spent = "no noise, so no epsilon" if fed.central_noise_multiplier == 0 else "no round released yet"
+        parts.append(f"central DP ({fed.central_dp}-side clipping at {fed.central_clipping_norm:g}, "
+                     f"noise multiplier {fed.central_noise_multiplier:g}; {spent})")
     return "; ".join(parts)
 
 
@@ -247,7 +226,7 @@ def participation_table(run: Run) -> str:
     rows = participation(run)
     lines = ["| round | " + " | ".join(run.sites) + " | windows aggregated |", "|---" * (len(run.sites) + 2) + "|"]
     for r, row in zip(run.rounds, rows):
-        lines.append(f"| {r['round']} | " + " | ".join(row.values()) + f" | {r.get('examples', '')} |")
+        lines.append(f"| {r.round} | " + " | ".join(row.values()) + f" | {r.examples} |")
     lines += ["", (f"{TRAINED}: its update was aggregated; {DECLINED}: it declined the round (privacy budget); "
                    f"{REJECTED}: its update failed validation; {FAILED}: it replied with an error; "
                    f"{ABSENT}: not sampled or no reply in time.")]
@@ -263,17 +242,17 @@ def _number(value, spec: str) -> str:
 def draw_plots(run: Run) -> dict[str, str]:
     """Render the plots as PNGs into the run folder; {name: file name}."""
     plots = {"losses": _loss_figure(run), "seconds": _seconds_figure(run)}
-    if any(r.get("probe_macro_auroc") is not None or r.get("federated_macro_auroc") is not None
+    if any(r.probe_macro_auroc is not None or r.federated_macro_auroc is not None
            for r in run.rounds):
         plots["auroc"] = _auroc_figure(run)
     if epsilon_by_site(run.rounds):
         plots["epsilon"] = _epsilon_figure(run)
-    if any(r.get("embedding_rank") is not None for r in run.rounds):
+    if any(r.embedding_rank is not None for r in run.rounds):
         plots["collapse"] = _collapse_figure(run)
     files = {}
     for name, figure in plots.items():
-        files[name] = f"report_{name}.png"
-        figure.savefig(run.folder / files[name], dpi=110, bbox_inches="tight")
+        files[name] = run.folder.report_plot(name).name
+        figure.savefig(run.folder.report_plot(name), dpi=110, bbox_inches="tight")
     return files
 
 
@@ -293,15 +272,15 @@ def _round_axis(ax, rounds: list[int]) -> None:
 
 def _loss_figure(run: Run):
     terms = loss_terms(run.rounds)
-    rounds = [r["round"] for r in run.rounds]
+    rounds = [r.round for r in run.rounds]
     # a component equal to "loss" in every round (a pure objective) gets no panel of its own
-    same = [t for t in terms[1:] if all(r.get(t) == r.get("loss") for r in run.rounds)]
+    same = [t for t in terms[1:] if all(r.losses.get(t) == r.losses.get("loss") for r in run.rounds)]
     shown = [t for t in terms if t not in same]
     ncols = min(3, len(shown))
     nrows = -(-len(shown) // ncols)
     figure, axes = _figure(max(6.4, 3.4 * ncols), 2.8 * nrows + 0.6, ncols, nrows)
     for ax, term in zip(axes, shown):
-        ax.plot(rounds, [r.get(term) for r in run.rounds], marker="o")
+        ax.plot(rounds, [r.losses.get(term) for r in run.rounds], marker="o")
         ax.set_title(term + (f" (= {', '.join(same)})" if term == "loss" and same else ""))
         _round_axis(ax, rounds)
     for ax in axes[len(shown):]:
@@ -311,15 +290,15 @@ def _loss_figure(run: Run):
 
 
 def _auroc_figure(run: Run):
-    rounds = [r["round"] for r in run.rounds]
+    rounds = [r.round for r in run.rounds]
     figure, (ax,) = _figure()
-    ax.plot(rounds, [r.get("probe_macro_auroc") for r in run.rounds], marker="o", color="C0", label="global encoder")
-    band = [(r["round"], *r["probe_macro_auroc_ci95"]) for r in run.rounds if r.get("probe_macro_auroc_ci95")]
+    ax.plot(rounds, [r.probe_macro_auroc for r in run.rounds], marker="o", color="C0", label="global encoder")
+    band = [(r.round, *r.probe_macro_auroc_ci95) for r in run.rounds if r.probe_macro_auroc_ci95]
     if band:
         x, low, high = zip(*band)
         ax.fill_between(x, low, high, color="C0", alpha=0.2, label="global encoder, 95 % interval")
-    if any(r.get("federated_macro_auroc") is not None for r in run.rounds):
-        ax.plot(rounds, [r.get("federated_macro_auroc") for r in run.rounds], marker="s", color="C1",
+    if any(r.federated_macro_auroc is not None for r in run.rounds):
+        ax.plot(rounds, [r.federated_macro_auroc for r in run.rounds], marker="s", color="C1",
                 label="federated evaluation (sites' mean)")
     baselines = (run.summary or {}).get("encoders", {})
     # random init is the reference every other line is read against: solid and black
@@ -339,9 +318,9 @@ def _auroc_figure(run: Run):
 
 
 def _collapse_figure(run: Run):
-    rounds = [r["round"] for r in run.rounds]
+    rounds = [r.round for r in run.rounds]
     figure, (rank, std) = _figure(9.6, 3.2, ncols=2)
-    ranks = [r.get("embedding_rank") for r in run.rounds]
+    ranks = [r.embedding_rank for r in run.rounds]
     rank.plot(rounds, ranks, marker="o")
     known = [v for v in ranks if v is not None]
     rank.axhline(RANK_DROP_WARNING * max(known), linestyle="--", color="C3", linewidth=0.8,
@@ -349,7 +328,7 @@ def _collapse_figure(run: Run):
     rank.set_title("effective rank (RankMe)")
     rank.set_ylim(bottom=0)
     rank.legend(fontsize="small")
-    std.plot(rounds, [r.get("embedding_std") for r in run.rounds], marker="o", color="C1")
+    std.plot(rounds, [r.embedding_std for r in run.rounds], marker="o", color="C1")
     std.set_title("mean std of normalised embeddings")
     std.set_ylim(bottom=0)
     for ax in (rank, std):
@@ -358,9 +337,9 @@ def _collapse_figure(run: Run):
 
 
 def _epsilon_figure(run: Run):
-    rounds = [r["round"] for r in run.rounds]
+    rounds = [r.round for r in run.rounds]
     figure, (ax,) = _figure()
-    declined = {(r["round"], d.get("site")) for r in run.rounds for d in r.get("declined", [])}
+    declined = {(r.round, d.get("site")) for r in run.rounds for d in r.declined}
     for i, (site, values) in enumerate(epsilon_by_site(run.rounds).items()):
         color = f"C{i}"
         ax.plot(rounds, values, marker="o", color=color, label=site)
@@ -380,15 +359,15 @@ def _epsilon_figure(run: Run):
 
 
 def _seconds_figure(run: Run):
-    rounds = [r["round"] for r in run.rounds]
-    training = [r.get("seconds", 0.0) for r in run.rounds]
+    rounds = [r.round for r in run.rounds]
+    training = [r.seconds for r in run.rounds]
     figure, (ax,) = _figure()
     ax.bar(rounds, training, label="round (send, train, aggregate)")
-    probe = ax.bar(rounds, [r.get("probe_seconds", 0.0) for r in run.rounds], bottom=training, label="server probe")
-    ax.bar_label(probe, labels=[f"{t + r.get('probe_seconds', 0.0):.1f}s" for t, r in zip(training, run.rounds)],
+    probe = ax.bar(rounds, [r.probe_seconds for r in run.rounds], bottom=training, label="server probe")
+    ax.bar_label(probe, labels=[f"{t + r.probe_seconds:.1f}s" for t, r in zip(training, run.rounds)],
                  fontsize="small")  # a slow first round must not hide the others' numbers
-    if any(r.get("compute_seconds") for r in run.rounds):  # each site's training loop alone (server/metrics.py)
-        ax.plot(rounds, [max(r["compute_seconds"].values()) if r.get("compute_seconds") else None
+    if any(r.compute_seconds for r in run.rounds):  # each site's training loop alone
+        ax.plot(rounds, [max(r.compute_seconds.values()) if r.compute_seconds else None
                          for r in run.rounds], "k_", markersize=22, markeredgewidth=2,
                 label="slowest site's training")
     ax.set_ylabel("seconds")

@@ -9,7 +9,7 @@ adding or removing one *site's* whole data; the wrapper's accountant composes on
 round (no sampling amplification: every site trains every round).
 
 The bound only holds for an unweighted mean over exactly n updates, so Flower's accounted wrappers
-refuse a round with unequal weights or fewer replies. `FixedDenominator` makes every round such a
+refuse a round with unequal weights or fewer replies. `CentralDP` makes every round such a
 mean (DP-FedAvg with a fixed denominator, McMahan et al., "Learning Differentially Private
 Recurrent Language Models", ICLR 2018): each reply is weighted 1 (`SITE_WEIGHT_KEY`) whatever its
 number of windows, and a sampled site that sent no usable update (it declined for its sample-level
@@ -27,7 +27,6 @@ Renyi DP alpha / (2 sigma^2) per release.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from logging import INFO
 
 import numpy as np
@@ -37,7 +36,6 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     FedAvg,
-    Strategy,
 )
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flwr.supercore.privacy_accounting import (
@@ -47,8 +45,6 @@ from flwr.supercore.privacy_accounting import (
     PrivacySpent,
     SamplingMethod,
 )
-
-from fedssl.protocol import WEIGHT_KEY
 
 CENTRAL_DP = ("server", "client")  # who clips the updates
 SITE_WEIGHT_KEY = "central-dp-weight"  # every update's weight in the mean: 1
@@ -98,85 +94,76 @@ class SiteLevelAccountant:
         self._events = [(float(sigma), int(count)) for sigma, count in state["events"]]
 
 
-class FixedDenominator(Strategy):
-    """Flower's accounted central-DP wrapper over exactly the n sampled sites, each weighted 1; a
-    site without a usable update counts as a zero update. `on_metrics(contents, WEIGHT_KEY)` gets
-    the real replies (the tracker's window-weighted loss means), `on_release(round, spent)` the
-    accountant's cumulative site-level privacy after each released aggregate."""
+class CentralDP:
+    """Site-level DP of the aggregate: Flower's accounted client-side fixed-clipping wrapper around
+    the base FedAvg, fed exactly the n sampled sites' updates, each weighted 1, a site without a
+    usable update as a zero update (`fixed_denominator`). Not a strategy of its own:
+    `FedSSLStrategy` (server/strategy.py) calls it at its place in the round.
 
-    def __init__(self, strategy: DifferentialPrivacyClientSideFixedClipping, clip_at_server: bool,
-                 on_metrics: Callable[[list[RecordDict], str], MetricRecord],
-                 on_release: Callable[[int, PrivacySpent], None] | None = None) -> None:
-        self.strategy, self.clip_at_server = strategy, clip_at_server
-        self.on_metrics, self.on_release = on_metrics, on_release
-        self._sent: list[Message] = []
-        self._global = ArrayRecord()
+    `base` is a FedAvg built with `weighted_by_key=SITE_WEIGHT_KEY`. Without noise there is no
+    accountant (clipping alone bounds a site's influence but gives no epsilon). A resumed run
+    passes the rounds it already `released` (every completed round released one aggregate).
+    """
+
+    def __init__(self, base: FedAvg, mode: str, noise_multiplier: float, clipping_norm: float, sampled: int,
+                 sites: int, delta: float, released: int = 0) -> None:
+        accountant = None
+        if noise_multiplier > 0:
+            accountant = SiteLevelAccountant(PrivacyConfig(
+                target_delta=delta, population_size=sites, neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                sampling_method=SamplingMethod.NO_AMPLIFICATION))
+            if released:
+                accountant.compose(GaussianPrivacyEvent(noise_multiplier=noise_multiplier, sample_size=sampled,
+                                                        population_size=sites), count=released)
+        self.wrapper = DifferentialPrivacyClientSideFixedClipping(
+            base, noise_multiplier=noise_multiplier, clipping_norm=clipping_norm, num_sampled_clients=sampled,
+            accountant=accountant)
+        self.clip_at_server = mode == "server"
 
     def summary(self) -> None:
-        log(INFO, "\t├──> Central DP over a fixed denominator: every sampled site weighs 1, "
-            "a missing update counts as zero")
-        self.strategy.summary()
+        log(INFO, "\t├──> Central DP (%s-side clipping) over a fixed denominator: every sampled site weighs 1, "
+            "a missing update counts as zero", "server" if self.clip_at_server else "client")
+        self.wrapper.summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        self._sent = list(self.strategy.configure_train(server_round, arrays, config, grid))
-        self._global = arrays
-        if self.clip_at_server:  # the wrapper asks the sites to clip; here the server does
-            for content in {id(m.content): m.content for m in self._sent}.values():
+                        grid: Grid) -> list[Message]:
+        """The base strategy's instructions, planned by the wrapper as one private release. The
+        wrapper asks the sites to clip; when the server clips, that request is taken out."""
+        sent = list(self.wrapper.configure_train(server_round, arrays, config, grid))
+        if self.clip_at_server:
+            for content in {id(m.content): m.content for m in sent}.values():  # often one shared RecordDict
                 del content["config"][KEY_CLIPPING_NORM]
-        return self._sent
+        return sent
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        updates = {m.metadata.src_node_id: m.content for m in replies if not m.has_error()}
-        trained = [updates[m.metadata.dst_node_id] for m in self._sent if m.metadata.dst_node_id in updates]
-        if not trained:  # nothing to release: the tracker reports that no site returned an update
-            return None, None
-        self.on_metrics(trained, WEIGHT_KEY)
-        if len(trained) < len(self._sent):
+    def aggregate_train(self, server_round: int, sent: list[Message], trained: list[Message],
+                        global_arrays: ArrayRecord) -> tuple[ArrayRecord | None, PrivacySpent | None]:
+        """The noised mean over the fixed denominator of the instructions `sent`, and the site-level
+        privacy spent so far, this round included (None without an accountant)."""
+        if len(trained) < len(sent):
             log(INFO, "fedssl | round %d: central DP counts %d of %d sampled sites as a zero update (no usable "
-                "update: declined, failed or rejected)", server_round, len(self._sent) - len(trained), len(self._sent))
-        weight = MetricRecord({SITE_WEIGHT_KEY: 1.0})
-        uniform = []
-        for instruction in self._sent:
-            content = updates.get(instruction.metadata.dst_node_id)
-            arrays = next(iter(content.array_records.values())) if content else self._global  # zero update
-            if content and self.clip_at_server:
-                arrays = clip_update(arrays, self._global, self.strategy.clipping_norm)
-            uniform.append(Message(RecordDict({"arrays": arrays, "metrics": weight}), reply_to=instruction))
-        aggregated = self.strategy.aggregate_train(server_round, uniform)
-        spent = self.strategy.privacy_spent()
-        if aggregated[0] is not None and spent is not None and self.on_release:
-            self.on_release(server_round, spent)
-        return aggregated
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
+                "update: declined, failed or rejected)", server_round, len(sent) - len(trained), len(sent))
+        clipping_norm = self.wrapper.clipping_norm if self.clip_at_server else None
+        uniform = fixed_denominator(sent, trained, global_arrays, clipping_norm)
+        arrays, _ = self.wrapper.aggregate_train(server_round, uniform)
+        return arrays, self.wrapper.privacy_spent()
 
 
-def central_dp(strategy: FedAvg, mode: str, noise_multiplier: float, clipping_norm: float, sampled: int,
-               sites: int, delta: float, on_metrics: Callable[[list[RecordDict], str], MetricRecord],
-               on_release: Callable[[int, PrivacySpent], None] | None = None, released: int = 0) -> FixedDenominator:
-    """`strategy` (a FedAvg built with `weighted_by_key=SITE_WEIGHT_KEY` and a no-op metrics
-    function) behind Flower's `mode` fixed-clipping wrapper with a site-level accountant (none
-    without noise: clipping alone bounds a site's influence but gives no epsilon). A resumed run
-    passes the rounds it already `released` (every completed round released one aggregate)."""
-    accountant = None
-    if noise_multiplier > 0:
-        accountant = SiteLevelAccountant(PrivacyConfig(
-            target_delta=delta, population_size=sites, neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-            sampling_method=SamplingMethod.NO_AMPLIFICATION))
-        if released:
-            accountant.compose(GaussianPrivacyEvent(noise_multiplier=noise_multiplier, sample_size=sampled,
-                                                    population_size=sites), count=released)
-    wrapped = DifferentialPrivacyClientSideFixedClipping(strategy, noise_multiplier=noise_multiplier,
-                                                         clipping_norm=clipping_norm, num_sampled_clients=sampled,
-                                                         accountant=accountant)
-    return FixedDenominator(wrapped, mode == "server", on_metrics, on_release)
+def fixed_denominator(sent: list[Message], trained: list[Message], global_arrays: ArrayRecord,
+                      clipping_norm: float | None) -> list[Message]:
+    """One reply per instruction `sent`, each weighted 1 (`SITE_WEIGHT_KEY`): the site's update
+    from `trained`, clipped to `clipping_norm` (None: the sites clipped), or for a site without
+    one the global model it was sent: a zero update."""
+    updates = {m.metadata.src_node_id: next(iter(m.content.array_records.values())) for m in trained}
+    weight = MetricRecord({SITE_WEIGHT_KEY: 1.0})
+    uniform = []
+    for instruction in sent:
+        arrays = updates.get(instruction.metadata.dst_node_id)
+        if arrays is None:
+            arrays = global_arrays
+        elif clipping_norm is not None:
+            arrays = clip_update(arrays, global_arrays, clipping_norm)
+        uniform.append(Message(RecordDict({"arrays": arrays, "metrics": weight}), reply_to=instruction))
+    return uniform
 
 
 def clip_update(arrays: ArrayRecord, reference: ArrayRecord, clipping_norm: float) -> ArrayRecord:
@@ -187,9 +174,3 @@ def clip_update(arrays: ArrayRecord, reference: ArrayRecord, clipping_norm: floa
     scale = min(1.0, clipping_norm / norm) if norm > 0 else 1.0
     return ArrayRecord({k: Array(np.asarray(reference[k].numpy() + scale * u, dtype=arrays[k].numpy().dtype))
                         for k, u in update.items()})
-
-
-def no_metrics(contents: list[RecordDict], weight_key: str) -> MetricRecord:
-    """The wrapped FedAvg's metrics function: `FixedDenominator` already handed the real replies'
-    metrics to the tracker, and the uniform replies carry only their weight."""
-    return MetricRecord()

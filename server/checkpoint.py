@@ -1,4 +1,4 @@
-"""Resume: the ServerApp's per-round checkpoint and the strategy that continues a killed run.
+"""Resume: the ServerApp's per-round checkpoint, from which a killed run continues.
 
 Flower keeps no server state across a restart: a killed ServerApp (or SuperLink) loses the
 global model, the round number and the server optimiser. After every round the ServerApp writes
@@ -7,36 +7,35 @@ global model, the round number and the server optimiser. After every round the S
 - `round`: the last completed round; `arrays`: the global model exactly as aggregated (dtypes
   kept, e.g. FedAdam's float64), what the next round sends to the sites;
 - `strategy_state`: the server optimiser's state by attribute name, read from the base Flower
-  strategy inside the fedssl wrappers (`SERVER_OPTIMIZER_STATE`: FedAdam/FedYogi's moments
-  `m_t`/`v_t`, FedAvgM's `momentum_vector`), so adding or removing a wrapper keeps checkpoints valid;
+  strategy that `FedSSLStrategy` aggregates with (`SERVER_OPTIMIZER_STATE`: FedAdam/FedYogi's
+  moments `m_t`/`v_t`, FedAvgM's `momentum_vector`);
 - `random_state`: Python's `random` state, with which the strategies sample the round's nodes;
 - `epsilon`: each DP site's epsilon as last reported; `strategy`, to refuse another scenario's;
 - `format`: `CHECKPOINT_FORMAT`. Checkpoints without it (older fedssl keyed the optimiser state by
   the wrappers' nesting depth, `"1.m_t"`) are refused: restoring them by guess could be silently wrong.
 
-A run started with run config `resume = true` loads it and runs the remaining rounds through
-`ContinuedStrategy`, so the round numbers the sites see continue (they seed their local training
-and plan their DP-SGD noise by the server round). Without a checkpoint it starts at round 1.
+A run started with run config `resume = true` loads it and runs the remaining rounds, numbered on
+from the checkpoint's round (`FedSSLStrategy.done`), so the round numbers the sites see continue
+(they seed their local training and plan their DP-SGD noise by the server round). Without a
+checkpoint it starts at round 1.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from logging import INFO
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord
 from flwr.common import log
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedssl.runfolder import RunFolder
 from fedssl.storage import atomic_torch_save
 
-CHECKPOINT_FILE = "checkpoints/server.pt"
 # attributes of flwr.serverapp.strategy objects that carry state from one round to the next
 # (FedOpt's and FedAvgM's `current_arrays` is the global model itself, set again in configure_train)
 SERVER_OPTIMIZER_STATE = ("m_t", "v_t", "momentum_vector")
@@ -69,13 +68,13 @@ class ServerCheckpoint:
         return atomic_torch_save({"format": CHECKPOINT_FORMAT, "round": self.round, "strategy": self.strategy,
                                   "arrays": _tensors(self.arrays), "strategy_state": state,
                                   "random_state": self.random_state, "epsilon": dict(self.epsilon)},
-                                 Path(run_dir) / CHECKPOINT_FILE)
+                                 RunFolder(run_dir).server_checkpoint)
 
     @classmethod
     def load(cls, run_dir: Path) -> ServerCheckpoint | None:
         """The run folder's checkpoint, or None if no round has completed there; refused if it
         was written in another format than `CHECKPOINT_FORMAT`."""
-        path = Path(run_dir) / CHECKPOINT_FILE
+        path = RunFolder(run_dir).server_checkpoint
         if not path.exists():
             return None
         saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -101,9 +100,10 @@ class ServerCheckpoint:
         if shapes != {k: tuple(v.shape) for k, v in reference.items()}:
             raise CheckpointMismatch("the checkpoint's global model does not match the scenario's model")
 
-    def restore(self, strategy: Strategy) -> None:
-        """Put the server optimiser's and the node sampling's state back (strategy: as `make_strategy` builds it)."""
-        restore_optimizer_state(strategy, self.strategy_state)
+    def restore(self, base: Strategy) -> None:
+        """Put the server optimiser's state back on `base`, a freshly built base strategy of the
+        same kind, and the node sampling's state back on `random`."""
+        restore_optimizer_state(base, self.strategy_state)
         random.setstate(self.random_state)
 
 
@@ -116,7 +116,7 @@ def resume_point(run_dir: Path, strategy: str, rounds: int, reference: dict[str,
         return None
     checkpoint.check(strategy, rounds, reference)
     log(INFO, "fedssl | resuming after round %d of %d from %s (server optimiser state: %s; epsilon: %s)",
-        checkpoint.round, rounds, Path(run_dir) / CHECKPOINT_FILE, ", ".join(checkpoint.strategy_state) or "none",
+        checkpoint.round, rounds, RunFolder(run_dir).server_checkpoint, ", ".join(checkpoint.strategy_state) or "none",
         checkpoint.epsilon or "-")
     return checkpoint
 
@@ -134,63 +134,15 @@ def _arrays(value):
     return [v.numpy() for v in value]
 
 
-def base_strategy(strategy: Strategy) -> Strategy:
-    """The Flower strategy inside every wrapper (`.strategy`: validation, central DP, continuation):
-    the one that holds the server optimiser's state."""
-    while isinstance(getattr(strategy, "strategy", None), Strategy):
-        strategy = strategy.strategy
-    return strategy
-
-
-def optimizer_state(strategy: Strategy) -> dict[str, dict | list]:
+def optimizer_state(base: Strategy) -> dict[str, dict | list]:
     """The base strategy's server optimiser state by attribute name (empty for FedAvg & co)."""
-    base = base_strategy(strategy)
     return {name: value for name in SERVER_OPTIMIZER_STATE if (value := getattr(base, name, None)) is not None}
 
 
-def restore_optimizer_state(strategy: Strategy, state: dict[str, dict | list]) -> None:
-    """Put `optimizer_state`'s output back on a freshly built strategy of the same kind."""
-    base = base_strategy(strategy)
+def restore_optimizer_state(base: Strategy, state: dict[str, dict | list]) -> None:
+    """Put `optimizer_state`'s output back on a freshly built base strategy of the same kind."""
     for name, value in state.items():
         if name not in SERVER_OPTIMIZER_STATE or not hasattr(base, name):
             raise CheckpointMismatch(f"the checkpoint holds the server optimiser state {name!r}, which the "
                                      f"scenario's {type(base).__name__} does not keep")
         setattr(base, name, value)
-
-
-class ContinuedStrategy(Strategy):
-    """`strategy` continuing a run after `done` completed rounds.
-
-    Flower's `Strategy.start` always numbers rounds 1..num_rounds. Started with
-    `num_rounds = rounds - done`, this wrapper adds `done` to every round number before it reaches
-    the wrapped strategy, so configure_train sends `server-round` done+1, done+2, ... to the sites
-    and aggregation, validation and the metrics see the run's real round numbers. Only Flower's own
-    `[ROUND i/n]` log lines count from 1 (the fedssl progress lines give the real round). The
-    evaluate_fn passed to `start` needs the same offset: use `evaluate_fn`.
-    """
-
-    def __init__(self, strategy: Strategy, done: int) -> None:
-        self.strategy, self.done = strategy, done
-
-    def summary(self) -> None:
-        log(INFO, "\t├──> Resumed after round %d", self.done)
-        self.strategy.summary()
-
-    def evaluate_fn(self, evaluate):
-        """`evaluate(server_round, arrays)` called with the run's round numbers."""
-        return lambda server_round, arrays: evaluate(server_round + self.done, arrays)
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        return self.strategy.configure_train(server_round + self.done, arrays, config, grid)
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return self.strategy.aggregate_train(server_round + self.done, replies)
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round + self.done, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round + self.done, replies)

@@ -1,8 +1,8 @@
 """Update validation: every site's reply is checked before it can reach the global encoder.
 
-`ValidatedStrategy` wraps any `flwr.serverapp.strategy` strategy. It remembers the global encoder
-it sends each round (`configure_train`) and, before delegating `aggregate_train`, leaves out every
-reply that
+Pure functions of a round's replies, the global model sent that round and the layout of the
+shared model; `FedSSLStrategy.aggregate_train` (server/strategy.py) runs them before aggregation.
+`validate_replies` leaves out every reply that
 
 - does not hold exactly one ArrayRecord and one MetricRecord (and nothing else),
 - lacks a positive, finite weight (`num-examples`), or has a metric that is not a finite scalar,
@@ -10,17 +10,14 @@ reply that
 - does not have the encoder's keys, shapes and dtypes, or holds NaN/inf values,
 - moved the encoder further than `max_norm_ratio` x the median update norm of the round's
   well-formed replies (||w_i - w_global||; the bound needs a majority of honest sites, so it
-  only bites from three replies on).
+  only bites from three replies on),
 
-Each rejection is logged with the node id, the site name when the reply carries a `site-index`
-metric, and the reason, and is handed to `on_reject` (the run's metrics file records them).
-Error replies pass through untouched for the wrapped strategy to log. `on_replies` sees every
-reply of a round before validation (the tracker records error replies, e.g. a site declining a
-round whose DP-SGD would pass its privacy budget).
+and says why in a `Rejection` naming the node and, when the reply carries a valid `site-index`,
+the site. Error replies pass through untouched (the strategy records them).
 
-With `transfer_dtype` float16 (`federation.transfer_dtype`) the global model goes out in float16
-and the sites' float16 arrays are cast back to float32 here, before validation: the strategy
-keeps and aggregates the global model in float32.
+With `transfer_dtype` float16 (`federation.transfer_dtype`) the sites' float16 arrays are cast
+back to float32 (`widen_float16`) before validation: the global model is kept and aggregated in
+float32.
 """
 
 from __future__ import annotations
@@ -28,20 +25,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from logging import INFO, WARNING
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.common import log
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-from fedssl.federated import cast_floating
-from fedssl.protocol import WEIGHT_KEY, reply_site
-
+from fedssl.protocol import reply_site
 
 
 @dataclass(frozen=True)
@@ -57,79 +48,6 @@ class Rejection:
         return dataclasses.asdict(self)
 
 
-class ValidatedStrategy(Strategy):
-    """`strategy` aggregating only the replies that pass the checks of this module.
-
-    `reference` is the initial global encoder: it fixes the keys, shapes and dtypes every update
-    must have (aggregation may change the dtypes of the global arrays; the sites' may not).
-    `max_norm_ratio` 0 disables the norm bound.
-    """
-
-    def __init__(self, strategy: Strategy, reference: ArrayRecord, *, max_norm_ratio: float = 5.0,
-                 weight_key: str = WEIGHT_KEY, sites: Sequence[str] = (), transfer_dtype: str = "float32",
-                 on_reject: Callable[[Rejection], None] | None = None,
-                 on_replies: Callable[[int, list[Message]], None] | None = None) -> None:
-        if max_norm_ratio != 0 and max_norm_ratio < 1:
-            raise ValueError(f"max_norm_ratio must be 0 (off) or at least 1, got {max_norm_ratio}")
-        self.strategy = strategy
-        self.spec = {k: (tuple(a.shape), np.dtype(a.dtype)) for k, a in reference.items()}
-        self.max_norm_ratio = max_norm_ratio
-        self.weight_key = weight_key
-        self.sites = tuple(sites)
-        self.transfer_dtype = transfer_dtype
-        self.on_reject = on_reject
-        self.on_replies = on_replies
-        self._global: dict[str, np.ndarray] = {}
-
-    def summary(self) -> None:
-        log(INFO, "\t├──> Update validation: keys, shapes, dtypes, finite values, "
-            "norm <= %s x round median", self.max_norm_ratio or "inf")
-        self.strategy.summary()
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        """Remember the global encoder the updates of `server_round` start from, then delegate."""
-        self._global = {k: a.numpy() for k, a in arrays.items()}
-        return self.on_wire(self.strategy.configure_train(server_round, arrays, config, grid))
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Delegate the aggregation of the replies that pass validation."""
-        if not self._global:
-            raise RuntimeError("aggregate_train before configure_train: no global encoder to compare with")
-        replies = list(replies)
-        if self.on_replies:
-            self.on_replies(server_round, replies)
-        if self.transfer_dtype == "float16":
-            for msg in replies:
-                widen_float16(msg)
-        kept, rejected = validate_replies(server_round, replies, self._global, self.spec,
-                                          self.max_norm_ratio, self.weight_key, self.sites)
-        for rejection in rejected:
-            site = f"site {rejection.site} (node {rejection.node_id})" if rejection.site else f"node {rejection.node_id}"
-            log(WARNING, "fedssl | round %d: rejected the update of %s: %s", server_round, site, rejection.reason)
-            if self.on_reject:
-                self.on_reject(rejection)
-        return self.strategy.aggregate_train(server_round, kept)
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        return self.on_wire(self.strategy.configure_evaluate(server_round, arrays, config, grid))
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
-
-    def on_wire(self, messages: Iterable[Message]) -> list[Message]:
-        """The strategy's messages with the global model in the transfer dtype; the strategy's own
-        copy (what it aggregates into) stays float32."""
-        messages = list(messages)
-        if self.transfer_dtype != "float32":
-            for content in {id(m.content): m.content for m in messages}.values():  # often one shared RecordDict
-                for name, record in list(content.array_records.items()):
-                    content[name] = ArrayRecord(cast_floating(record.to_torch_state_dict(), self.transfer_dtype))
-        return messages
-
-
 def widen_float16(msg: Message) -> None:
     """Cast the float16 arrays of a reply to float32, in place. Only float16: any other dtype stays
     for validation to judge, and an undecodable record is left for validation to reject."""
@@ -143,10 +61,17 @@ def widen_float16(msg: Message) -> None:
         msg.content[name] = ArrayRecord({k: v.float() if v.dtype == torch.float16 else v for k, v in state.items()})
 
 
+def model_layout(reference: ArrayRecord) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Keys, shapes and dtypes every update must have: those of the initial shared model
+    (aggregation may change the dtypes of the global arrays; the sites' may not)."""
+    return {k: (tuple(a.shape), np.dtype(a.dtype)) for k, a in reference.items()}
+
+
 def validate_replies(server_round: int, replies: list[Message], global_arrays: dict[str, np.ndarray],
                      spec: dict[str, tuple[tuple[int, ...], np.dtype]], max_norm_ratio: float,
                      weight_key: str, sites: Sequence[str] = ()) -> tuple[list[Message], list[Rejection]]:
-    """Split `replies` into those to aggregate (error replies included) and rejections."""
+    """Split `replies` into those to aggregate (error replies included) and rejections.
+    `max_norm_ratio` 0 switches the norm bound off."""
     reasons: dict[int, str] = {}  # reply index -> why it is left out
     norms: dict[int, float] = {}  # reply index -> ||w_i - w_global|| of well-formed replies
     for i, msg in enumerate(replies):

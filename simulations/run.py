@@ -52,8 +52,8 @@ from rich.console import Console
 from rich.table import Table
 
 from fedssl.config import ConfigError
-from fedssl.report import epsilon_by_site, read_metrics, write_report
-from fedssl.runfolder import RUN_STATE, RunFolder
+from fedssl.report import epsilon_by_site, write_report
+from fedssl.runfolder import RunFolder
 from ops.bundle import stage_app
 from ops.deploy import FAST_POLLING_ENV
 from ops.processes import TOKEN_VARIABLE, free_port, marked_processes, pid_alive, stop_pids, terminate
@@ -115,8 +115,9 @@ def record_start(run_dir: Path) -> None:
     """Record the run in `run_dir` as running, with this process's id and host (a runner killed
     without a chance to record its outcome can then be told apart from one still running)."""
     record = {"state": "running", "started": time.time(), "pid": os.getpid(), "host": socket.gethostname()}
-    write_json(run_dir / RUN_STATE, record)
-    _run_state.set((run_dir / RUN_STATE, record))
+    path = RunFolder(run_dir).run_state
+    write_json(path, record)
+    _run_state.set((path, record))
 
 
 def write_json(path: Path, value: dict) -> None:
@@ -156,7 +157,7 @@ def run_scenario(path: str | Path, out_dir: str | Path | None = None, *, verbose
     scenario_path = run.scenario
     save_scenario(scenario, scenario_path)
     echo(f"run folder: {run_dir}")
-    record_start(run_dir)
+    record_start(run.root)
 
     data_dir = run.data
     materialise_data(scenario, data_dir, echo)
@@ -169,7 +170,7 @@ def run_scenario(path: str | Path, out_dir: str | Path | None = None, *, verbose
         run_id = simulation.run(scenario_path, num_sites=len(scenario.sites), timeout=timeout, resume=resume)
     federation_done = time.perf_counter()
 
-    rounds = read_metrics(run.metrics)
+    rounds = run.rounds()
     if len(rounds) != scenario.federation.rounds or not run.encoder.exists():
         raise FederationError(f"Flower run {run_id} finished but {run_dir} holds {len(rounds)} of "
                               f"{scenario.federation.rounds} rounds; see {simulation.log_path}")
@@ -189,15 +190,15 @@ def run_scenario(path: str | Path, out_dir: str | Path | None = None, *, verbose
         "data_seconds": round(data_done - started, 1),
         "federation_seconds": round(federation_done - data_done, 1),  # incl. Flower/Ray start-up
         "baseline_seconds": round(time.perf_counter() - federation_done, 1),
-        "final_loss": rounds[-1].get("loss"),
-        "probe_macro_auroc_by_round": [r.get("probe_macro_auroc") for r in rounds],
-        "probe_macro_auroc_ci95_by_round": [r.get("probe_macro_auroc_ci95") for r in rounds],
+        "final_loss": rounds[-1].losses.get("loss"),
+        "probe_macro_auroc_by_round": [r.probe_macro_auroc for r in rounds],
+        "probe_macro_auroc_ci95_by_round": [r.probe_macro_auroc_ci95 for r in rounds],
         # DP sites' epsilon spent after each round (null: the site sent no update that round)
         "epsilon_by_site": epsilon_by_site(rounds),
         # site-level (federation.central_dp) epsilon after each round, all rounds composed
-        **({"central_epsilon_by_round": [r.get("central_epsilon") for r in rounds]}
-           if any("central_epsilon" in r for r in rounds) else {}),
-        "declined_by_round": [[d.get("site") or d.get("node_id") for d in r.get("declined", [])] for r in rounds],
+        **({"central_epsilon_by_round": [r.central_epsilon for r in rounds]}
+           if any(r.central_epsilon is not None for r in rounds) else {}),
+        "declined_by_round": [[d.get("site") or d.get("node_id") for d in r.declined] for r in rounds],
         # per encoder: macro_auroc (mean over the probe's patient-level splits and, for random_init,
         # over its initialisations), ci95 [low, high] (bootstrap over splits, then test patients),
         # runs (each probe's macro AUROC), per_class, and federated_minus (paired difference)
@@ -207,7 +208,7 @@ def run_scenario(path: str | Path, out_dir: str | Path | None = None, *, verbose
                        "bootstrap_replicates": scenario.evaluation.bootstrap},
         "flower_run_id": run_id,
     }
-    run.summary.write_text(json.dumps(summary, indent=2) + "\n")
+    run.write_summary(summary)
     write_report(run_dir)  # the ServerApp wrote it already; now with the baseline table of summary.json
     echo(summary_table(summary))
     return RunResult(run_dir, summary, sorted(simulation.seen_pids))
@@ -217,7 +218,7 @@ def check(scenario) -> None:
     """Everything that can be refused before data or Flower: the scenario (fedssl.check) and the
     federation against the ServerApp's strategies."""
     from fedssl.check import check_scenario
-    from server.app import check_federation
+    from server.strategy import check_federation
 
     check_scenario(scenario)
     check_federation(scenario.federation, len(scenario.sites))
@@ -289,7 +290,7 @@ class LocalSimulation:
         self.folder = RunFolder(run_dir)
         self.run_dir = self.folder.root
         self.home = self.folder.flower
-        self.log_path = self.folder.logs / "flower.log"
+        self.log_path = self.folder.flower_log
         self.echo, self.verbose = echo, verbose
         self.token = uuid.uuid4().hex
         self.port = 0
@@ -353,7 +354,7 @@ class LocalSimulation:
             "--host", "127.0.0.1",
             "--port", str(self.port),
         ]
-        with (self.folder.logs / "superlink.log").open("ab") as log_file:
+        with self.folder.superlink_log.open("ab") as log_file:
             self.superlink = subprocess.Popen(command, env=self.env, cwd=self.run_dir, stdout=log_file,
                                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                               start_new_session=True)  # Ctrl-C is handled here
@@ -364,7 +365,7 @@ class LocalSimulation:
         while not self._healthy():
             if self.superlink.poll() is not None:
                 raise FederationError(f"flower-superlink exited with code {self.superlink.returncode}; "
-                                      f"see {self.folder.logs / 'superlink.log'}")
+                                      f"see {self.folder.superlink_log}")
             if time.monotonic() > deadline:
                 raise FederationError("flower-superlink did not become ready within 60s")
             time.sleep(0.2)
@@ -515,7 +516,7 @@ def summary_table(summary: dict) -> str:
 
     table = Table("encoder", "macro AUROC [95 % CI]", "federated minus this", box=box.SIMPLE_HEAD,
                   caption=f"{summary['rounds']} rounds, {len(summary['sites'])} sites, {summary['wall_seconds']:.0f}s; "
-                          f"summary: {Path(summary['run_dir']) / 'summary.json'}", caption_justify="left")
+                          f"summary: {RunFolder(summary['run_dir']).summary}", caption_justify="left")
     for name, e in summary["encoders"].items():
         minus = e.get("federated_minus")
         table.add_row(name, interval(e["macro_auroc"], e.get("ci95")),

@@ -280,6 +280,30 @@ class NodeGrid:
         return list(self.nodes)
 
 
+def play_round(strategy, arrays: dict[str, torch.Tensor], replies: list, server_round: int = 1,
+               nodes=(11, 12)):
+    """Round `server_round` of a `FedSSLStrategy` as Flower's start loop plays it, the sites' part
+    replaced by `replies` (the i-th from node `nodes[i]`: a RecordDict or an Error): configure,
+    aggregate, finish, so the round's record and checkpoints are written. The aggregated ArrayRecord."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message
+
+    sent = strategy.configure_train(server_round, ArrayRecord(arrays), ConfigRecord(), NodeGrid(nodes))
+    reply_of = dict(zip(nodes, replies, strict=True))
+    answers = [Message(reply_of[m.metadata.dst_node_id], reply_to=m) for m in sent]
+    aggregated, _ = strategy.aggregate_train(server_round, answers)
+    strategy.aggregate_evaluate(server_round, [])
+    strategy.finish_round(server_round, aggregated)
+    return aggregated
+
+
+def training_reply(arrays: dict[str, torch.Tensor], **metrics):
+    """A site's training reply: its update and its metrics (`num_examples` for `num-examples`)."""
+    from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+    metrics = {k.replace("_", "-"): v for k, v in metrics.items()}
+    return RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)})
+
+
 def load_scenario_text(folder):
     (folder / "tiny.yaml").write_text(TINY)
     return load_scenario(folder / "tiny.yaml")

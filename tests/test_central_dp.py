@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 
 import numpy as np
 import pytest
@@ -23,10 +24,10 @@ from opacus.accountants.analysis.rdp import get_privacy_spent
 
 from fedssl.config import ConfigError, FederationConfig
 from fedssl.protocol import PRIVACY_BUDGET_CODE, PRIVACY_BUDGET_REASON
-from server.app import check_federation, make_strategy
-from server.central_dp import CENTRAL_DP, FixedDenominator, SiteLevelAccountant
-from server.metrics import RoundTracker
-from server.validation import ValidatedStrategy
+from fedssl.runfolder import RunFolder
+from server.central_dp import CENTRAL_DP, CentralDP, SiteLevelAccountant
+from server.checkpoint import ServerCheckpoint
+from server.strategy import check_federation, make_strategy
 from simulations.run import run_scenario
 from tests.conftest import NodeGrid
 
@@ -66,29 +67,29 @@ def central_federation(tmp_path_factory):
     folder = tmp_path_factory.mktemp("central-dp")
     (folder / "central.yaml").write_text(CENTRAL_DP_FEDERATION)
     result = run_scenario(folder / "central.yaml", folder / "run", timeout=600, echo=lambda line: None)
-    rounds = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rounds = RunFolder(result.run_dir).rounds()
     return result, rounds
 
 
 def test_site_level_epsilon_is_reported_every_round(central_federation):
     result, rounds = central_federation
-    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert [r.round for r in rounds] == [1, 2, 3]
     expected = [gaussian_epsilon(1.5, r, 1e-4) for r in (1, 2, 3)]
-    assert [r["central_epsilon"] for r in rounds] == pytest.approx(expected, rel=1e-6)
+    assert [r.central_epsilon for r in rounds] == pytest.approx(expected, rel=1e-6)
     assert expected[0] < expected[1] < expected[2]
-    assert all(r["central_delta"] == 1e-4 for r in rounds)
-    assert result.summary["central_epsilon_by_round"] == [r["central_epsilon"] for r in rounds]
+    assert all(r.central_delta == 1e-4 for r in rounds)
+    assert result.summary["central_epsilon_by_round"] == [r.central_epsilon for r in rounds]
 
 
 def test_a_site_declining_under_central_dp_counts_as_a_zero_update(central_federation):
     result, rounds = central_federation
-    assert rounds[0]["sites"] == 2 and rounds[0]["declined"] == []
-    assert 0 < rounds[0]["epsilon"]["south"] < 4.0  # its sample-level epsilon, next to the site-level one
+    assert rounds[0].sites == 2 and rounds[0].declined == []
+    assert 0 < rounds[0].epsilon["south"] < 4.0  # its sample-level epsilon, next to the site-level one
     for r in rounds[1:]:  # south declines; the round still releases north's update, noised for two sites
-        assert r["sites"] == 1 and r["errors"] == [] and r["rejected"] == []
-        assert [(d["site"], d["code"], d["reason"]) for d in r["declined"]] == [
+        assert r.sites == 1 and r.errors == [] and r.rejected == []
+        assert [(d["site"], d["code"], d["reason"]) for d in r.declined] == [
             ("south", PRIVACY_BUDGET_CODE, PRIVACY_BUDGET_REASON)]
-        assert set(r["site_windows"]) == {"north"}
+        assert set(r.site_windows) == {"north"}
     checkpoints = [torch.load(result.run_dir / "checkpoints" / f"encoder_round_{r}.pt") for r in (1, 2, 3)]
     for before, after in itertools.pairwise(checkpoints):
         assert any(not torch.equal(before[k], after[k]) for k in before)
@@ -101,10 +102,9 @@ def test_a_site_declining_under_central_dp_counts_as_a_zero_update(central_feder
 
 def run_round(tmp_path, fed: FederationConfig, updates: dict[int, torch.Tensor | None], size: int):
     """One round of `make_strategy(fed)` from a zero global model; `updates[node]` None: the node
-    declines. Returns the new global `w` and the tracker."""
+    declines. Returns the new global `w` and the strategy."""
     reference = {"encoder.w": torch.zeros(size)}
-    tracker = RoundTracker(tmp_path, 1, reference, sites=("north", "south"))
-    strategy = make_strategy(fed, 2, tracker)
+    strategy = make_strategy(fed, ("north", "south"), reference, RunFolder(tmp_path))
     sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, ArrayRecord(reference), ConfigRecord(),
                                                                          NodeGrid((11, 22)))}
     replies = []
@@ -117,7 +117,7 @@ def run_round(tmp_path, fed: FederationConfig, updates: dict[int, torch.Tensor |
         replies.append(Message(RecordDict({"arrays": ArrayRecord({"encoder.w": update}), "metrics": metrics}),
                                reply_to=sent[node]))
     arrays, _ = strategy.aggregate_train(1, replies)
-    return arrays.to_torch_state_dict()["encoder.w"], tracker, strategy
+    return arrays.to_torch_state_dict()["encoder.w"], strategy
 
 
 def test_the_mean_is_unweighted_clipped_and_a_declined_site_is_zero(tmp_path, flower_messages):
@@ -125,21 +125,23 @@ def test_the_mean_is_unweighted_clipped_and_a_declined_site_is_zero(tmp_path, fl
                            central_delta=1e-5)
     north = torch.tensor([3.0, 4.0, 0.0, 0.0])  # norm 5: clipped to 2
     south = torch.tensor([0.0, 0.0, 1.0, 0.0])  # norm 1, ten times north's windows... weighed the same
-    w, tracker, _ = run_round(tmp_path / "both", fed, {11: north, 22: south}, 4)
+    w, _ = run_round(tmp_path / "both", fed, {11: north, 22: south}, 4)
     torch.testing.assert_close(w, (north * 2 / 5 + south) / 2, atol=1e-3, rtol=0)
-    w, tracker, strategy = run_round(tmp_path / "declined", fed, {11: north, 22: None}, 4)
+    w, strategy = run_round(tmp_path / "declined", fed, {11: north, 22: None}, 4)
     torch.testing.assert_close(w, north * 2 / 5 / 2, atol=1e-3, rtol=0)  # south counts as zero: / 2, not / 1
-    record = tracker.finish_round(1, ArrayRecord({"encoder.w": w}), None, 0.0, expected=2)
-    assert record["sites"] == 1 and record["loss"] == pytest.approx(1.0)  # losses: the real replies only
-    assert [d["node_id"] for d in record["declined"]] == [22]  # (its name is known once it has replied)
-    assert record["central_epsilon"] == pytest.approx(gaussian_epsilon(1e-4, 1, 1e-5), rel=1e-6)
-    assert isinstance(strategy.strategy, FixedDenominator)
+    strategy.finish_round(1, ArrayRecord({"encoder.w": w}))
+    (record,) = RunFolder(tmp_path / "declined").rounds()
+    assert record.sites == 1 and record.losses == {"loss": pytest.approx(1.0)}  # the real replies only
+    assert [d["node_id"] for d in record.declined] == [22]  # (its name is known once it has replied)
+    assert record.central_epsilon == pytest.approx(gaussian_epsilon(1e-4, 1, 1e-5), rel=1e-6)
+    assert record.central_delta == 1e-5
+    assert isinstance(strategy.central_dp, CentralDP)
 
 
 def test_the_noise_is_calibrated_to_the_fixed_denominator(tmp_path, flower_messages):
     fed = FederationConfig(central_dp="client", central_noise_multiplier=0.5, central_clipping_norm=2.0)
     zero = torch.zeros(20_000)
-    w, _, _ = run_round(tmp_path, fed, {11: zero, 22: None}, len(zero))
+    w, _ = run_round(tmp_path, fed, {11: zero, 22: None}, len(zero))
     assert w.std().item() == pytest.approx(0.5 * 2.0 / 2, rel=0.03)  # sigma C / n with n = 2 sampled sites
 
 
@@ -152,18 +154,21 @@ def test_central_dp_configuration_is_checked():
     check_federation(FederationConfig(central_dp="server", strategy="fedprox"), 2)
 
 
-def test_central_dp_sits_inside_update_validation_and_resumes_its_epsilon(tmp_path):
+def test_central_dp_is_configured_and_resumes_its_epsilon(tmp_path):
     reference = {"encoder.w": torch.zeros(3)}
-    tracker = RoundTracker(tmp_path, 1, reference)
+    sites, run = ("north", "south"), RunFolder(tmp_path)
     for mode in CENTRAL_DP:
-        strategy = make_strategy(FederationConfig(central_dp=mode, central_clipping_norm=2.0), 2, tracker)
-        assert isinstance(strategy, ValidatedStrategy) and isinstance(strategy.strategy, FixedDenominator)
-        assert strategy.strategy.strategy.clipping_norm == 2.0 and strategy.strategy.clip_at_server == (mode == "server")
-        assert strategy.strategy.strategy.privacy_spent().num_releases == 0
+        strategy = make_strategy(FederationConfig(central_dp=mode, central_clipping_norm=2.0), sites, reference, run)
+        central = strategy.central_dp
+        assert central.wrapper.clipping_norm == 2.0 and central.clip_at_server == (mode == "server")
+        assert central.wrapper.strategy is strategy.base and strategy.base.weighted_by_key == "central-dp-weight"
+        assert central.wrapper.privacy_spent().num_releases == 0
+    assert make_strategy(FederationConfig(), sites, reference, run).central_dp is None
     # a run resumed after round 2 has released two aggregates already
-    resumed = make_strategy(FederationConfig(central_dp="server", central_noise_multiplier=2.0), 2,
-                            RoundTracker(tmp_path / "resumed", 3, reference, resume_after=2))
-    spent = resumed.strategy.strategy.privacy_spent()
+    checkpoint = ServerCheckpoint(2, "fedavg", {"encoder.w": np.zeros(3, np.float32)}, random_state=random.getstate())
+    resumed = make_strategy(FederationConfig(central_dp="server", central_noise_multiplier=2.0, rounds=3), sites,
+                            reference, run, checkpoint=checkpoint)
+    spent = resumed.central_dp.wrapper.privacy_spent()
     assert spent.num_releases == 2 and spent.epsilon == pytest.approx(gaussian_epsilon(2.0, 2, 1e-5), rel=1e-6)
 
 

@@ -40,7 +40,7 @@ def scenario(rounds: int = 4, central_dp: str = "none"):
 
 
 def round_line(r: int, **extra) -> dict:
-    """One metrics.jsonl line as server/metrics.py writes it: every site trained."""
+    """One metrics.jsonl line in the flat form older fedssl wrote (still read): every site trained."""
     line = {"round": r, "loss": 2.0 / r, "generative": 1.5 / r, "contrastive": 1.0 / r,
             "probe_macro_auroc": 0.6 + 0.05 * r, "probe_macro_auroc_ci95": [0.55 + 0.05 * r, 0.65 + 0.05 * r],
             "seconds": 4.0, "compute_seconds": {"a": 2.5, "b": 3.0, "c": 1.0}, "probe_seconds": 1.0, "sites": 3,

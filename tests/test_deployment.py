@@ -12,7 +12,6 @@ is stopped by pid. Run it (like everything that starts Flower) under the shared 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -28,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import VerificationError
 
 from fedssl.cli import main
+from fedssl.runfolder import RunFolder
 from ops.deploy import make_certificates, make_node_key, verify_server_certificate
 from tests.conftest import CONNECTION, SITES, Deployment, flwr_json, hospitals
 
@@ -176,9 +176,9 @@ def test_two_rounds_over_tls_with_authenticated_sites(deployment):
     run_dir = deployment["run_dir"]
     assert deployment["flwr_run"].returncode == 0, deployment["flwr_run"].stdout[-3000:]
     assert "fedssl | done:" in deployment["flwr_run"].stdout
-    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rounds] == [1, 2]
-    assert all(math.isfinite(r["loss"]) and r["sites"] == 3 for r in rounds)
+    rounds = RunFolder(run_dir).rounds()
+    assert [r.round for r in rounds] == [1, 2]
+    assert all(math.isfinite(r.losses["loss"]) and r.sites == 3 for r in rounds)
     for name in ("checkpoints/encoder_round_1.pt", "checkpoints/encoder_round_2.pt", "encoder.pt"):
         assert (run_dir / name).is_file()
     run = flwr_json(deployment["ls"])["runs"][0]

@@ -18,13 +18,14 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client import app as client_app
 from client.app import privacy_metrics
-from fedssl.config import load_scenario
+from fedssl.config import FederationConfig, load_scenario
 from fedssl.privacy import LEDGER_FILE, PrivacyLedger, compute_epsilon
 from fedssl.protocol import PRIVACY_BUDGET_CODE, PRIVACY_BUDGET_REASON
-from server import metrics as server_metrics
-from server.metrics import RoundTracker
+from fedssl.runfolder import RunFolder
+from server.strategy import make_strategy
 from server.validation import validate_replies
 from simulations.run import run_scenario
+from tests.conftest import play_round
 
 DP_FEDERATION = """
 name: dp-federation
@@ -54,7 +55,7 @@ def dp_federation(tmp_path_factory):
     folder = tmp_path_factory.mktemp("dp-federation")
     (folder / "dp.yaml").write_text(DP_FEDERATION)
     result = run_scenario(folder / "dp.yaml", folder / "run", timeout=600, echo=lambda line: None)
-    rounds = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rounds = RunFolder(result.run_dir).rounds()
     return result, rounds
 
 
@@ -66,27 +67,28 @@ def test_south_budget_fits_one_round_only():
 
 def test_epsilon_grows_every_round_and_persists_in_the_ledger(dp_federation):
     result, rounds = dp_federation
-    assert [r["round"] for r in rounds] == [1, 2, 3]
-    north = [r["epsilon"]["north"] for r in rounds]
+    assert [r.round for r in rounds] == [1, 2, 3]
+    north = [r.epsilon["north"] for r in rounds]
     assert 0 < north[0] < north[1] < north[2] <= 8.0 + 1e-6, north
     ledger = PrivacyLedger.load(result.run_dir / "sites" / "north")  # reload from disk
     assert [e["round"] for e in ledger.entries] == [1, 2, 3]
     assert ledger.epsilon() == pytest.approx(north[-1], rel=1e-9)
-    assert rounds[-1]["delta"]["north"] == pytest.approx(ledger.delta)
+    assert rounds[-1].delta["north"] == pytest.approx(ledger.delta)
     assert result.summary["epsilon_by_site"]["north"] == north
-    assert "loss" in rounds[0] and "epsilon" not in result.summary  # losses stay the weighted means
+    assert set(rounds[0].losses) == {"loss", "generative"}  # loss terms only: the epsilons are kept apart
+    assert "epsilon" not in result.summary
 
 
 def test_a_site_past_its_budget_declines_and_the_run_goes_on(dp_federation):
     result, rounds = dp_federation
-    assert rounds[0]["sites"] == 2 and rounds[0]["declined"] == []
-    south_epsilon = rounds[0]["epsilon"]["south"]
+    assert rounds[0].sites == 2 and rounds[0].declined == []
+    south_epsilon = rounds[0].epsilon["south"]
     assert 0 < south_epsilon < 4.0
     for r in rounds[1:]:
-        assert r["sites"] == 1 and "south" not in r["epsilon"]
-        assert [(d["site"], d["code"], d["reason"]) for d in r["declined"]] == [
+        assert r.sites == 1 and "south" not in r.epsilon
+        assert [(d["site"], d["code"], d["reason"]) for d in r.declined] == [
             ("south", PRIVACY_BUDGET_CODE, PRIVACY_BUDGET_REASON)]
-        assert r["errors"] == []
+        assert r.errors == []
     ledger = PrivacyLedger.load(result.run_dir / "sites" / "south")
     assert [e["round"] for e in ledger.entries] == [1]  # declined rounds spend nothing
     assert ledger.epsilon() == pytest.approx(south_epsilon, rel=1e-9)
@@ -144,18 +146,14 @@ def test_mixed_dp_and_plain_sites_pass_validation_and_are_recorded_per_site(tmp_
                                       {"encoder.w": ((3,), torch.zeros(3).numpy().dtype)}, 5.0, "num-examples")
     assert rejected == [] and len(kept) == 2  # same metric names: no site is rejected
 
-    tracker = RoundTracker(tmp_path / "run", 2, reference, sites=("north", "south"))
-    tracker.observe_replies(1, replies)
-    aggregated = tracker.aggregate_train_metrics([m.content for m in replies], "num-examples")
-    assert set(aggregated) == {"loss"}  # per-site metrics are not averaged
-    tracker.finish_round(1, ArrayRecord(arrays), None, 0.0, expected=2)
-    tracker.observe_replies(2, [reply(11, None), reply(22, plain, arrays)])
-    tracker.aggregate_train_metrics([replies[1].content], "num-examples")
-    tracker.finish_round(2, ArrayRecord(arrays), None, 0.0, expected=2)
-    lines = [json.loads(line) for line in tracker.metrics_path.read_text().splitlines()]
-    assert lines[0]["epsilon"] == {"north": pytest.approx(ledger.epsilon())}  # plain sites are left out
-    assert lines[0]["loss"] == pytest.approx(1.75) and "epsilon" not in aggregated
-    assert lines[1]["epsilon"] == {} and lines[1]["sites"] == 1
-    assert lines[1]["declined"] == [{"node_id": 11, "site": "north", "code": PRIVACY_BUDGET_CODE,
-                                     "reason": PRIVACY_BUDGET_REASON}]
-    assert server_metrics.PRIVACY_BUDGET_CODE == PRIVACY_BUDGET_CODE
+    run = RunFolder(tmp_path / "run")
+    strategy = make_strategy(FederationConfig(rounds=2, min_sites=2), ("north", "south"), reference, run)
+    play_round(strategy, reference, [r.content for r in replies], 1, nodes=(11, 22))
+    declined = Error(code=PRIVACY_BUDGET_CODE, reason=PRIVACY_BUDGET_REASON)
+    play_round(strategy, reference, [declined, replies[1].content], 2, nodes=(11, 22))
+    first, second = run.rounds()
+    assert first.epsilon == {"north": pytest.approx(ledger.epsilon())}  # plain sites are left out
+    assert first.losses == {"loss": pytest.approx(1.75)}  # per-site metrics are not averaged
+    assert second.epsilon == {} and second.sites == 1
+    assert second.declined == [{"node_id": 11, "site": "north", "code": PRIVACY_BUDGET_CODE,
+                                "reason": PRIVACY_BUDGET_REASON}]

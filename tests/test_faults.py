@@ -43,7 +43,7 @@ from fedssl.config import FederationConfig, SiteConfig, SyntheticSiteConfig, loa
 from fedssl.data.site import SiteDataError, load_site
 from fedssl.data.synthetic import write_synthetic_site
 from fedssl.privacy import LEDGER_FILE
-from fedssl.report import read_metrics
+from fedssl.runfolder import RoundRecord, RunFolder
 from ops.deploy import make_certificates
 from ops.processes import marked_processes, send_signal
 from server.checkpoint import ServerCheckpoint
@@ -100,8 +100,8 @@ def online_nodes(d: Deployment) -> int:
     return sum(n["status"] == "online" for n in nodes)
 
 
-def _rounds(run_dir: Path) -> list[dict]:
-    return read_metrics(run_dir / "metrics.jsonl")
+def _rounds(run_dir: Path) -> list[RoundRecord]:
+    return RunFolder(run_dir).rounds()
 
 
 @pytest.fixture(scope="module")
@@ -189,28 +189,28 @@ def test_too_few_sites_stop_the_run_naming_the_missing_one(faults):
 def test_round_completes_without_the_killed_node(faults):
     assert faults["killed_pids"], "cardiology_c's SuperNode was not running"
     rounds = faults["lines_before"]
-    assert set(rounds[0]["site_windows"]) == set(SITES)
-    assert set(rounds[1]["site_windows"]) == set(SITES[:2])  # the round went on with the other two
+    assert set(rounds[0].site_windows) == set(SITES)
+    assert set(rounds[1].site_windows) == set(SITES[:2])  # the round went on with the other two
     # it ended on the SuperLink's answer for the one node that missed its heartbeats (the SuperLink
     # sends it, so it names no node), not at the round timeout, which leaves no error reply
-    assert [e["code"] for e in rounds[1]["errors"]] == [ErrorCode.NODE_UNAVAILABLE]
+    assert [e["code"] for e in rounds[1].errors] == [ErrorCode.NODE_UNAVAILABLE]
 
 
 def test_killed_node_rejoins_with_its_site_state(faults):
     rounds = _rounds(faults["run_dir"])
-    assert KILLED in rounds[2]["site_windows"] or KILLED in rounds[3]["site_windows"]
+    assert KILLED in rounds[2].site_windows or KILLED in rounds[3].site_windows
     # its heads were picked up again after the restart, not started afresh (round 1: every site's first)
-    assert [sorted(r["new_heads"]) for r in rounds] == [sorted(SITES), [], [], []]
+    assert [sorted(r.new_heads) for r in rounds] == [sorted(SITES), [], [], []]
     ledger = json.loads((faults["homes"][KILLED] / "state" / LEDGER_FILE).read_text())
     before = faults["ledger_before"]["entries"]
     assert [e["round"] for e in before] == [1]
     assert ledger["entries"][:1] == before  # the ledger kept round 1's steps across the restart
-    trained = [r["round"] for r in rounds if KILLED in r["site_windows"]]
+    trained = [r.round for r in rounds if KILLED in r.site_windows]
     # round 2's instruction was never trained on; a round cut short by the coordinator's death (4)
     # may have been trained twice: the ledger counts both
     assert sorted({e["round"] for e in ledger["entries"]}) == trained
     assert ledger["epsilon"] > faults["ledger_before"]["epsilon"]
-    assert rounds[-1]["epsilon"][KILLED] == pytest.approx(ledger["epsilon"])
+    assert rounds[-1].epsilon[KILLED] == pytest.approx(ledger["epsilon"])
 
 
 def test_run_resumes_after_the_superlink_is_killed(faults):
@@ -220,10 +220,10 @@ def test_run_resumes_after_the_superlink_is_killed(faults):
     assert faults["resumed"].returncode == 0, resumed[-3000:]
     assert "resuming after round 3 of 4" in resumed and "m_t, v_t" in resumed  # FedAdam's moments
     rounds = _rounds(faults["run_dir"])
-    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    assert [r.round for r in rounds] == [1, 2, 3, 4]
     assert rounds[:3] == faults["lines_before"][:3]  # rounds 1-3 ran once
     assert ServerCheckpoint.load(faults["run_dir"]).round == 4
-    last_reported = [r["epsilon"][KILLED] for r in rounds[:3] if KILLED in r["epsilon"]][-1]
+    last_reported = [r.epsilon[KILLED] for r in rounds[:3] if KILLED in r.epsilon][-1]
     assert faults["checkpoint_before"].epsilon[KILLED] == last_reported  # the privacy ledger as last reported
 
 

@@ -10,12 +10,11 @@ starting up).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from torch import nn
 
 from client.state import FEDEMA_FILE, HEADS_FILE
@@ -25,8 +24,8 @@ from fedssl.federated import (divergence, encoder_state, fedema_blend, fedema_sc
 from fedssl.objectives import build_objective
 from fedssl.objectives.base import Objective
 from fedssl.train import train_local
-from server.app import make_strategy, strategy_options
-from server.metrics import RoundTracker
+from fedssl.runfolder import RunFolder
+from server.strategy import make_strategy, site_probes, strategy_options
 from simulations.run import run_scenario
 from tests.conftest import TINY, NodeGrid, load_scenario_text, random_windows
 
@@ -107,13 +106,13 @@ def test_fedema_start_auto_scales_lambda_on_first_blend():
 # -- strategies -----------------------------------------------------------------------------------
 
 def test_strategy_options_reach_flower(tmp_path, flower_messages):
-    tracker = RoundTracker(tmp_path, 1, {})
-    fedprox = make_strategy(FederationConfig(strategy="fedprox", proximal_mu=0.2), 2, tracker)
+    sites, run = ("a", "b"), RunFolder(tmp_path)
+    fedprox = make_strategy(FederationConfig(strategy="fedprox", proximal_mu=0.2), sites, {}, run)
     sent = list(fedprox.configure_train(1, ArrayRecord(), ConfigRecord(), NodeGrid()))
     assert sent[0].content["config"]["proximal-mu"] == 0.2
-    fedadam = make_strategy(FederationConfig(strategy="fedadam"), 2, tracker).strategy  # behind validation
+    fedadam = make_strategy(FederationConfig(strategy="fedadam"), sites, {}, run).base
     assert (fedadam.eta, fedadam.beta_1, fedadam.tau) == (0.01, 0.9, 1e-3)
-    fedavgm = make_strategy(FederationConfig(strategy="fedavgm", server_learning_rate=0.5), 2, tracker).strategy
+    fedavgm = make_strategy(FederationConfig(strategy="fedavgm", server_learning_rate=0.5), sites, {}, run).base
     assert (fedavgm.server_learning_rate, fedavgm.server_momentum) == (0.5, 0.9)
     assert strategy_options(FederationConfig()) == {}
 
@@ -126,21 +125,21 @@ def test_strategy_options_reach_flower(tmp_path, flower_messages):
 ])
 def test_bad_federation_options_are_clear_errors(change, message, tmp_path):
     with pytest.raises(ConfigError, match=message):  # ranges are refused when the section is built
-        make_strategy(dataclasses.replace(FederationConfig(), **change), 2, RoundTracker(tmp_path, 1, {}))
+        make_strategy(dataclasses.replace(FederationConfig(), **change), ("a", "b"), {}, RunFolder(tmp_path))
 
 
-def _evaluate_reply(site_index: int, windows: int, auroc: float) -> RecordDict:
-    return RecordDict({"metrics": MetricRecord({"num-examples": windows, "probe-macro-auroc": auroc,
-                                                "site-index": site_index})})
+def _evaluate_reply(site_index: int, windows: int, auroc: float) -> Message:
+    content = RecordDict({"metrics": MetricRecord({"num-examples": windows, "probe-macro-auroc": auroc,
+                                                   "site-index": site_index})})
+    return Message(content, reply_to=Message(RecordDict(), dst_node_id=11 + site_index, message_type="evaluate"))
 
 
-def test_federated_evaluation_weights_sites_by_probe_windows(tmp_path):
-    tracker = RoundTracker(tmp_path, 1, {}, sites=("a", "b", "c"))
+def test_federated_evaluation_weights_sites_by_probe_windows(flower_messages):
     replies = [_evaluate_reply(0, 30, 0.9), _evaluate_reply(1, 10, 0.5), _evaluate_reply(2, 0, 0.0)]
-    mean = tracker.aggregate_evaluate_metrics(replies, "num-examples")["federated-macro-auroc"]
+    by_site, mean = site_probes(replies, ("a", "b", "c"))
     assert mean == pytest.approx((30 * 0.9 + 10 * 0.5) / 40)  # site c could not probe: left out
-    assert tracker._site_probes[1]["site_probe_macro_auroc"] == {"a": 0.9, "b": 0.5}
-    assert "federated-macro-auroc" not in tracker.aggregate_evaluate_metrics(replies[2:], "num-examples")
+    assert by_site == {"a": 0.9, "b": 0.5}
+    assert site_probes(replies[2:], ("a", "b", "c")) == ({}, None)  # no mean, rather than zero
 
 
 # -- through the real runner ----------------------------------------------------------------------
@@ -174,7 +173,7 @@ def variant(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     (folder / "tiny.yaml").write_text(variant_text(VARIANTS[request.param]))
     result = run_scenario(folder / "tiny.yaml", folder / "run", timeout=600, echo=lambda line: None)
-    rounds = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rounds = RunFolder(result.run_dir).rounds()
     return request.param, result.run_dir, rounds, load_scenario(result.run_dir / "scenario.yaml")
 
 
@@ -193,9 +192,9 @@ def test_variant_scenario_has_the_switches(variant):
 
 def test_variant_trains_the_global_encoder(variant):
     _, run_dir, rounds, scenario = variant
-    assert [r["round"] for r in rounds] == [1, 2]
-    assert all(math.isfinite(r["loss"]) and r["sites"] == 2 for r in rounds)
-    assert 0.0 <= rounds[1]["probe_macro_auroc"] <= 1.0
+    assert [r.round for r in rounds] == [1, 2]
+    assert all(math.isfinite(r.losses["loss"]) and r.sites == 2 for r in rounds)
+    assert 0.0 <= rounds[1].probe_macro_auroc <= 1.0
     initial = build_objective(scenario).encoder.state_dict()
     final = torch.load(run_dir / "encoder.pt", weights_only=True)
     assert final.keys() == initial.keys() and all(final[k].dtype == initial[k].dtype for k in initial)
@@ -210,21 +209,21 @@ def test_variant_specifics(variant):
     if name == "byol-fedyogi-share-all":  # the BYOL target network travelled and was averaged too
         assert any(k.startswith("target") for k in torch.load(run_dir / "global.pt", weights_only=True))
     if name == "fedprox-share-all":
-        assert all(r["proximal"] > 0 for r in rounds)  # the sites drifted and were pulled back
+        assert all(r.losses["proximal"] > 0 for r in rounds)  # the sites drifted and were pulled back
         global_state = torch.load(run_dir / "global.pt", weights_only=True)
         assert global_state.keys() == initial.state_dict().keys()  # the heads travelled ...
         heads = initial.local_state_dict()
         assert any(not torch.equal(global_state[k], heads[k]) for k in heads)  # ... and were averaged
         assert not any((run_dir / "sites" / site / FEDEMA_FILE).exists() for site in ("north", "south"))
         for r in rounds:  # federated evaluation: each site's own probe, and their weighted mean
-            by_site = r["site_probe_macro_auroc"]
+            by_site = r.site_probe_macro_auroc
             assert by_site and set(by_site) <= {"north", "south"}
             assert all(0.0 <= v <= 1.0 for v in by_site.values())
-            assert min(by_site.values()) <= r["federated_macro_auroc"] <= max(by_site.values())
+            assert min(by_site.values()) <= r.federated_macro_auroc <= max(by_site.values())
     elif name == "fedadam-fedema":
-        assert "site_probe_macro_auroc" not in rounds[0]  # federated evaluation is off by default
+        assert rounds[0].site_probe_macro_auroc == {} and rounds[0].federated_macro_auroc is None  # off by default
         assert not (run_dir / "global.pt").exists()
-        assert [r["fedema-mu"] for r in rounds] == [0.0, pytest.approx(scenario.federation.fedema_tau)]
+        assert [r.training["fedema-mu"] for r in rounds] == [0.0, pytest.approx(scenario.federation.fedema_tau)]
         previous = torch.load(run_dir / "sites" / "north" / FEDEMA_FILE, weights_only=True)
         assert previous["state"].keys() == shared_state(initial, "encoder").keys()
         assert previous["scale"] > 0

@@ -12,18 +12,16 @@ import math
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-
 from client.app import round_seed, which_site
 from client.state import HEADS_FILE
 from fedssl.config import ConfigError, FederationConfig, load_scenario
 from fedssl.federated import shared_state
 from fedssl.objectives import build_objective
-from server.app import STRATEGIES, make_strategy
+from fedssl.runfolder import RunFolder
 from ops.processes import pid_alive
-from server.metrics import RoundTracker
+from server.strategy import STRATEGIES, make_strategy
 from simulations.run import run_scenario
-from tests.conftest import TINY, NodeGrid, load_scenario_text
+from tests.conftest import TINY, load_scenario_text, play_round, training_reply
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +35,16 @@ def federation(tmp_path_factory):
 
 def test_rounds_logged_with_finite_loss(federation):
     result, lines = federation
-    rounds = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rounds] == [1, 2]
-    assert all(math.isfinite(r["loss"]) and r["sites"] == 2 for r in rounds)
+    rounds = RunFolder(result.run_dir).rounds()
+    assert [r.round for r in rounds] == [1, 2]
+    assert all(math.isfinite(r.losses["loss"]) and r.sites == 2 for r in rounds)
     # each site's training-loop seconds, apart (not averaged into the loss terms) and within the round's
-    assert all(set(r["compute_seconds"]) == {"north", "south"} and "compute-seconds" not in r
-               and 0 < max(r["compute_seconds"].values()) < r["seconds"] for r in rounds)
-    assert rounds[0]["probe_macro_auroc"] is None  # every_round: false probes the last round only
-    assert 0.0 <= rounds[1]["probe_macro_auroc"] <= 1.0
+    assert all(set(r.compute_seconds) == {"north", "south"} and "compute-seconds" not in r.losses
+               and 0 < max(r.compute_seconds.values()) < r.seconds for r in rounds)
+    assert all(set(r.training) == {"examples-seen"} for r in rounds)  # windows drawn: not a loss term
+    assert rounds[0].probe_macro_auroc is None  # every_round: false probes the last round only
+    assert 0.0 <= rounds[1].probe_macro_auroc <= 1.0
+    assert all(r.embedding_rank > 1 for r in rounds)  # the collapse monitor, every round
     assert any(line.startswith("round 2/2") for line in lines)  # progress reached the user
 
 
@@ -92,23 +92,20 @@ def test_no_flower_process_left(federation):
 def test_strategies_average_encoders(name, tmp_path, flower_messages):
     objective = build_objective(load_scenario_text(tmp_path))
     state = shared_state(objective, "encoder")
-    tracker = RoundTracker(tmp_path, 1, state)
-    strategy = make_strategy(FederationConfig(strategy=name, min_sites=2), 2, tracker)
-    tracker.start_round(1)
-    sent = list(strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), NodeGrid()))
-    replies = [Message(RecordDict({"arrays": ArrayRecord({k: v + i for k, v in state.items()}),
-                                   "metrics": MetricRecord({"num-examples": 8, "loss": 1.0 + i})}),
-                       reply_to=m) for i, m in enumerate(sent)]
-    arrays, metrics = strategy.aggregate_train(1, replies)
-    record = tracker.finish_round(1, arrays, None, 0.0, expected=2)
-    aggregated = 1 if name == "krum" else 2  # Krum keeps the single most central update
-    assert record["sites"] == aggregated and record["examples"] == 8 * aggregated and math.isfinite(record["loss"])
-    assert torch.load(tmp_path / "encoder.pt", weights_only=True).keys() == objective.encoder.state_dict().keys()
+    run = RunFolder(tmp_path)
+    strategy = make_strategy(FederationConfig(strategy=name, min_sites=2), ("north", "south"), state, run)
+    play_round(strategy, state, [training_reply({k: v + i for k, v in state.items()}, num_examples=8, loss=1.0 + i)
+                                 for i in range(2)])
+    (record,) = run.rounds()
+    # every validated update goes into the base's aggregation (Krum then keeps the most central one)
+    assert record.sites == 2 and record.examples == 16 and record.losses == {"loss": 1.5}
+    assert torch.load(run.encoder, weights_only=True).keys() == objective.encoder.state_dict().keys()
+    assert torch.load(run.encoder_checkpoint(1), weights_only=True).keys() == objective.encoder.state_dict().keys()
 
 
 def test_unknown_strategy_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="unknown strategy 'fedsgd'"):
-        make_strategy(FederationConfig(strategy="fedsgd"), 2, RoundTracker(tmp_path, 1, {}))
+        make_strategy(FederationConfig(strategy="fedsgd"), ("a", "b"), {}, RunFolder(tmp_path))
 
 
 def test_site_of_a_node(tmp_path):

@@ -124,11 +124,13 @@ def test_probe_splits_never_put_a_patient_or_a_record_on_both_sides(tmp_path):
     patients = {r.patient_id for r in probe.data.records}
     assert patients == {"0", "1", "2", None}
 
-    from server.app import probe as server_probe  # the ServerApp's per-round probe
     from fedssl.objectives import build_objective
+    from fedssl.runfolder import RoundRecord, RunFolder
+    from server.app import GlobalEvaluation  # the ServerApp's per-round probe
 
-    auroc, ci95, _ = server_probe(scenario, tmp_path / "run", build_objective(scenario).encoder)
-    assert ci95[0] <= auroc <= ci95[1]
+    probe = GlobalEvaluation(scenario, RunFolder(tmp_path / "run"))
+    record = probe(RoundRecord(scenario.federation.rounds), build_objective(scenario).encoder.state_dict())
+    assert record.probe_macro_auroc_ci95[0] <= record.probe_macro_auroc <= record.probe_macro_auroc_ci95[1]
 
 
 def test_scenario_paths_of_labels_and_held_out_folder_are_resolved_against_the_file(tmp_path):

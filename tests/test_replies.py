@@ -1,8 +1,9 @@
 """Nothing leaves a site but the model: every reply of the ClientApp in a short federated run
 holds the shared encoder's weights and scalar metrics, and nothing else.
 
-The run is driven in-process: the server's strategy (FedAvg behind update validation) sends the
-round's instructions, the ClientApp answers them as its SuperNode would, the strategy aggregates.
+The run is driven in-process: the server's strategy (`FedSSLStrategy` over FedAvg or FedProx) sends
+the round's instructions, the ClientApp answers them as its SuperNode would, the strategy validates
+and aggregates.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from client.app import app as client_app
 from fedssl.config import load_scenario
 from fedssl.federated import shared_state
 from fedssl.objectives import build_objective
-from server.validation import ValidatedStrategy
+from fedssl.runfolder import RunFolder
+from server.strategy import FedSSLStrategy
 from tests.conftest import NodeGrid
 
 SCENARIO = """
@@ -46,8 +48,8 @@ def run(request, tmp_path_factory, module_flower_messages):
     objective = build_objective(scenario)
     initial = shared_state(objective, scenario.federation.share)
     run_config = {"scenario": str(folder / "scenario.yaml"), "run-dir": str(folder / "run")}
-    strategy = ValidatedStrategy(strategy_class(fraction_evaluate=0.0), ArrayRecord(initial),
-                                 on_reject=lambda rejection: pytest.fail(str(rejection)))
+    strategy = FedSSLStrategy(strategy_class(fraction_evaluate=0.0), name=strategy_class.__name__, reference=initial,
+                              run=RunFolder(folder / "run"), rounds=2, sites=[s.name for s in scenario.sites])
     arrays, replies = ArrayRecord(initial), []
     for server_round in (1, 2):
         sent = strategy.configure_train(server_round, arrays, ConfigRecord({"num-rounds": 2}), NodeGrid(NODES))
@@ -58,6 +60,8 @@ def run(request, tmp_path_factory, module_flower_messages):
                    for msg in sent]
         replies += answers
         arrays, _ = strategy.aggregate_train(server_round, answers)
+        assert strategy.current_record(server_round).rejected == []
+        assert sorted(strategy.current_record(server_round).site_windows) == ["north", "south"]
     return scenario, objective, replies
 
 

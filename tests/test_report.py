@@ -8,15 +8,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from matplotlib.image import imread
 
 from fedssl.cli import main
-from fedssl.config import PrivacyConfig, SiteConfig, load_scenario, save_scenario
-from fedssl.report import (ABSENT, DECLINED, FAILED, REJECTED, TRAINED, RunFolderError, load_run, loss_terms,
-                           participation, participation_table, save_run_config, write_report)
-from server.metrics import RoundTracker
-from tests.conftest import two_site_scenario
+from fedssl.config import FederationConfig, PrivacyConfig, SiteConfig, load_scenario, save_scenario
+from fedssl.report import (ABSENT, DECLINED, FAILED, REJECTED, TRAINED, load_run, loss_terms, participation,
+                           participation_table, write_report)
+from fedssl.runfolder import RoundRecord, RunFolder, RunFolderError
+from server.strategy import make_strategy
+from tests.conftest import play_round, training_reply, two_site_scenario
 
 
 def dp_scenario():
@@ -87,25 +87,26 @@ def test_participation_says_who_trained_declined_or_was_rejected(run_dir):
 
 def test_error_and_silent_sites(run_dir):
     run = load_run(run_dir)
-    run.rounds[0].update(site_windows={"b": 12}, errors=[{"node_id": 3, "site": "a", "code": 0, "reason": "boom"}])
+    run.rounds[0] = dataclasses.replace(run.rounds[0], site_windows={"b": 12},
+                                        errors=[{"node_id": 3, "site": "a", "code": 0, "reason": "boom"}])
     assert participation(run)[0] == {"a": FAILED, "b": TRAINED, "c": ABSENT}
 
 
-def test_the_server_records_who_trained_with_how_many_windows(tmp_path):
+def test_the_server_records_who_trained_with_how_many_windows(tmp_path, flower_messages):
     scenario = dp_scenario()
     save_scenario(scenario, tmp_path / "scenario.yaml")
     weights = {"encoder.w": torch.ones(3)}
-    tracker = RoundTracker(tmp_path, 2, weights, sites=tuple(s.name for s in scenario.sites))
+    strategy = make_strategy(FederationConfig(rounds=2, min_sites=1), [s.name for s in scenario.sites], weights,
+                             RunFolder(tmp_path))
 
-    def replies(*sites: int) -> list[RecordDict]:
-        return [RecordDict({"metrics": MetricRecord({"num-examples": 10 + i, "site-index": i, "loss": 1.0,
-                                                     "dp-sgd": 0, "epsilon": 0.0, "delta": 0.0})}) for i in sites]
+    def replies(*sites: int) -> list:
+        return [training_reply(weights, num_examples=10 + i, site_index=i, loss=1.0, dp_sgd=0, epsilon=0.0, delta=0.0)
+                for i in sites]
 
     for server_round, sites in ((1, (0, 1, 2)), (2, (2,))):
-        tracker.aggregate_train_metrics(replies(*sites), "num-examples")
-        tracker.finish_round(server_round, ArrayRecord(weights), None, 0.0, expected=3)
+        play_round(strategy, weights, replies(*sites), server_round, nodes=[11 + i for i in sites])
     run = load_run(tmp_path)
-    assert run.rounds[0]["site_windows"] == {"a": 10, "b": 11, "c": 12}
+    assert run.rounds[0].site_windows == {"a": 10, "b": 11, "c": 12}
     assert participation(run) == [dict.fromkeys("abc", TRAINED), {"a": ABSENT, "b": ABSENT, "c": TRAINED}]
 
 
@@ -125,6 +126,44 @@ def test_without_dp_the_report_says_so_and_draws_no_epsilon(run_dir):
     assert "report_epsilon.png" not in text and "Comparison with baselines" not in text
 
 
+def test_a_central_dp_report_plots_only_losses_and_states_the_accounted_epsilon(tmp_path):
+    scenario = dataclasses.replace(dp_scenario(), federation=FederationConfig(
+        rounds=2, central_dp="server", central_noise_multiplier=1.5, central_clipping_norm=0.5, central_delta=1e-4))
+    save_scenario(scenario, tmp_path / "scenario.yaml")
+    run = RunFolder(tmp_path)
+    # round 1 as an older fedssl wrote it (one flat line), round 2 as RoundRecord writes it now
+    run.metrics.write_text(json.dumps(round_line(1, central_epsilon=1.25, central_delta=1e-4)) + "\n")
+    run.append_round(RoundRecord(2, losses={"loss": 0.9, "generative": 0.6, "contrastive": 0.3},
+                                 training={"examples-seen": 8.0}, sites=3, site_windows={"a": 10, "b": 12, "c": 8},
+                                 central_epsilon=1.87, central_delta=1e-4))
+    rounds = load_run(tmp_path).rounds
+    assert [r.losses for r in rounds] == [{"loss": 2.0, "generative": 1.5, "contrastive": 1.0},
+                                          {"loss": 0.9, "generative": 0.6, "contrastive": 0.3}]
+    assert [r.central_epsilon for r in rounds] == [1.25, 1.87] and rounds[0].training == {"examples-seen": 8.0}
+    assert loss_terms(rounds) == ["loss", "contrastive", "generative"]  # what the loss plot draws: no epsilon
+    text = write_report(tmp_path).read_text()
+    assert ("central DP (server-side clipping at 0.5, noise multiplier 1.5; site-level (1.87, 0.0001)-DP after "
+            "round 2)") in text
+    assert "no epsilon accounted" not in text
+
+
+def test_rounds_written_are_read_back_exactly(tmp_path):
+    record = RoundRecord(3, losses={"loss": 0.5}, training={"fedema-mu": 0.3}, sites=1, examples=7,
+                         site_windows={"a": 7}, declined=[{"node_id": 5, "site": "b", "code": 1001, "reason": "r"}],
+                         epsilon={"a": 1.5}, delta={"a": 1e-5}, probe_macro_auroc=0.7,
+                         probe_macro_auroc_ci95=[0.6, 0.8], embedding_rank=12.0, compute_seconds={"a": 1.5})
+    run = RunFolder(tmp_path)
+    earlier = [RoundRecord(r, losses={"loss": 1.0 / r}) for r in (1, 2)]
+    for r in [*earlier, record]:
+        run.append_round(r)
+    run.metrics.write_text(run.metrics.read_text() + '{"round": 4, "loss"')  # a line still being written
+    assert run.rounds() == [*earlier, record]
+    run.start_rounds(resume_after=2)  # a run resumed after round 2 runs round 3 again
+    assert run.rounds() == earlier
+    run.start_rounds()  # a new run
+    assert run.rounds() == [] and not run.metrics.exists()
+
+
 def test_not_a_run_folder_is_a_clear_error(tmp_path):
     with pytest.raises(RunFolderError, match="no scenario.yaml"):
         load_run(tmp_path)
@@ -140,11 +179,12 @@ def test_run_config_is_saved_unless_read_from_the_run_folder(tmp_path):
     scenario = dp_scenario()
     source = tmp_path / "elsewhere.yaml"
     save_scenario(scenario, source)
-    save_run_config(scenario, source, tmp_path / "run")  # a deployed run: the YAML lives elsewhere
+    run = RunFolder(tmp_path / "run")
+    run.keep_scenario(scenario, source)  # a deployed run: the YAML lives elsewhere
     assert load_scenario(tmp_path / "run" / "scenario.yaml") == load_scenario(source)
     in_run = tmp_path / "run" / "scenario.yaml"
     in_run.write_text("# as the runner wrote it\n" + in_run.read_text())
-    save_run_config(scenario, in_run, tmp_path / "run")  # simulated: the runner's own copy is kept as is
+    run.keep_scenario(scenario, in_run)  # simulated: the runner's own copy is kept as is
     assert in_run.read_text().startswith("# as the runner wrote it")
 
 

@@ -20,12 +20,10 @@ from flwr.app import Context, RecordDict
 
 from client.app import app as client_app
 from fedssl.config import FederationConfig
+from fedssl.runfolder import RunFolder
 from server.app import main as server_main
-from server.app import make_strategy
-from server.checkpoint import (CHECKPOINT_FILE, CheckpointMismatch, ContinuedStrategy, ServerCheckpoint,
-                               optimizer_state, restore_optimizer_state)
-from server.metrics import RoundTracker
-from fedssl.report import read_metrics
+from server.checkpoint import CheckpointMismatch, ServerCheckpoint, optimizer_state, restore_optimizer_state
+from server.strategy import make_strategy
 from simulations.run import FederationError, run_scenario
 from simulations.run import main as simulate
 
@@ -104,7 +102,7 @@ def in_process(tmp_path_factory, module_flower_messages):
     with pytest.raises(Crash):
         serve(folder, "killed", crash_at=3)
     after_crash = ServerCheckpoint.load(folder / "killed")
-    lines_before = read_metrics(folder / "killed" / "metrics.jsonl")
+    lines_before = RunFolder(folder / "killed").rounds()
     resumed, grid = serve(folder, "killed", resume=True)
     return whole, resumed, after_crash, lines_before, grid.server_rounds
 
@@ -112,25 +110,25 @@ def in_process(tmp_path_factory, module_flower_messages):
 def test_resumed_run_ends_at_the_configured_rounds(in_process):
     _, resumed, after_crash, lines_before, sent = in_process
     assert sent == [3, 3]  # both sites were asked for round 3 only, numbered as the run's round 3
-    assert after_crash.round == 2 and [r["round"] for r in lines_before] == [1, 2]
-    rounds = read_metrics(resumed / "metrics.jsonl")
-    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert after_crash.round == 2 and [r.round for r in lines_before] == [1, 2]
+    rounds = RunFolder(resumed).rounds()
+    assert [r.round for r in rounds] == [1, 2, 3]
     assert rounds[:2] == lines_before  # rounds 1-2 did not run again
     assert ServerCheckpoint.load(resumed).round == 3
-    assert (resumed / "checkpoints" / "encoder_round_3.pt").is_file()
+    assert RunFolder(resumed).encoder_checkpoint(3).is_file()
 
 
 def test_resumed_run_equals_the_uninterrupted_one(in_process):
     whole, resumed, after_crash, *_ = in_process
-    assert set(after_crash.strategy_state) == {"m_t", "v_t"}  # FedAdam's moments, by name (it sits inside validation)
+    assert set(after_crash.strategy_state) == {"m_t", "v_t"}  # FedAdam's moments, by name
     final_whole, final_resumed = ServerCheckpoint.load(whole), ServerCheckpoint.load(resumed)
     for key, value in final_whole.arrays.items():
         np.testing.assert_allclose(final_resumed.arrays[key], value, rtol=0, atol=1e-6, err_msg=key)
     for name in ("m_t", "v_t"):
         for key, value in final_whole.strategy_state[name].items():
             np.testing.assert_allclose(final_resumed.strategy_state[name][key], value, rtol=0, atol=1e-8)
-    losses = [r["loss"] for r in read_metrics(whole / "metrics.jsonl")]
-    assert [r["loss"] for r in read_metrics(resumed / "metrics.jsonl")] == pytest.approx(losses, abs=1e-6)
+    losses = [r.losses["loss"] for r in RunFolder(whole).rounds()]
+    assert [r.losses["loss"] for r in RunFolder(resumed).rounds()] == pytest.approx(losses, abs=1e-6)
 
 
 def test_checkpoint_of_another_scenario_is_refused(in_process):
@@ -154,34 +152,33 @@ def test_resume_needs_the_run_folder():
 def test_fedavgm_momentum_survives_a_checkpoint(tmp_path):
     """FedAvgM keeps its momentum as a list of arrays (FedAdam: dicts); both round-trip exactly."""
     reference = {"w": torch.zeros(3, 2), "b": torch.zeros(2)}
-    tracker = RoundTracker(tmp_path, 3, reference)
-    strategy = make_strategy(FederationConfig(strategy="fedavgm", min_sites=1), 1, tracker)
+    fed, sites, run = FederationConfig(strategy="fedavgm", min_sites=1), ("a",), RunFolder(tmp_path)
+    strategy = make_strategy(fed, sites, reference, run)
     momentum = [np.arange(6, dtype=np.float64).reshape(3, 2), np.full(2, 0.5, np.float32)]
-    strategy.strategy.momentum_vector = momentum
+    strategy.base.momentum_vector = momentum
     arrays = {k: v.numpy() for k, v in reference.items()}
-    ServerCheckpoint(1, "fedavgm", arrays, optimizer_state(strategy), random.getstate()).save(tmp_path)
-    fresh = make_strategy(FederationConfig(strategy="fedavgm", min_sites=1), 1, tracker)
-    ServerCheckpoint.load(tmp_path).restore(fresh)
-    restored = fresh.strategy.momentum_vector
+    ServerCheckpoint(1, "fedavgm", arrays, optimizer_state(strategy.base), random.getstate()).save(tmp_path)
+    fresh = make_strategy(fed, sites, reference, run, checkpoint=ServerCheckpoint.load(tmp_path))
+    assert fresh.done == 1
+    restored = fresh.base.momentum_vector
     assert [a.dtype for a in restored] == [np.float64, np.float32]
     assert all(np.array_equal(a, b) for a, b in zip(restored, momentum, strict=True))
 
 
-def test_server_state_is_kept_by_name_whatever_wraps_the_strategy(tmp_path):
-    """FedAdam's moments saved from inside update validation restore into FedAdam under one wrapper
-    more: they are keyed by their name, not by how deep FedAdam sits."""
-    reference = {"w": torch.zeros(3)}
-    tracker = RoundTracker(tmp_path, 3, reference)
-    plain = make_strategy(FederationConfig(strategy="fedadam", min_sites=1), 1, tracker)
+def test_server_state_is_kept_by_name_of_the_base_strategy(tmp_path):
+    """FedAdam's moments are read from and put back on the base strategy by their names; a base
+    strategy that keeps no such state refuses them."""
+    reference, sites, run = {"w": torch.zeros(3)}, ("a",), RunFolder(tmp_path)
+    plain = make_strategy(FederationConfig(strategy="fedadam", min_sites=1), sites, reference, run)
     moments = {"w": np.array([0.5, -1.0, 2.0])}
-    plain.strategy.m_t, plain.strategy.v_t = moments, {"w": np.ones(3)}
-    assert set(optimizer_state(plain)) == {"m_t", "v_t"}
-    fresh = make_strategy(FederationConfig(strategy="fedadam", min_sites=1), 1, tracker)
-    restore_optimizer_state(ContinuedStrategy(fresh, 1), optimizer_state(plain))  # one wrapper more
-    np.testing.assert_array_equal(fresh.strategy.m_t["w"], moments["w"])
-    fedavg = make_strategy(FederationConfig(strategy="fedavg", min_sites=1), 1, tracker)
+    plain.base.m_t, plain.base.v_t = moments, {"w": np.ones(3)}
+    assert set(optimizer_state(plain.base)) == {"m_t", "v_t"}
+    fresh = make_strategy(FederationConfig(strategy="fedadam", min_sites=1), sites, reference, run)
+    restore_optimizer_state(fresh.base, optimizer_state(plain.base))
+    np.testing.assert_array_equal(fresh.base.m_t["w"], moments["w"])
+    fedavg = make_strategy(FederationConfig(strategy="fedavg", min_sites=1), sites, reference, run)
     with pytest.raises(CheckpointMismatch, match="'m_t', which the scenario's FedAvg does not keep"):
-        restore_optimizer_state(fedavg, optimizer_state(plain))
+        restore_optimizer_state(fedavg.base, optimizer_state(plain.base))
 
 
 def test_checkpoint_of_an_older_fedssl_is_refused_in_one_line(tmp_path, capsys):
@@ -192,7 +189,7 @@ def test_checkpoint_of_an_older_fedssl_is_refused_in_one_line(tmp_path, capsys):
     (run_dir / "checkpoints").mkdir(parents=True)
     torch.save({"round": 1, "strategy": "fedadam", "arrays": {"w": torch.zeros(3)},
                 "strategy_state": {"1.m_t": {"w": torch.zeros(3)}, "1.v_t": {"w": torch.zeros(3)}},
-                "random_state": random.getstate(), "epsilon": {}}, run_dir / CHECKPOINT_FILE)
+                "random_state": random.getstate(), "epsilon": {}}, RunFolder(run_dir).server_checkpoint)
     with pytest.raises(CheckpointMismatch, match="written by an older fedssl .* start the run afresh"):
         ServerCheckpoint.load(run_dir)
     assert simulate([str(tmp_path / "scenario.yaml"), "--out", str(run_dir), "--resume"]) == 2

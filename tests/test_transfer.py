@@ -7,7 +7,6 @@ cores, mostly Flower and Ray starting up).
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -18,8 +17,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from fedssl.config import ConfigError, FederationConfig, load_scenario
 from fedssl.federated import cast_floating, shared_state
 from fedssl.objectives import build_objective
-from server.app import make_strategy
-from server.metrics import RoundTracker
+from fedssl.runfolder import RunFolder
+from server.strategy import NoSiteReplied, make_strategy
 from simulations.run import run_scenario
 from tests.conftest import TINY, NodeGrid, load_scenario_text
 
@@ -40,25 +39,23 @@ def test_cast_round_trip_keeps_non_float_entries_and_float16_precision():
 def round_one(tmp_path, transfer_dtype: str, reply_dtype: torch.dtype):
     """Configure round 1 of a two-site FedAvg and aggregate two replies sent in `reply_dtype`."""
     state = shared_state(build_objective(load_scenario_text(tmp_path)), "encoder")
-    tracker = RoundTracker(tmp_path, 1, state)
-    strategy = make_strategy(FederationConfig(min_sites=2, transfer_dtype=transfer_dtype), 2, tracker)
-    tracker.start_round(1)
+    strategy = make_strategy(FederationConfig(min_sites=2, transfer_dtype=transfer_dtype), ("north", "south"), state,
+                             RunFolder(tmp_path))
     sent = list(strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), NodeGrid()))
     updates = [{k: v + 0.01 * (i + 1) for k, v in state.items()} for i in range(2)]
     replies = [Message(RecordDict({"arrays": ArrayRecord({k: v.to(reply_dtype) for k, v in update.items()}),
                                    "metrics": MetricRecord({"num-examples": 8, "loss": 1.0})}), reply_to=m)
                for update, m in zip(updates, sent)]
-    arrays, _ = strategy.aggregate_train(1, replies)
-    return state, sent, arrays, tracker
+    return state, sent, strategy, replies
 
 
 def test_server_sends_float16_and_aggregates_in_float32(tmp_path, flower_messages):
-    state, sent, arrays, tracker = round_one(tmp_path, "float16", torch.float16)
-    record = tracker.finish_round(1, arrays, None, 0.0, expected=2)
+    state, sent, strategy, replies = round_one(tmp_path, "float16", torch.float16)
+    arrays, _ = strategy.aggregate_train(1, replies)
     assert len(sent) == 2
     for msg in sent:
         assert {a.dtype for a in msg.content["arrays"].values()} == {"float16"}
-    assert record["sites"] == 2  # both float16 updates passed validation once cast back
+    assert strategy.current_record(1).sites == 2  # both float16 updates passed validation once cast back
     aggregated = arrays.to_torch_state_dict()
     for key, value in state.items():
         assert aggregated[key].dtype == torch.float32
@@ -67,15 +64,16 @@ def test_server_sends_float16_and_aggregates_in_float32(tmp_path, flower_message
 
 
 def test_float16_updates_are_rejected_when_the_transfer_is_float32(tmp_path, flower_messages, caplog):
-    _, sent, arrays, _ = round_one(tmp_path, "float32", torch.float16)
+    _, sent, strategy, replies = round_one(tmp_path, "float32", torch.float16)
     assert {a.dtype for a in sent[0].content["arrays"].values()} == {"float32"}
-    assert arrays is None  # nothing aggregated
+    with pytest.raises(NoSiteReplied):  # nothing to aggregate
+        strategy.aggregate_train(1, replies)
     assert caplog.text.count("dtype float16, expected float32") == 2
 
 
 def test_unknown_transfer_dtype_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="federation.transfer_dtype: unknown value 'bfloat16'"):
-        make_strategy(FederationConfig(transfer_dtype="bfloat16"), 2, RoundTracker(tmp_path, 1, {}))
+        make_strategy(FederationConfig(transfer_dtype="bfloat16"), ("a", "b"), {}, RunFolder(tmp_path))
 
 
 def test_float16_federation(tmp_path):
@@ -83,10 +81,10 @@ def test_float16_federation(tmp_path):
     values["federation"]["transfer_dtype"] = "float16"
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(values))
     result = run_scenario(tmp_path / "tiny.yaml", tmp_path / "run", timeout=600, echo=lambda line: None)
-    rounds = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rounds] == [1, 2]
-    assert all(r["sites"] == 2 and not r.get("rejected") and math.isfinite(r["loss"]) for r in rounds)
-    assert 0.0 <= rounds[1]["probe_macro_auroc"] <= 1.0
+    rounds = RunFolder(result.run_dir).rounds()
+    assert [r.round for r in rounds] == [1, 2]
+    assert all(r.sites == 2 and not r.rejected and math.isfinite(r.losses["loss"]) for r in rounds)
+    assert 0.0 <= rounds[1].probe_macro_auroc <= 1.0
     scenario = load_scenario(result.run_dir / "scenario.yaml")
     initial = build_objective(scenario).encoder.state_dict()
     final = torch.load(result.run_dir / "encoder.pt", weights_only=True)

@@ -1,4 +1,5 @@
-"""Update validation and robust aggregation at the strategy level, without Flower processes.
+"""Update validation and robust aggregation at the strategy level (`FedSSLStrategy` over each base
+strategy), without Flower processes.
 
 Sites' replies are built as Flower builds them (`Message(..., reply_to=instruction)`) around
 synthetic encoder updates: the scenario's encoder plus a shared direction and per-site noise.
@@ -14,12 +15,12 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Strategy
 
-from fedssl.config import ConfigError
+from fedssl.config import ConfigError, FederationConfig
 from fedssl.federated import shared_state
 from fedssl.objectives import build_objective
-from server.app import STRATEGIES
+from fedssl.runfolder import RunFolder
 from server.robust import robust_options
-from server.validation import Rejection, ValidatedStrategy
+from server.strategy import STRATEGIES, FedSSLStrategy, NoSiteReplied, check_federation
 from tests.conftest import NodeGrid, small_scenario
 
 NODES = [11, 12, 13, 14]
@@ -67,8 +68,15 @@ def run_round(strategy: Strategy, encoder: dict, updates: list, metrics: list[di
     return None if arrays is None else arrays.to_torch_state_dict()
 
 
-def validated(strategy: Strategy, encoder: dict, rejected: list, **kwargs) -> ValidatedStrategy:
-    return ValidatedStrategy(strategy, ArrayRecord(encoder), on_reject=rejected.append, **kwargs)
+def validated(base: Strategy, encoder: dict, run_dir, **kwargs) -> FedSSLStrategy:
+    """`base` aggregating in fedssl's round: validation first (no round is finished here, so nothing
+    is written to `run_dir`)."""
+    return FedSSLStrategy(base, name="test", reference=encoder, run=RunFolder(run_dir), rounds=1, **kwargs)
+
+
+def rejected(strategy: FedSSLStrategy) -> list[dict]:
+    """The updates validation left out of round 1, as its record has them."""
+    return strategy.current_record(1).rejected
 
 
 def distance(a: dict, b: dict) -> float:
@@ -121,67 +129,71 @@ BAD_UPDATES = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_UPDATES))
-def test_bad_update_rejected_good_ones_kept(case, encoder):
+def test_bad_update_rejected_good_ones_kept(case, encoder, tmp_path):
     corrupt, reason = BAD_UPDATES[case]
-    rejected, spy = [], _Spy(fraction_evaluate=0.0, min_train_nodes=4, min_available_nodes=4)
+    spy = _Spy(fraction_evaluate=0.0, min_train_nodes=4, min_available_nodes=4)
     updates = [honest(encoder, i) for i in range(4)]
     updates[2] = corrupt(encoder, updates[2])
-    aggregate = run_round(validated(spy, encoder, rejected), encoder, updates)
-    assert [(r.node_id, r.round) for r in rejected] == [(NODES[2], 1)]
-    assert reason in rejected[0].reason
+    strategy = validated(spy, encoder, tmp_path)
+    aggregate = run_round(strategy, encoder, updates)
+    assert [(r["node_id"], r["round"]) for r in rejected(strategy)] == [(NODES[2], 1)]
+    assert reason in rejected(strategy)[0]["reason"]
     assert spy.nodes == [NODES[0], NODES[1], NODES[3]]
+    assert strategy.current_record(1).sites == 3
     clean = run_round(fedavg(3), encoder, [updates[0], updates[1], updates[3]])
     assert distance(aggregate, clean) < 1e-6
 
 
-def test_honest_sites_all_kept(encoder):
-    rejected, spy = [], _Spy(fraction_evaluate=0.0, min_train_nodes=4, min_available_nodes=4)
-    run_round(validated(spy, encoder, rejected), encoder, [honest(encoder, i) for i in range(4)])
-    assert rejected == [] and spy.nodes == NODES
+def test_honest_sites_all_kept(encoder, tmp_path):
+    spy = _Spy(fraction_evaluate=0.0, min_train_nodes=4, min_available_nodes=4)
+    strategy = validated(spy, encoder, tmp_path)
+    run_round(strategy, encoder, [honest(encoder, i) for i in range(4)])
+    assert rejected(strategy) == [] and spy.nodes == NODES
 
 
-def test_norm_bound_configurable_and_off(encoder):
+def test_norm_bound_configurable_and_off(encoder, tmp_path):
     updates = [honest(encoder, i) for i in range(4)]
     updates[1] = scaled(encoder, updates[1], 3.0)
     for ratio, expected in ((2.0, [NODES[1]]), (5.0, []), (0.0, [])):
-        rejected = []
-        run_round(validated(fedavg(), encoder, rejected, max_norm_ratio=ratio), encoder, updates)
-        assert [r.node_id for r in rejected] == expected
-    with pytest.raises(ValueError, match="max_norm_ratio"):
-        ValidatedStrategy(fedavg(), ArrayRecord(encoder), max_norm_ratio=0.5)
+        strategy = validated(fedavg(), encoder, tmp_path, max_update_ratio=ratio)
+        run_round(strategy, encoder, updates)
+        assert [r["node_id"] for r in rejected(strategy)] == expected
+    with pytest.raises(ConfigError, match="max_update_ratio"):
+        check_federation(FederationConfig(max_update_ratio=0.5), 4)
 
 
-def test_rejection_names_the_site_and_is_json(encoder, caplog):
-    rejected = []
-    strategy = validated(fedavg(2), encoder, rejected, sites=("north", "south"))
+def test_rejection_names_the_site_and_is_json(encoder, tmp_path, caplog):
+    strategy = validated(fedavg(2), encoder, tmp_path, sites=("north", "south"))
     updates = [_nan(encoder, honest(encoder, 0)), honest(encoder, 1)]
     metrics = [{"num-examples": 8, "loss": 1.0, "site-index": i} for i in range(2)]
     run_round(strategy, encoder, updates, metrics)
-    assert rejected == [Rejection(1, NODES[0], "north", rejected[0].reason)]
-    assert json.loads(json.dumps(rejected[0].as_dict()))["site"] == "north"
+    (rejection,) = rejected(strategy)
+    assert rejection == {"round": 1, "node_id": NODES[0], "site": "north", "reason": rejection["reason"]}
+    assert "non-finite values" in rejection["reason"]
+    assert json.loads(strategy.current_record(1).to_json())["rejected"] == [rejection]
+    assert strategy.current_record(1).site_windows == {"south": 8}
     assert "rejected the update of site north (node 11)" in caplog.text
 
 
-def test_error_replies_pass_through_and_all_rejected_is_no_update(encoder):
-    rejected = []
-    strategy = validated(fedavg(2), encoder, rejected)
+def test_error_replies_pass_through_and_all_rejected_is_no_update(encoder, tmp_path, caplog):
+    strategy = validated(fedavg(2), encoder, tmp_path)
     sent = list(strategy.configure_train(1, ArrayRecord(encoder), ConfigRecord(), NodeGrid(NODES)))
     nan = _nan(encoder, honest(encoder, 0))
     replies = [Message(Error(code=1000, reason="site south: boom"), reply_to=sent[0]),
                Message(RecordDict({"arrays": ArrayRecord(nan), "metrics": MetricRecord({"num-examples": 8})}),
                        reply_to=sent[1])]
-    assert strategy.aggregate_train(1, replies) == (None, None)  # the tracker stops the run
-    assert [r.node_id for r in rejected] == [sent[1].metadata.dst_node_id]
+    with pytest.raises(NoSiteReplied, match=r"round 1: no site returned an update \(1 error reply\)"):
+        strategy.aggregate_train(1, replies)  # the run stops: the next round would fail alike
+    assert f"rejected the update of node {sent[1].metadata.dst_node_id}: " in caplog.text
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
-def test_wrapper_is_transparent_for_honest_sites(name, encoder):
+def test_fedssl_round_is_transparent_for_honest_sites(name, encoder, tmp_path):
     updates = [honest(encoder, i) for i in range(2)]
     plain = run_round(STRATEGIES[name](min_train_nodes=2, min_available_nodes=2), encoder, updates)
-    rejected = []
-    wrapped = run_round(validated(STRATEGIES[name](min_train_nodes=2, min_available_nodes=2), encoder, rejected),
-                        encoder, updates)
-    assert rejected == [] and distance(wrapped, plain) == 0.0
+    strategy = validated(STRATEGIES[name](min_train_nodes=2, min_available_nodes=2), encoder, tmp_path)
+    wrapped = run_round(strategy, encoder, updates)
+    assert rejected(strategy) == [] and distance(wrapped, plain) == 0.0
 
 
 # -- the attack: four sites, one sends NaNs, another a x100 update --------------------------------
@@ -197,14 +209,14 @@ ROBUST = {
 
 
 @pytest.mark.parametrize("name", sorted(ROBUST))
-def test_attack_validated_aggregate_stays_near_the_honest_one(name, encoder):
+def test_attack_validated_aggregate_stays_near_the_honest_one(name, encoder, tmp_path):
     good = [honest(encoder, i) for i in range(4)]
     attack = [good[0], _nan(encoder, dict(good[1])), scaled(encoder, good[2], 100.0), good[3]]
     clean = run_round(fedavg(2), encoder, [good[0], good[3]])  # the aggregate without the attackers
     step = distance(clean, encoder)
-    rejected = []
-    aggregate = run_round(validated(ROBUST[name](), encoder, rejected), encoder, attack)
-    assert sorted(r.node_id for r in rejected) == [NODES[1], NODES[2]]
+    strategy = validated(ROBUST[name](), encoder, tmp_path)
+    aggregate = run_round(strategy, encoder, attack)
+    assert sorted(r["node_id"] for r in rejected(strategy)) == [NODES[1], NODES[2]]
     assert distance(aggregate, clean) < 0.1 * step
 
 
@@ -253,15 +265,15 @@ def test_robust_options():
     FedTrimmedAvg(**robust_options(fed("fedtrimmedavg"), 5))
 
 
-def test_array_record_dtype_is_checked_on_the_decoded_array(encoder):
+def test_array_record_dtype_is_checked_on_the_decoded_array(encoder, tmp_path):
     """A reply whose Array metadata claims float32 but whose bytes are float64 is still caught."""
     update = honest(encoder, 0)
     key = next(iter(update))
     lying = Array(update[key].double().numpy())
     lying.dtype = "float32"
-    rejected = []
     records = ArrayRecord({k: Array(v.numpy()) for k, v in update.items()})
     records[key] = lying
     content = RecordDict({"arrays": records, "metrics": MetricRecord({"num-examples": 8, "loss": 1.0})})
-    run_round(validated(fedavg(2), encoder, rejected), encoder, [content, honest(encoder, 1)])
-    assert len(rejected) == 1 and "dtype float64" in rejected[0].reason
+    strategy = validated(fedavg(2), encoder, tmp_path)
+    run_round(strategy, encoder, [content, honest(encoder, 1)])
+    assert len(rejected(strategy)) == 1 and "dtype float64" in rejected(strategy)[0]["reason"]

@@ -276,7 +276,7 @@ def check_federation(fed: FederationConfig, num_sites: int) -> None:
         if STRATEGIES[fed.strategy].aggregate_train is not FedAvg.aggregate_train:
             raise ConfigError(f"federation.central_dp: {fed.strategy} moves the global model by more than the "
                               f"mean update (server optimiser), which the site-level accountant does not cover; "
-                              f"use fedavg or fedprox")
+                              f"set federation.strategy: fedavg or fedprox")
         if not (fed.central_noise_multiplier >= 0 and fed.central_clipping_norm > 0 and 0 < fed.central_delta < 1):
             raise ConfigError("federation.central_noise_multiplier must be >= 0, central_clipping_norm > 0 and "
                               "central_delta in (0, 1)")

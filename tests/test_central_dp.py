@@ -38,7 +38,7 @@ data: {window_seconds: 2.0}
 model: {size: tiny}
 objective: {name: generative}
 train: {batch_size: 4, local_steps: 3, threads: 1}
-federation: {rounds: 3, min_sites: 2, central_dp: server, central_noise_multiplier: 1.5,
+federation: {rounds: 3, min_sites: 2, strategy: fedavg, central_dp: server, central_noise_multiplier: 1.5,
              central_clipping_norm: 0.5, central_delta: 1.0e-4}
 evaluation:
   synthetic: {records: 24, sample_rate: 250, duration_seconds: 4.0}
@@ -121,7 +121,7 @@ def run_round(tmp_path, fed: FederationConfig, updates: dict[int, torch.Tensor |
 
 
 def test_the_mean_is_unweighted_clipped_and_a_declined_site_is_zero(tmp_path, flower_messages):
-    fed = FederationConfig(central_dp="server", central_noise_multiplier=1e-4, central_clipping_norm=2.0,
+    fed = FederationConfig(strategy="fedavg", central_dp="server", central_noise_multiplier=1e-4, central_clipping_norm=2.0,
                            central_delta=1e-5)
     north = torch.tensor([3.0, 4.0, 0.0, 0.0])  # norm 5: clipped to 2
     south = torch.tensor([0.0, 0.0, 1.0, 0.0])  # norm 1, ten times north's windows... weighed the same
@@ -139,7 +139,7 @@ def test_the_mean_is_unweighted_clipped_and_a_declined_site_is_zero(tmp_path, fl
 
 
 def test_the_noise_is_calibrated_to_the_fixed_denominator(tmp_path, flower_messages):
-    fed = FederationConfig(central_dp="client", central_noise_multiplier=0.5, central_clipping_norm=2.0)
+    fed = FederationConfig(strategy="fedavg", central_dp="client", central_noise_multiplier=0.5, central_clipping_norm=2.0)
     zero = torch.zeros(20_000)
     w, _ = run_round(tmp_path, fed, {11: zero, 22: None}, len(zero))
     assert w.std().item() == pytest.approx(0.5 * 2.0 / 2, rel=0.03)  # sigma C / n with n = 2 sampled sites
@@ -148,7 +148,8 @@ def test_the_noise_is_calibrated_to_the_fixed_denominator(tmp_path, flower_messa
 def test_central_dp_configuration_is_checked():
     for bad, match in [({"central_dp": "both"}, "central_dp"), ({"central_dp": "server", "strategy": "fedmedian"},
                        "does not average"), ({"central_dp": "server", "strategy": "fedadam"}, "fedavg or fedprox"),
-                       ({"central_dp": "client", "central_delta": 0.0}, "central_delta")]:
+                       ({"central_dp": "server"}, "federation.strategy: fedavg"),  # the default's momentum
+                       ({"central_dp": "client", "strategy": "fedavg", "central_delta": 0.0}, "central_delta")]:
         with pytest.raises(ConfigError, match=match):
             check_federation(FederationConfig(**bad), 2)
     check_federation(FederationConfig(central_dp="server", strategy="fedprox"), 2)
@@ -158,7 +159,7 @@ def test_central_dp_is_configured_and_resumes_its_epsilon(tmp_path):
     reference = {"encoder.w": torch.zeros(3)}
     sites, run = ("north", "south"), RunFolder(tmp_path)
     for mode in CENTRAL_DP:
-        strategy = make_strategy(FederationConfig(central_dp=mode, central_clipping_norm=2.0), sites, reference, run)
+        strategy = make_strategy(FederationConfig(strategy="fedavg", central_dp=mode, central_clipping_norm=2.0), sites, reference, run)
         central = strategy.central_dp
         assert central.wrapper.clipping_norm == 2.0 and central.clip_at_server == (mode == "server")
         assert central.wrapper.strategy is strategy.base and strategy.base.weighted_by_key == "central-dp-weight"
@@ -166,7 +167,7 @@ def test_central_dp_is_configured_and_resumes_its_epsilon(tmp_path):
     assert make_strategy(FederationConfig(), sites, reference, run).central_dp is None
     # a run resumed after round 2 has released two aggregates already
     checkpoint = ServerCheckpoint(2, "fedavg", {"encoder.w": np.zeros(3, np.float32)}, random_state=random.getstate())
-    resumed = make_strategy(FederationConfig(central_dp="server", central_noise_multiplier=2.0, rounds=3), sites,
+    resumed = make_strategy(FederationConfig(strategy="fedavg", central_dp="server", central_noise_multiplier=2.0, rounds=3), sites,
                             reference, run, checkpoint=checkpoint)
     spent = resumed.central_dp.wrapper.privacy_spent()
     assert spent.num_releases == 2 and spent.epsilon == pytest.approx(gaussian_epsilon(2.0, 2, 1e-5), rel=1e-6)

@@ -34,7 +34,7 @@ def scenario(rounds: int = 4, central_dp: str = "none"):
     base = two_site_scenario("hybrid", records=4)
     a, b = base.sites
     return dataclasses.replace(
-        base, name="dash-test", federation=FederationConfig(rounds=rounds, min_sites=2, central_dp=central_dp),
+        base, name="dash-test", federation=FederationConfig(rounds=rounds, min_sites=2, strategy="fedavg", central_dp=central_dp),
         sites=(dataclasses.replace(a, privacy=PrivacyConfig(enabled=True, target_epsilon=4.0, unit="patient")),
                b, SiteConfig("c", synthetic=b.synthetic)))
 

@@ -128,7 +128,7 @@ def test_without_dp_the_report_says_so_and_draws_no_epsilon(run_dir):
 
 def test_a_central_dp_report_plots_only_losses_and_states_the_accounted_epsilon(tmp_path):
     scenario = dataclasses.replace(dp_scenario(), federation=FederationConfig(
-        rounds=2, central_dp="server", central_noise_multiplier=1.5, central_clipping_norm=0.5, central_delta=1e-4))
+        rounds=2, strategy="fedavg", central_dp="server", central_noise_multiplier=1.5, central_clipping_norm=0.5, central_delta=1e-4))
     save_scenario(scenario, tmp_path / "scenario.yaml")
     run = RunFolder(tmp_path)
     # round 1 as an older fedssl wrote it (one flat line), round 2 as RoundRecord writes it now

@@ -1,12 +1,13 @@
 """Site-level (central) DP end to end: Flower's fixed-clipping wrapper with its accountant over a
 fixed denominator (server/central_dp.py).
 
-One federation through Flower's simulation engine (two synthetic sites, three rounds,
-`federation.central_dp: server`): the site-level epsilon of every round is in `metrics.jsonl` and
-the summary and equals the Gaussian mechanism's closed-form RDP, composed; `south` also trains with
-sample-level DP-SGD on a budget that only round 1 fits, so it declines rounds 2 and 3, and the run
-goes on: `north`'s update is still released (noised over the fixed denominator of two sites) and
-the site-level epsilon keeps growing. Plus fast checks of the aggregation arithmetic.
+One federation through the real runner, its ServerApp and ClientApp federating in this process
+(tests/conftest.py; two synthetic sites, three rounds, `federation.central_dp: server`): the
+site-level epsilon of every round is in `metrics.jsonl` and the summary and equals the Gaussian
+mechanism's closed-form RDP, composed; `south` also trains with sample-level DP-SGD on a budget
+that only round 1 fits, so it declines rounds 2 and 3, and the run goes on: `north`'s update is
+still released (noised over the fixed denominator of two sites) and the site-level epsilon keeps
+growing. Plus fast checks of the aggregation arithmetic.
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ from opacus.accountants.analysis.rdp import get_privacy_spent
 
 from fedssl.config import ConfigError, FederationConfig
 from fedssl.protocol import PRIVACY_BUDGET_CODE, PRIVACY_BUDGET_REASON
+from fedssl.report import read_metrics
 from server.app import check_federation, make_strategy
 from server.central_dp import CENTRAL_DP, FixedDenominator, SiteLevelAccountant
 from server.metrics import RoundTracker
 from server.validation import ValidatedStrategy
-from simulations.run import run_scenario
-from tests.conftest import NodeGrid
+from tests.conftest import NodeGrid, simulate_in_process
 
 CENTRAL_DP_FEDERATION = """
 name: central-dp
@@ -63,11 +64,8 @@ def gaussian_epsilon(noise_multiplier: float, releases: int, delta: float) -> fl
 
 @pytest.fixture(scope="module")
 def central_federation(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("central-dp")
-    (folder / "central.yaml").write_text(CENTRAL_DP_FEDERATION)
-    result = run_scenario(folder / "central.yaml", folder / "run", timeout=600, echo=lambda line: None)
-    rounds = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-    return result, rounds
+    result, _ = simulate_in_process(CENTRAL_DP_FEDERATION, tmp_path_factory.mktemp("central-dp"))
+    return result, read_metrics(result.run_dir / "metrics.jsonl")
 
 
 def test_site_level_epsilon_is_reported_every_round(central_federation):
@@ -96,7 +94,7 @@ def test_a_site_declining_under_central_dp_counts_as_a_zero_update(central_feder
     assert (result.run_dir / "encoder.pt").is_file()
 
 
-# -- the aggregation without a simulation engine -----------------------------------------------------
+# -- the aggregation without a federation ---------------------------------------------------------------
 
 
 def run_round(tmp_path, fed: FederationConfig, updates: dict[int, torch.Tensor | None], size: int):

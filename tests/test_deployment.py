@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import sqlite3
 import ssl
-import sys
 import time
 from pathlib import Path
 

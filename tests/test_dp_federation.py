@@ -1,10 +1,11 @@
 """DP-SGD in the federation: each site's epsilon per round, its ledger on disk, declined rounds.
 
-One federation through Flower's simulation engine (two synthetic sites, three rounds, masked
-reconstruction): `north` takes the scenario's privacy section (noise calibrated so that the three
-rounds spend its target epsilon), `south` overrides it with a fixed noise and a small budget that
-round 1 fits and round 2 would pass, so it declines rounds 2 and 3 while the run goes on with
-`north`. Plus fast checks of the server's bookkeeping that need no simulation engine.
+One federation through the real runner, its ServerApp and ClientApp federating in this process
+(tests/conftest.py; two synthetic sites, three rounds, masked reconstruction): `north` takes the
+scenario's privacy section (noise calibrated so that the three rounds spend its target epsilon),
+`south` overrides it with a fixed noise and a small budget that round 1 fits and round 2 would
+pass, so it declines rounds 2 and 3 while the run goes on with `north`. Plus fast checks of the
+server's bookkeeping that need no federation.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from client.app import privacy_metrics
 from fedssl.config import load_scenario
 from fedssl.privacy import LEDGER_FILE, PrivacyLedger, compute_epsilon
 from fedssl.protocol import PRIVACY_BUDGET_CODE, PRIVACY_BUDGET_REASON
+from fedssl.report import read_metrics
 from server import metrics as server_metrics
 from server.metrics import RoundTracker
 from server.validation import validate_replies
-from simulations.run import run_scenario
+from tests.conftest import simulate_in_process
 
 DP_FEDERATION = """
 name: dp-federation
@@ -51,11 +53,8 @@ sites:
 
 @pytest.fixture(scope="module")
 def dp_federation(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("dp-federation")
-    (folder / "dp.yaml").write_text(DP_FEDERATION)
-    result = run_scenario(folder / "dp.yaml", folder / "run", timeout=600, echo=lambda line: None)
-    rounds = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-    return result, rounds
+    result, _ = simulate_in_process(DP_FEDERATION, tmp_path_factory.mktemp("dp-federation"))
+    return result, read_metrics(result.run_dir / "metrics.jsonl")
 
 
 def test_south_budget_fits_one_round_only():
@@ -121,7 +120,7 @@ def test_scenario_keeps_the_site_privacy_override(dp_federation):
     assert scenario.privacy_of(south).noise_multiplier == 2.0
 
 
-# -- the server's bookkeeping without a simulation engine -----------------------------------------
+# -- the server's bookkeeping without a federation -------------------------------------------------
 
 def reply(node: int, metrics: dict | None, arrays: dict | None = None) -> Message:
     if metrics is None:

@@ -1,8 +1,8 @@
 """Nothing leaves a site but the model: every reply of the ClientApp in a short federated run
 holds the shared encoder's weights and scalar metrics, and nothing else.
 
-The run is driven in-process: the server's strategy (FedAvg behind update validation) sends the
-round's instructions, the ClientApp answers them as its SuperNode would, the strategy aggregates.
+The run is the real ServerApp and ClientApp federating in this process (tests/conftest.py): the
+replies are checked as the server received them, after Flower's serialisation.
 """
 
 from __future__ import annotations
@@ -12,21 +12,25 @@ import math
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg, FedProx
+from flwr.serverapp.strategy import FedAvg
 
 from client.app import app as client_app
 from fedssl.config import load_scenario
 from fedssl.federated import shared_state
 from fedssl.objectives import build_objective
-from server.validation import ValidatedStrategy
-from tests.conftest import NodeGrid
+from fedssl.report import read_metrics
+from tests.conftest import NodeGrid, serve
 
 SCENARIO = """
 name: replies
 seed: 5
 data: {window_seconds: 2.0}
 train: {batch_size: 8, local_steps: 2, threads: 1}
-federation: {rounds: 2, min_sites: 2, local_update: LOCAL_UPDATE}
+federation: {rounds: 2, min_sites: 2, FEDERATION}
+evaluation:
+  synthetic: {records: 24, sample_rate: 250, duration_seconds: 4.0}
+  every_round: false
+  local_baselines: false
 sites:
   - name: north
     synthetic: {records: 6, sample_rate: 250, duration_seconds: 4.0}
@@ -36,29 +40,16 @@ sites:
 NODES = {21: 0, 22: 1}  # node id -> partition id (the site's index in the scenario)
 
 
-@pytest.fixture(scope="module", params=[("replace", FedAvg), ("fedema", FedProx)], ids=["fedavg", "fedprox-fedema"])
-def run(request, tmp_path_factory, module_flower_messages):
+@pytest.fixture(scope="module", params=["strategy: fedavg", "strategy: fedprox, local_update: fedema"],
+                ids=["fedavg", "fedprox-fedema"])
+def run(request, tmp_path_factory):
     """Two rounds of two sites; returns the scenario, the initial objective and every reply sent."""
-    local_update, strategy_class = request.param
     folder = tmp_path_factory.mktemp("replies")
-    (folder / "scenario.yaml").write_text(SCENARIO.replace("LOCAL_UPDATE", local_update))
+    (folder / "scenario.yaml").write_text(SCENARIO.replace("FEDERATION", request.param))
+    grid = serve(folder / "scenario.yaml", folder / "run")
+    assert [r["rejected"] for r in read_metrics(folder / "run" / "metrics.jsonl")] == [[], []]
     scenario = load_scenario(folder / "scenario.yaml")
-    objective = build_objective(scenario)
-    initial = shared_state(objective, scenario.federation.share)
-    run_config = {"scenario": str(folder / "scenario.yaml"), "run-dir": str(folder / "run")}
-    strategy = ValidatedStrategy(strategy_class(fraction_evaluate=0.0), ArrayRecord(initial),
-                                 on_reject=lambda rejection: pytest.fail(str(rejection)))
-    arrays, replies = ArrayRecord(initial), []
-    for server_round in (1, 2):
-        sent = strategy.configure_train(server_round, arrays, ConfigRecord({"num-rounds": 2}), NodeGrid(NODES))
-        answers = [client_app(msg, Context(run_id=1, node_id=msg.metadata.dst_node_id, state=RecordDict(),
-                                           node_config={"partition-id": NODES[msg.metadata.dst_node_id],
-                                                        "num-partitions": len(NODES)},
-                                           run_config=run_config))
-                   for msg in sent]
-        replies += answers
-        arrays, _ = strategy.aggregate_train(server_round, answers)
-    return scenario, objective, replies
+    return scenario, build_objective(scenario), grid.replies
 
 
 def test_every_reply_is_the_encoder_and_scalar_metrics(run):

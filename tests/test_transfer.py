@@ -1,13 +1,12 @@
 """`federation.transfer_dtype: float16`: half the bytes on the wire, float32 everywhere else.
 
 Flower-free checks of the cast and of the server's two hooks (float16 out, float32 back in before
-validation and aggregation), then one short federation through the real runner (~50 s on two
-cores, mostly Flower and Ray starting up).
+validation and aggregation), then one short federation through the real runner, its ServerApp and
+ClientApp federating in this process, every message carried as Flower carries it (tests/conftest.py).
 """
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -18,10 +17,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from fedssl.config import ConfigError, FederationConfig, load_scenario
 from fedssl.federated import cast_floating, shared_state
 from fedssl.objectives import build_objective
+from fedssl.report import read_metrics
 from server.app import make_strategy
 from server.metrics import RoundTracker
-from simulations.run import run_scenario
-from tests.conftest import TINY, NodeGrid, load_scenario_text
+from tests.conftest import TINY, NodeGrid, load_scenario_text, simulate_in_process
 
 
 def test_cast_round_trip_keeps_non_float_entries_and_float16_precision():
@@ -81,12 +80,13 @@ def test_unknown_transfer_dtype_is_a_clear_error(tmp_path):
 def test_float16_federation(tmp_path):
     values = yaml.safe_load(TINY)
     values["federation"]["transfer_dtype"] = "float16"
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(values))
-    result = run_scenario(tmp_path / "tiny.yaml", tmp_path / "run", timeout=600, echo=lambda line: None)
-    rounds = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    result, grid = simulate_in_process(yaml.safe_dump(values), tmp_path)
+    rounds = read_metrics(result.run_dir / "metrics.jsonl")
     assert [r["round"] for r in rounds] == [1, 2]
     assert all(r["sites"] == 2 and not r.get("rejected") and math.isfinite(r["loss"]) for r in rounds)
-    assert 0.0 <= rounds[1]["probe_macro_auroc"] <= 1.0
+    for message in grid.sent + grid.replies:  # both ways, every floating array travelled as float16
+        assert {array.dtype for array in message.content["arrays"].values()} == {"float16"}
+    assert rounds[1]["probe_macro_auroc"] == pytest.approx(result.summary["encoders"]["federated"]["macro_auroc"])
     scenario = load_scenario(result.run_dir / "scenario.yaml")
     initial = build_objective(scenario).encoder.state_dict()
     final = torch.load(result.run_dir / "encoder.pt", weights_only=True)

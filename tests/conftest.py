@@ -269,6 +269,7 @@ federation: {rounds: 2, min_sites: 2}
 evaluation:
   synthetic: {records: 24, sample_rate: 250, duration_seconds: 4.0}
   every_round: false
+  bootstrap: 100  # replicates of the probe's interval: enough for one, and cheap
   local_baselines: false
 sites:
   - name: north
@@ -442,12 +443,17 @@ def simulate_in_process(scenario_text: str, folder: Path):
 
 
 @pytest.fixture(scope="session")
-def finished_run(tmp_path_factory) -> Path:
-    """A run folder as `fedssl simulate` leaves it (TINY through the real runner, federating in
-    this process), for the tools that read run folders to be tested on what the server writes
-    (the hand-made `run_dir` pins their exact output). Read it; do not change it."""
-    result, _ = simulate_in_process(TINY, tmp_path_factory.mktemp("finished-run"))
-    return result.run_dir
+def finished_federation(tmp_path_factory):
+    """TINY through the real runner, federating in this process: its RunResult and InProcessGrid.
+    Shared by the tests of what crossed the wire and of the tools that read run folders (on what
+    the server writes; the hand-made `run_dir` pins their exact output). Read it; do not change it."""
+    return simulate_in_process(TINY, tmp_path_factory.mktemp("finished-run"))
+
+
+@pytest.fixture(scope="session")
+def finished_run(finished_federation) -> Path:
+    """The run folder of `finished_federation`, as `fedssl simulate` leaves it."""
+    return finished_federation[0].run_dir
 
 
 # -- a real federation of separate processes on loopback ---------------------------------------

@@ -43,6 +43,7 @@ federation: {rounds: 3, min_sites: 2, central_dp: server, central_noise_multipli
 evaluation:
   synthetic: {records: 24, sample_rate: 250, duration_seconds: 4.0}
   every_round: false
+  bootstrap: 100  # replicates of the probe's interval: enough for one, and cheap
   local_baselines: false
 sites:
   - name: north

@@ -41,6 +41,7 @@ federation: {{rounds: 2, min_sites: 3}}
 evaluation:
   synthetic: {{records: 24, sample_rate: 250, duration_seconds: 4.0}}
   every_round: false
+  bootstrap: 100  # replicates of the probe's interval: enough for one, and cheap
   local_baselines: false
 sites:
 {sites}

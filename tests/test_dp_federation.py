@@ -40,6 +40,7 @@ privacy: {enabled: true, target_epsilon: 8.0}
 evaluation:
   synthetic: {records: 24, sample_rate: 250, duration_seconds: 4.0}
   every_round: false
+  bootstrap: 100  # replicates of the probe's interval: enough for one, and cheap
   local_baselines: false
 sites:
   - name: north

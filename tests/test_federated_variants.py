@@ -4,8 +4,8 @@ Flower-free checks of the math in `fedssl.federated` and of the strategy options
 short federations through the real runner, the real ServerApp and ClientApp federating in this
 process (tests/conftest.py: Flower's engine would add ~40 s of start-up to each), that together
 cover FedProx, FedAdam, FedAvgM, FedYogi, FedMedian, `share: all`, `local_update: fedema`,
-federated evaluation, and switching the objective (CMSC, BYOL, SimCLR) and the encoder (ResNet1D)
-in YAML.
+`transfer_dtype: float16`, federated evaluation, and switching the objective (CMSC, BYOL, SimCLR)
+and the encoder (ResNet1D) in YAML.
 """
 
 from __future__ import annotations
@@ -150,7 +150,8 @@ def test_federated_evaluation_weights_sites_by_probe_windows(tmp_path):
 VARIANTS = {
     "fedprox-share-all": {"federation": "{strategy: fedprox, proximal_mu: 0.1, share: all, rounds: 2, min_sites: 2}",
                           "evaluation": "federated: true"},
-    "fedadam-fedema": {"federation": "{strategy: fedadam, local_update: fedema, rounds: 2, min_sites: 2}"},
+    "fedadam-fedema-float16": {"federation": "{strategy: fedadam, local_update: fedema, transfer_dtype: float16, "
+                                             "rounds: 2, min_sites: 2}"},
     "cmsc-resnet1d-fedavgm": {"objective": "{name: cmsc}", "model": "{encoder: resnet1d, size: tiny}",
                               "federation": "{strategy: fedavgm, rounds: 2, min_sites: 2}"},
     "byol-fedyogi-share-all": {"objective": "{name: byol}",
@@ -181,7 +182,7 @@ def test_variant_scenario_has_the_switches(variant):
     name, _, _, scenario, _ = variant
     objective, encoder = ObjectiveConfig().name, ModelConfig().encoder  # TINY's defaults
     expected = {"fedprox-share-all": (objective, encoder, "fedprox", "all"),
-                "fedadam-fedema": (objective, encoder, "fedadam", "encoder"),
+                "fedadam-fedema-float16": (objective, encoder, "fedadam", "encoder"),
                 "cmsc-resnet1d-fedavgm": ("cmsc", "resnet1d", "fedavgm", "encoder"),
                 "byol-fedyogi-share-all": ("byol", encoder, "fedyogi", "all"),
                 "simclr-fedmedian": ("simclr", encoder, "fedmedian", "encoder")}[name]
@@ -227,8 +228,11 @@ def test_variant_specifics(variant):
             assert r["site_probe_macro_auroc"] == pytest.approx(dict(zip(sites, (p[PROBE_AUROC_KEY] for p in probes))))
             mean = sum(p[WEIGHT_KEY] * p[PROBE_AUROC_KEY] for p in probes) / sum(p[WEIGHT_KEY] for p in probes)
             assert r["federated_macro_auroc"] == pytest.approx(mean)
-    elif name == "fedadam-fedema":
+    elif name == "fedadam-fedema-float16":
         assert "site_probe_macro_auroc" not in rounds[0]  # federated evaluation is off by default
+        for message in grid.sent + grid.replies:  # both ways, the weights travelled in float16
+            assert {array.dtype for array in message.content["arrays"].values()} == {"float16"}
+        assert all(v.dtype == torch.float32 for v in torch.load(run_dir / "encoder.pt", weights_only=True).values())
         assert not (run_dir / "global.pt").exists()
         assert [r["fedema-mu"] for r in rounds] == [0.0, pytest.approx(scenario.federation.fedema_tau)]
         previous = torch.load(run_dir / "sites" / "north" / FEDEMA_FILE, weights_only=True)

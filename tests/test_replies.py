@@ -19,36 +19,27 @@ from fedssl.config import load_scenario
 from fedssl.federated import shared_state
 from fedssl.objectives import build_objective
 from fedssl.report import read_metrics
-from tests.conftest import NodeGrid, serve
+from tests.conftest import TINY, NodeGrid, serve
 
-SCENARIO = """
-name: replies
-seed: 5
-data: {window_seconds: 2.0}
-train: {batch_size: 8, local_steps: 2, threads: 1}
-federation: {rounds: 2, min_sites: 2, FEDERATION}
-evaluation:
-  synthetic: {records: 24, sample_rate: 250, duration_seconds: 4.0}
-  every_round: false
-  local_baselines: false
-sites:
-  - name: north
-    synthetic: {records: 6, sample_rate: 250, duration_seconds: 4.0}
-  - name: south
-    synthetic: {records: 6, sample_rate: 500, duration_seconds: 4.0, missing_leads: [V4, V5, V6]}
-"""
+FEDPROX_FEDEMA = TINY.replace("federation: {rounds: 2, min_sites: 2}",
+                              "federation: {rounds: 2, min_sites: 2, strategy: fedprox, local_update: fedema}")
 NODES = {21: 0, 22: 1}  # node id -> partition id (the site's index in the scenario)
 
 
-@pytest.fixture(scope="module", params=["strategy: fedavg", "strategy: fedprox, local_update: fedema"],
-                ids=["fedavg", "fedprox-fedema"])
+@pytest.fixture(scope="module", params=["fedavg", "fedprox-fedema"])
 def run(request, tmp_path_factory):
-    """Two rounds of two sites; returns the scenario, the initial objective and every reply sent."""
-    folder = tmp_path_factory.mktemp("replies")
-    (folder / "scenario.yaml").write_text(SCENARIO.replace("FEDERATION", request.param))
-    grid = serve(folder / "scenario.yaml", folder / "run")
-    assert [r["rejected"] for r in read_metrics(folder / "run" / "metrics.jsonl")] == [[], []]
-    scenario = load_scenario(folder / "scenario.yaml")
+    """Two rounds of TINY's two sites (one at 500 Hz without V4-V6), with FedAvg (the suite's
+    finished federation) or FedProx and FedEMA: the scenario, the initial objective and every reply."""
+    if request.param == "fedavg":
+        result, grid = request.getfixturevalue("finished_federation")
+        run_dir = result.run_dir
+    else:
+        run_dir = tmp_path_factory.mktemp("replies") / "run"
+        run_dir.mkdir()
+        (run_dir / "scenario.yaml").write_text(FEDPROX_FEDEMA)
+        grid = serve(run_dir / "scenario.yaml", run_dir)
+    assert [r["rejected"] for r in read_metrics(run_dir / "metrics.jsonl")] == [[], []]
+    scenario = load_scenario(run_dir / "scenario.yaml")
     return scenario, build_objective(scenario), grid.replies
 
 

@@ -1,26 +1,22 @@
 """`federation.transfer_dtype: float16`: half the bytes on the wire, float32 everywhere else.
 
 Flower-free checks of the cast and of the server's two hooks (float16 out, float32 back in before
-validation and aggregation), then one short federation through the real runner, its ServerApp and
-ClientApp federating in this process, every message carried as Flower carries it (tests/conftest.py).
+validation and aggregation). A whole float16 federation is the `fedadam-fedema-float16` variant of
+tests/test_federated_variants.py.
 """
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedssl.config import ConfigError, FederationConfig, load_scenario
+from fedssl.config import ConfigError, FederationConfig
 from fedssl.federated import cast_floating, shared_state
 from fedssl.objectives import build_objective
-from fedssl.report import read_metrics
 from server.app import make_strategy
 from server.metrics import RoundTracker
-from tests.conftest import TINY, NodeGrid, load_scenario_text, simulate_in_process
+from tests.conftest import NodeGrid, load_scenario_text
 
 
 def test_cast_round_trip_keeps_non_float_entries_and_float16_precision():
@@ -75,20 +71,3 @@ def test_float16_updates_are_rejected_when_the_transfer_is_float32(tmp_path, flo
 def test_unknown_transfer_dtype_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="federation.transfer_dtype: unknown value 'bfloat16'"):
         make_strategy(FederationConfig(transfer_dtype="bfloat16"), 2, RoundTracker(tmp_path, 1, {}))
-
-
-def test_float16_federation(tmp_path):
-    values = yaml.safe_load(TINY)
-    values["federation"]["transfer_dtype"] = "float16"
-    result, grid = simulate_in_process(yaml.safe_dump(values), tmp_path)
-    rounds = read_metrics(result.run_dir / "metrics.jsonl")
-    assert [r["round"] for r in rounds] == [1, 2]
-    assert all(r["sites"] == 2 and not r.get("rejected") and math.isfinite(r["loss"]) for r in rounds)
-    for message in grid.sent + grid.replies:  # both ways, every floating array travelled as float16
-        assert {array.dtype for array in message.content["arrays"].values()} == {"float16"}
-    assert rounds[1]["probe_macro_auroc"] == pytest.approx(result.summary["encoders"]["federated"]["macro_auroc"])
-    scenario = load_scenario(result.run_dir / "scenario.yaml")
-    initial = build_objective(scenario).encoder.state_dict()
-    final = torch.load(result.run_dir / "encoder.pt", weights_only=True)
-    assert all(final[k].dtype == torch.float32 for k in initial)  # the global model stays float32
-    assert any(not torch.equal(final[k], initial[k]) for k in initial)

@@ -38,7 +38,7 @@ from fedssl.data.windows import STANDARD_LEADS, RecordInfo, WindowSet
 from fedssl.export import export_run
 from fedssl.objectives import build_objective
 from ops.bundle import stage_app
-from ops.deploy import Certificates, NodeKey, make_node_key
+from ops.deploy import FAST_POLLING_ENV, Certificates, NodeKey, make_node_key
 from ops.processes import TOKEN_VARIABLE, free_port, marked_processes, pid_alive, stop_pids, terminate
 from server.app import app as server_app
 
@@ -489,6 +489,7 @@ class Deployment:
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             "FLWR_TELEMETRY_ENABLED": "0",
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            **FAST_POLLING_ENV,  # as `fedssl certs` tells a deployment to start its SuperLink and SuperNodes
             "PYTHONUNBUFFERED": "1",
             "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
         }

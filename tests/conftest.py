@@ -65,14 +65,6 @@ def flower_messages(monkeypatch):
     stamp_messages_as_run_one(monkeypatch)
 
 
-@pytest.fixture(scope="module")
-def module_flower_messages():
-    """`flower_messages` for a module-scoped fixture."""
-    with pytest.MonkeyPatch.context() as patch:
-        stamp_messages_as_run_one(patch)
-        yield
-
-
 def small_scenario(objective: str = "hybrid", **objective_kwargs) -> Scenario:
     """Two-second windows: 4 patches per lead, 48 tokens, fast enough for many tests."""
     return Scenario(data=DataConfig(window_seconds=2.0),

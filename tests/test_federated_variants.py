@@ -232,7 +232,6 @@ def test_variant_specifics(variant):
         assert "site_probe_macro_auroc" not in rounds[0]  # federated evaluation is off by default
         for message in grid.sent + grid.replies:  # both ways, the weights travelled in float16
             assert {array.dtype for array in message.content["arrays"].values()} == {"float16"}
-        assert all(v.dtype == torch.float32 for v in torch.load(run_dir / "encoder.pt", weights_only=True).values())
         assert not (run_dir / "global.pt").exists()
         assert [r["fedema-mu"] for r in rounds] == [0.0, pytest.approx(scenario.federation.fedema_tau)]
         previous = torch.load(run_dir / "sites" / "north" / FEDEMA_FILE, weights_only=True)

@@ -2,9 +2,10 @@
 checks of the strategies and of node-to-site mapping that need no simulation engine.
 
 One federation (two synthetic sites, two rounds; ~50 s on two cores, most of it Flower and Ray
-starting up) is shared by the end-to-end tests. It is the suite's one run on Flower's simulation
-engine: the other federations run the same ServerApp and ClientApp in-process (tests/conftest.py),
-and tests/test_deployment.py and tests/test_faults.py run Flower's deployment processes.
+starting up) is shared by the end-to-end tests. It is the suite's one whole run on Flower's
+simulation engine (tests/test_bad_paths.py starts another to stop it with SIGTERM): the other
+federations run the same ServerApp and ClientApp in-process (tests/conftest.py), and
+tests/test_deployment.py and tests/test_faults.py run Flower's deployment processes.
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """Shared fixtures and helpers: small scenarios that keep the suite fast on two cores, WFDB record
-writers, a finished run folder, the loopback deployment harness. Test modules import helpers from
-here, never from each other."""
+writers, a finished run folder, the real ServerApp and ClientApp federating in this process, the
+loopback deployment harness. Test modules import helpers from here, never from each other."""
 
 from __future__ import annotations
 
 import copy
 import csv
 import dataclasses
+import functools
 import json
 import os
 import ssl
@@ -15,14 +16,21 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import wfdb
+from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 from scipy.io import savemat
 
+from client.app import app as client_app
 from fedssl.config import (DataConfig, EvaluationConfig, FederationConfig, ModelConfig, ObjectiveConfig, Scenario,
                            SiteConfig, SyntheticSiteConfig, TrainConfig, load_scenario, save_scenario)
 from fedssl.data.synthetic import write_synthetic_site
@@ -30,8 +38,9 @@ from fedssl.data.windows import STANDARD_LEADS, RecordInfo, WindowSet
 from fedssl.export import export_run
 from fedssl.objectives import build_objective
 from ops.bundle import stage_app
-from ops.deploy import Certificates, NodeKey, make_node_key
+from ops.deploy import FAST_POLLING_ENV, Certificates, NodeKey, make_node_key
 from ops.processes import TOKEN_VARIABLE, free_port, marked_processes, pid_alive, stop_pids, terminate
+from server.app import app as server_app
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -54,14 +63,6 @@ def stamp_messages_as_run_one(patch: pytest.MonkeyPatch) -> None:
 def flower_messages(monkeypatch):
     """New Messages can be made in this test (see `stamp_messages_as_run_one`)."""
     stamp_messages_as_run_one(monkeypatch)
-
-
-@pytest.fixture(scope="module")
-def module_flower_messages():
-    """`flower_messages` for a module-scoped fixture."""
-    with pytest.MonkeyPatch.context() as patch:
-        stamp_messages_as_run_one(patch)
-        yield
 
 
 def small_scenario(objective: str = "hybrid", **objective_kwargs) -> Scenario:
@@ -260,6 +261,7 @@ federation: {rounds: 2, min_sites: 2}
 evaluation:
   synthetic: {records: 24, sample_rate: 250, duration_seconds: 4.0}
   every_round: false
+  bootstrap: 100  # replicates of the probe's interval: enough for one, and cheap
   local_baselines: false
 sites:
   - name: north
@@ -320,6 +322,156 @@ def labelled(n, seed):
     return WindowSet(windows, np.ones((n, 12), bool), np.arange(n), records)
 
 
+# -- the real ServerApp and ClientApp federating in this process -------------------------------
+
+FIRST_NODE_ID = 101  # the InProcessGrid's nodes are 101, 102, ... (partition ids 0, 1, ...)
+
+
+class ServerKilled(RuntimeError):
+    """Stands in for the ServerApp process dying (InProcessGrid's `kill_server_at`)."""
+
+
+def over_the_wire(message: Message) -> Message:
+    """`message` as its receiver gets it from Flower: deflated into the bytes of its objects (the
+    message, its records, each array), inflated from them, and identified by its object id."""
+    contents = {object_id: part.deflate() for object_id, part in get_all_nested_objects(message).items()}
+    received = inflate_object_from_contents(message.object_id, contents)
+    received.metadata.__dict__["_message_id"] = message.object_id
+    return received
+
+
+class InProcessGrid(Grid):
+    """A Grid whose SuperNodes are the real ClientApp (`client.app.app`) called in this process.
+
+    Flower's simulation engine spends ~40 s starting its processes (SuperLink, SuperExec, Ray) for
+    a federation of seconds. On this grid the same ServerApp and ClientApp exchange the same
+    Messages, each carried both ways as Flower carries it (`over_the_wire`), and each node keeps one
+    Context for the run as a simulated SuperNode does (node config `partition-id`, `num-partitions`).
+    `sent` and `replies` hold every Message as its receiver got it. With `kill_server_at` the
+    ServerApp dies (ServerKilled) as it sends that round's training instructions.
+    """
+
+    def __init__(self, run_config: dict, num_sites: int, kill_server_at: int | None = None) -> None:
+        self.contexts = {node: Context(run_id=1, node_id=node, state=RecordDict(), run_config=run_config,
+                                       node_config={"partition-id": node - FIRST_NODE_ID, "num-partitions": num_sites})
+                         for node in range(FIRST_NODE_ID, FIRST_NODE_ID + num_sites)}
+        self.kill_server_at = kill_server_at
+        self.sent: list[Message] = []
+        self.replies: list[Message] = []
+        self._unpulled: dict[str, Message] = {}  # by the id of the instruction they answer
+        self._run = None
+
+    def set_run(self, run) -> None:
+        self._run = run
+
+    @property
+    def run(self):
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def server_round(self, message: Message) -> int:
+        """The `server-round` of an instruction this grid carried, or of the one a reply answers."""
+        answered = {m.metadata.message_id: m for m in self.sent}.get(message.metadata.reply_to_message_id, message)
+        return int(answered.content["config"]["server-round"])
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        """Each node's ClientApp answers its instruction at once; the reply waits to be pulled."""
+        messages = list(messages)
+        for message in messages:  # as Flower's grid does
+            message.metadata.__dict__["_message_id"] = message.object_id
+        rounds = {int(m.content["config"]["server-round"]) for m in messages if m.metadata.message_type == "train"}
+        if self.kill_server_at in rounds:
+            raise ServerKilled(f"the ServerApp died as it sent round {self.kill_server_at}")
+        for message in messages:  # the records kept here are copies: the receivers may change theirs
+            self.sent.append(over_the_wire(message))
+            reply = client_app(over_the_wire(message), self.contexts[message.metadata.dst_node_id])
+            self.replies.append(over_the_wire(reply))
+            self._unpulled[message.metadata.message_id] = over_the_wire(reply)
+        return [message.metadata.message_id for message in messages]
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return [self._unpulled.pop(i) for i in message_ids if i in self._unpulled]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+
+def serve(scenario: Path, run_dir: Path, *, resume: bool = False, kill_server_at: int | None = None) -> InProcessGrid:
+    """Run the real ServerApp (`server.app.app`) to its end over an InProcessGrid of the scenario's
+    sites, writing its run folder `run_dir`; the grid, with every message it carried."""
+    run_config = {"scenario": str(scenario), "run-dir": str(run_dir), "resume": resume}
+    grid = InProcessGrid(run_config, len(load_scenario(scenario).sites), kill_server_at)
+    with pytest.MonkeyPatch.context() as patch:
+        stamp_messages_as_run_one(patch)
+        server_app(grid, Context(run_id=1, node_id=0, state=RecordDict(), node_config={}, run_config=run_config))
+    return grid
+
+
+class InProcessSimulation:
+    """Stands in for `simulations.run.LocalSimulation` (Flower's simulation engine in child
+    processes): the runner's federation runs through `serve`. Everything else `run_scenario` does
+    (checks, site data, baselines, summary, report) runs as it does for real."""
+
+    def __init__(self, run_dir: Path, *, grids: list[InProcessGrid], echo=print, verbose: bool = False) -> None:
+        self.run_dir = Path(run_dir)
+        self.log_path = self.run_dir / "logs" / "flower.log"
+        self.seen_pids: set[int] = set()
+        self.grids = grids
+
+    def __enter__(self) -> "InProcessSimulation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def run(self, scenario_path: Path, *, num_sites: int, timeout: float | None = None, resume: bool = False) -> int:
+        self.grids.append(serve(scenario_path, self.run_dir, resume=resume))
+        return 1  # the Flower run id
+
+
+@contextmanager
+def flower_in_process() -> Iterator[list[InProcessGrid]]:
+    """Within it, `simulations.run` federates in this process (`InProcessSimulation`); yields the
+    grids its runs ran on."""
+    import simulations.run
+
+    grids: list[InProcessGrid] = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(simulations.run, "LocalSimulation", functools.partial(InProcessSimulation, grids=grids))
+        yield grids
+
+
+def simulate_in_process(scenario_text: str, folder: Path):
+    """The runner's `run_scenario` of `scenario_text` (saved as folder/scenario.yaml) into
+    folder/run, federating in this process: its RunResult and the InProcessGrid it ran on."""
+    from simulations.run import run_scenario
+
+    (folder / "scenario.yaml").write_text(scenario_text)
+    with flower_in_process() as grids:
+        result = run_scenario(folder / "scenario.yaml", folder / "run", echo=lambda line: None)
+    (grid,) = grids
+    return result, grid
+
+
+@pytest.fixture(scope="session")
+def finished_federation(tmp_path_factory):
+    """TINY through the real runner, federating in this process: its RunResult and InProcessGrid.
+    Shared by the tests of what crossed the wire and of the tools that read run folders (on what
+    the server writes; the hand-made `run_dir` pins their exact output). Read it; do not change it."""
+    return simulate_in_process(TINY, tmp_path_factory.mktemp("finished-run"))
+
+
+@pytest.fixture(scope="session")
+def finished_run(finished_federation) -> Path:
+    """The run folder of `finished_federation`, as `fedssl simulate` leaves it."""
+    return finished_federation[0].run_dir
+
+
 # -- a real federation of separate processes on loopback ---------------------------------------
 
 SITES = ("hospital_a", "clinic_b", "cardiology_c")
@@ -353,6 +505,7 @@ class Deployment:
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             "FLWR_TELEMETRY_ENABLED": "0",
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            **FAST_POLLING_ENV,  # as `fedssl certs` tells a deployment to start its SuperLink and SuperNodes
             "PYTHONUNBUFFERED": "1",
             "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
         }

@@ -1,12 +1,13 @@
 """Site-level (central) DP end to end: Flower's fixed-clipping wrapper with its accountant over a
 fixed denominator (server/central_dp.py).
 
-One federation through Flower's simulation engine (two synthetic sites, three rounds,
-`federation.central_dp: server`): the site-level epsilon of every round is in `metrics.jsonl` and
-the summary and equals the Gaussian mechanism's closed-form RDP, composed; `south` also trains with
-sample-level DP-SGD on a budget that only round 1 fits, so it declines rounds 2 and 3, and the run
-goes on: `north`'s update is still released (noised over the fixed denominator of two sites) and
-the site-level epsilon keeps growing. Plus fast checks of the aggregation arithmetic.
+One federation through the real runner, its ServerApp and ClientApp federating in this process
+(tests/conftest.py; two synthetic sites, three rounds, `federation.central_dp: server`): the
+site-level epsilon of every round is in `metrics.jsonl` and the summary and equals the Gaussian
+mechanism's closed-form RDP, composed; `south` also trains with sample-level DP-SGD on a budget
+that only round 1 fits, so it declines rounds 2 and 3, and the run goes on: `north`'s update is
+still released (noised over the fixed denominator of two sites) and the site-level epsilon keeps
+growing. Plus fast checks of the aggregation arithmetic.
 """
 
 from __future__ import annotations
@@ -28,8 +29,7 @@ from fedssl.runfolder import RunFolder
 from server.central_dp import CENTRAL_DP, CentralDP, SiteLevelAccountant
 from server.checkpoint import ServerCheckpoint
 from server.strategy import check_federation, make_strategy
-from simulations.run import run_scenario
-from tests.conftest import NodeGrid
+from tests.conftest import NodeGrid, simulate_in_process
 
 CENTRAL_DP_FEDERATION = """
 name: central-dp
@@ -43,6 +43,7 @@ federation: {rounds: 3, min_sites: 2, strategy: fedavg, central_dp: server, cent
 evaluation:
   synthetic: {records: 24, sample_rate: 250, duration_seconds: 4.0}
   every_round: false
+  bootstrap: 100  # replicates of the probe's interval: enough for one, and cheap
   local_baselines: false
 sites:
   - name: north
@@ -64,11 +65,8 @@ def gaussian_epsilon(noise_multiplier: float, releases: int, delta: float) -> fl
 
 @pytest.fixture(scope="module")
 def central_federation(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("central-dp")
-    (folder / "central.yaml").write_text(CENTRAL_DP_FEDERATION)
-    result = run_scenario(folder / "central.yaml", folder / "run", timeout=600, echo=lambda line: None)
-    rounds = RunFolder(result.run_dir).rounds()
-    return result, rounds
+    result, _ = simulate_in_process(CENTRAL_DP_FEDERATION, tmp_path_factory.mktemp("central-dp"))
+    return result, RunFolder(result.run_dir).rounds()
 
 
 def test_site_level_epsilon_is_reported_every_round(central_federation):
@@ -97,7 +95,7 @@ def test_a_site_declining_under_central_dp_counts_as_a_zero_update(central_feder
     assert (result.run_dir / "encoder.pt").is_file()
 
 
-# -- the aggregation without a simulation engine -----------------------------------------------------
+# -- the aggregation without a federation ---------------------------------------------------------------
 
 
 def run_round(tmp_path, fed: FederationConfig, updates: dict[int, torch.Tensor | None], size: int):

@@ -276,6 +276,16 @@ def test_undefined_numbers_are_served_as_null_not_nan(tmp_path):
     json.dumps(view, allow_nan=False)
 
 
+def test_a_finished_run_as_the_runner_and_the_server_wrote_it(finished_run):
+    view = run_view(finished_run)
+    summary = json.loads((finished_run / "summary.json").read_text())
+    assert (view["state"], view["error"], view["round"], view["rounds"]) == ("finished", None, 2, 2)
+    assert [(s["name"], [cell["state"] for cell in s["cells"]]) for s in view["sites"]] == [
+        ("north", ["trained", "trained"]), ("south", ["trained", "trained"])]
+    assert view["encoders"]["federated"]["macro_auroc"] == summary["encoders"]["federated"]["macro_auroc"]
+    assert view["problems"] == [] and view["collapse"] is not None  # the server records the monitor
+    json.dumps(view, allow_nan=False)
+
 
 def test_the_runner_records_running_then_finished_or_failed_with_the_first_error_line(tmp_path):
     from simulations.run import FederationError, record_start, recorded_outcome

@@ -13,11 +13,9 @@ is stopped by pid. Run it (like everything that starts Flower) under the shared 
 from __future__ import annotations
 
 import math
-import os
 import re
 import sqlite3
 import ssl
-import sys
 import time
 from pathlib import Path
 
@@ -43,6 +41,7 @@ federation: {{rounds: 2, min_sites: 3}}
 evaluation:
   synthetic: {{records: 24, sample_rate: 250, duration_seconds: 4.0}}
   every_round: false
+  bootstrap: 100  # replicates of the probe's interval: enough for one, and cheap
   local_baselines: false
 sites:
 {sites}

@@ -1,10 +1,11 @@
 """DP-SGD in the federation: each site's epsilon per round, its ledger on disk, declined rounds.
 
-One federation through Flower's simulation engine (two synthetic sites, three rounds, masked
-reconstruction): `north` takes the scenario's privacy section (noise calibrated so that the three
-rounds spend its target epsilon), `south` overrides it with a fixed noise and a small budget that
-round 1 fits and round 2 would pass, so it declines rounds 2 and 3 while the run goes on with
-`north`. Plus fast checks of the server's bookkeeping that need no simulation engine.
+One federation through the real runner, its ServerApp and ClientApp federating in this process
+(tests/conftest.py; two synthetic sites, three rounds, masked reconstruction): `north` takes the
+scenario's privacy section (noise calibrated so that the three rounds spend its target epsilon),
+`south` overrides it with a fixed noise and a small budget that round 1 fits and round 2 would
+pass, so it declines rounds 2 and 3 while the run goes on with `north`. Plus fast checks of the
+server's bookkeeping that need no federation.
 """
 
 from __future__ import annotations
@@ -24,8 +25,7 @@ from fedssl.protocol import PRIVACY_BUDGET_CODE, PRIVACY_BUDGET_REASON
 from fedssl.runfolder import RunFolder
 from server.strategy import make_strategy
 from server.validation import validate_replies
-from simulations.run import run_scenario
-from tests.conftest import play_round
+from tests.conftest import play_round, simulate_in_process
 
 DP_FEDERATION = """
 name: dp-federation
@@ -39,6 +39,7 @@ privacy: {enabled: true, target_epsilon: 8.0}
 evaluation:
   synthetic: {records: 24, sample_rate: 250, duration_seconds: 4.0}
   every_round: false
+  bootstrap: 100  # replicates of the probe's interval: enough for one, and cheap
   local_baselines: false
 sites:
   - name: north
@@ -52,11 +53,8 @@ sites:
 
 @pytest.fixture(scope="module")
 def dp_federation(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("dp-federation")
-    (folder / "dp.yaml").write_text(DP_FEDERATION)
-    result = run_scenario(folder / "dp.yaml", folder / "run", timeout=600, echo=lambda line: None)
-    rounds = RunFolder(result.run_dir).rounds()
-    return result, rounds
+    result, _ = simulate_in_process(DP_FEDERATION, tmp_path_factory.mktemp("dp-federation"))
+    return result, RunFolder(result.run_dir).rounds()
 
 
 def test_south_budget_fits_one_round_only():
@@ -123,7 +121,7 @@ def test_scenario_keeps_the_site_privacy_override(dp_federation):
     assert scenario.privacy_of(south).noise_multiplier == 2.0
 
 
-# -- the server's bookkeeping without a simulation engine -----------------------------------------
+# -- the server's bookkeeping without a federation -------------------------------------------------
 
 def reply(node: int, metrics: dict | None, arrays: dict | None = None) -> Message:
     if metrics is None:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedssl.data.windows import RecordInfo, WindowSet
+from fedssl.data.windows import WindowSet
 from fedssl.evaluate import (ProbeResult, ProbeSplits, TestScores, _weighted_auroc, auroc, bootstrap_interval,
                              difference, linear_probe, summarise)
 from tests.conftest import labelled

@@ -11,7 +11,8 @@ import torch
 from safetensors import safe_open
 
 from fedssl.cli import main
-from fedssl.data.site import build_site
+from fedssl.config import load_scenario
+from fedssl.data.site import build_site, load_site
 from fedssl.evaluate import embed
 from fedssl.export import CARD, CONFIG, WEIGHTS, ExportError, embed_folder, export_run, load_encoder
 from fedssl.objectives import build_objective
@@ -108,3 +109,17 @@ def test_embed_real_records(exported):
         result = embed_folder(exported, SHARED_DATA / name, progress=False)
         assert result.windows.shape == (windows, WIDTH) and np.isfinite(result.windows).all(), name
         assert not result.skipped
+
+
+def test_export_of_a_finished_run(finished_run, tmp_path):
+    """On a run folder the runner and the server wrote: the encoder as saved, and the model card's
+    training windows per site are the windows each site has."""
+    exported = export_run(finished_run, tmp_path / "export")
+    saved = torch.load(finished_run / "encoder.pt", weights_only=True)
+    loaded = load_encoder(exported).encoder.state_dict()
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
+    scenario = load_scenario(finished_run / "scenario.yaml")
+    card = (exported / CARD).read_text()
+    for site in scenario.sites:
+        windows = load_site(site, scenario.data, finished_run / "data", scenario.seed)
+        assert f"| {site.name} | {len(windows)} | 2 |" in card

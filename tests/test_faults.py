@@ -61,6 +61,7 @@ federation: FEDERATION
 evaluation:
   synthetic: {{records: 24, sample_rate: 250, duration_seconds: 4.0}}
   every_round: false
+  bootstrap: 100  # replicates of the probe's interval: enough for one, and cheap
   local_baselines: false
 sites:
 {sites}

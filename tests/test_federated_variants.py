@@ -1,10 +1,11 @@
 """Federated variants: what travels (`share`), FedProx, FedEMA and the server optimisers.
 
-Flower-free checks of the math in `fedssl.federated` and of the strategy options first, then two
-short federations through the real runner that together cover FedProx, FedAdam, `share: all`,
-`local_update: fedema`, federated evaluation, and switching the objective (CMSC, BYOL, SimCLR),
-the encoder (ResNet1D) and the strategy in YAML (~3 min on two cores, mostly Flower and Ray
-starting up).
+Flower-free checks of the math in `fedssl.federated` and of the strategy options first, then five
+short federations through the real runner, the real ServerApp and ClientApp federating in this
+process (tests/conftest.py: Flower's engine would add ~40 s of start-up to each), that together
+cover FedProx, FedAdam, FedAvgM, FedYogi, FedMedian, `share: all`, `local_update: fedema`,
+`transfer_dtype: float16`, federated evaluation, and switching the objective (CMSC, BYOL, SimCLR)
+and the encoder (ResNet1D) in YAML.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ from fedssl.federated import (divergence, encoder_state, fedema_blend, fedema_sc
                               proximal_term, shared_state)
 from fedssl.objectives import build_objective
 from fedssl.objectives.base import Objective
+from fedssl.protocol import PROBE_AUROC_KEY, SITE_INDEX_KEY, WEIGHT_KEY
 from fedssl.train import train_local
 from fedssl.runfolder import RunFolder
 from server.strategy import make_strategy, site_probes, strategy_options
-from simulations.run import run_scenario
-from tests.conftest import TINY, NodeGrid, load_scenario_text, random_windows
+from tests.conftest import TINY, NodeGrid, load_scenario_text, random_windows, simulate_in_process
 
 
 # -- what travels ---------------------------------------------------------------------------------
@@ -114,7 +115,9 @@ def test_strategy_options_reach_flower(tmp_path, flower_messages):
     assert (fedadam.eta, fedadam.beta_1, fedadam.tau) == (0.01, 0.9, 1e-3)
     fedavgm = make_strategy(FederationConfig(strategy="fedavgm", server_learning_rate=0.5), sites, {}, run).base
     assert (fedavgm.server_learning_rate, fedavgm.server_momentum) == (0.5, 0.9)
-    assert strategy_options(FederationConfig()) == {}
+    assert strategy_options(FederationConfig(strategy="fedavg")) == {}
+    # the default, FedAvgM, with Flower's server learning rate and momentum
+    assert strategy_options(FederationConfig()) == {"server_learning_rate": 1.0, "server_momentum": 0.9}
 
 
 @pytest.mark.parametrize("change, message", [
@@ -142,13 +145,14 @@ def test_federated_evaluation_weights_sites_by_probe_windows(flower_messages):
     assert site_probes(replies[2:], ("a", "b", "c")) == ({}, None)  # no mean, rather than zero
 
 
-# -- through the real runner ----------------------------------------------------------------------
+# -- through the real runner, federating in this process ------------------------------------------
 
 # each variant switches what its name says in TINY (the default objective and encoder, FedAvg, share: encoder)
 VARIANTS = {
     "fedprox-share-all": {"federation": "{strategy: fedprox, proximal_mu: 0.1, share: all, rounds: 2, min_sites: 2}",
                           "evaluation": "federated: true"},
-    "fedadam-fedema": {"federation": "{strategy: fedadam, local_update: fedema, rounds: 2, min_sites: 2}"},
+    "fedadam-fedema-float16": {"federation": "{strategy: fedadam, local_update: fedema, transfer_dtype: float16, "
+                                             "rounds: 2, min_sites: 2}"},
     "cmsc-resnet1d-fedavgm": {"objective": "{name: cmsc}", "model": "{encoder: resnet1d, size: tiny}",
                               "federation": "{strategy: fedavgm, rounds: 2, min_sites: 2}"},
     "byol-fedyogi-share-all": {"objective": "{name: byol}",
@@ -170,18 +174,16 @@ def variant_text(changes: dict[str, str]) -> str:
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def variant(request, tmp_path_factory):
-    folder = tmp_path_factory.mktemp(request.param)
-    (folder / "tiny.yaml").write_text(variant_text(VARIANTS[request.param]))
-    result = run_scenario(folder / "tiny.yaml", folder / "run", timeout=600, echo=lambda line: None)
+    result, grid = simulate_in_process(variant_text(VARIANTS[request.param]), tmp_path_factory.mktemp(request.param))
     rounds = RunFolder(result.run_dir).rounds()
-    return request.param, result.run_dir, rounds, load_scenario(result.run_dir / "scenario.yaml")
+    return request.param, result, rounds, load_scenario(result.run_dir / "scenario.yaml"), grid
 
 
 def test_variant_scenario_has_the_switches(variant):
-    name, _, _, scenario = variant
+    name, _, _, scenario, _ = variant
     objective, encoder = ObjectiveConfig().name, ModelConfig().encoder  # TINY's defaults
     expected = {"fedprox-share-all": (objective, encoder, "fedprox", "all"),
-                "fedadam-fedema": (objective, encoder, "fedadam", "encoder"),
+                "fedadam-fedema-float16": (objective, encoder, "fedadam", "encoder"),
                 "cmsc-resnet1d-fedavgm": ("cmsc", "resnet1d", "fedavgm", "encoder"),
                 "byol-fedyogi-share-all": ("byol", encoder, "fedyogi", "all"),
                 "simclr-fedmedian": ("simclr", encoder, "fedmedian", "encoder")}[name]
@@ -191,18 +193,22 @@ def test_variant_scenario_has_the_switches(variant):
 
 
 def test_variant_trains_the_global_encoder(variant):
-    _, run_dir, rounds, scenario = variant
+    _, result, rounds, scenario, _ = variant
     assert [r.round for r in rounds] == [1, 2]
     assert all(math.isfinite(r.losses["loss"]) and r.sites == 2 for r in rounds)
-    assert 0.0 <= rounds[1].probe_macro_auroc <= 1.0
+    # the server probed the encoder it saved, as the runner's comparison probes it (same splits)
+    federated = result.summary["encoders"]["federated"]
+    assert rounds[1].probe_macro_auroc == pytest.approx(federated["macro_auroc"], abs=1e-9)
+    assert rounds[1].probe_macro_auroc_ci95 == pytest.approx(federated["ci95"], abs=1e-9)
     initial = build_objective(scenario).encoder.state_dict()
-    final = torch.load(run_dir / "encoder.pt", weights_only=True)
+    final = torch.load(result.run_dir / "encoder.pt", weights_only=True)
     assert final.keys() == initial.keys() and all(final[k].dtype == initial[k].dtype for k in initial)
     assert any(not torch.equal(final[k], initial[k]) for k in initial)
 
 
 def test_variant_specifics(variant):
-    name, run_dir, rounds, scenario = variant
+    name, result, rounds, scenario, grid = variant
+    run_dir = result.run_dir
     initial = build_objective(scenario)
     for site in ("north", "south"):
         assert (run_dir / "sites" / site / HEADS_FILE).is_file()  # persisted in both share modes
@@ -215,13 +221,18 @@ def test_variant_specifics(variant):
         heads = initial.local_state_dict()
         assert any(not torch.equal(global_state[k], heads[k]) for k in heads)  # ... and were averaged
         assert not any((run_dir / "sites" / site / FEDEMA_FILE).exists() for site in ("north", "south"))
-        for r in rounds:  # federated evaluation: each site's own probe, and their weighted mean
-            by_site = r.site_probe_macro_auroc
-            assert by_site and set(by_site) <= {"north", "south"}
-            assert all(0.0 <= v <= 1.0 for v in by_site.values())
-            assert min(by_site.values()) <= r.federated_macro_auroc <= max(by_site.values())
-    elif name == "fedadam-fedema":
+        for r in rounds:  # federated evaluation: each site's own probe, and their mean weighted by test windows
+            probes = [reply.content["metrics"] for reply in grid.replies
+                      if reply.metadata.message_type == "evaluate" and grid.server_round(reply) == r.round]
+            assert len(probes) == 2 and all(p[WEIGHT_KEY] > 0 for p in probes)  # both sites could probe
+            sites = [scenario.sites[int(p[SITE_INDEX_KEY])].name for p in probes]
+            assert r.site_probe_macro_auroc == pytest.approx(dict(zip(sites, (p[PROBE_AUROC_KEY] for p in probes))))
+            mean = sum(p[WEIGHT_KEY] * p[PROBE_AUROC_KEY] for p in probes) / sum(p[WEIGHT_KEY] for p in probes)
+            assert r.federated_macro_auroc == pytest.approx(mean)
+    elif name == "fedadam-fedema-float16":
         assert rounds[0].site_probe_macro_auroc == {} and rounds[0].federated_macro_auroc is None  # off by default
+        for message in grid.sent + grid.replies:  # both ways, the weights travelled in float16
+            assert {array.dtype for array in message.content["arrays"].values()} == {"float16"}
         assert not (run_dir / "global.pt").exists()
         assert [r.training["fedema-mu"] for r in rounds] == [0.0, pytest.approx(scenario.federation.fedema_tau)]
         previous = torch.load(run_dir / "sites" / "north" / FEDEMA_FILE, weights_only=True)

@@ -6,13 +6,11 @@ writers of conftest.py, which test_site.py and test_labels.py use too.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
-import wfdb
 
 from fedssl.config import DataConfig
 from fedssl.data.leads import lead_layout, standard_lead

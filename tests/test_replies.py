@@ -1,9 +1,8 @@
 """Nothing leaves a site but the model: every reply of the ClientApp in a short federated run
 holds the shared encoder's weights and scalar metrics, and nothing else.
 
-The run is driven in-process: the server's strategy (`FedSSLStrategy` over FedAvg or FedProx) sends
-the round's instructions, the ClientApp answers them as its SuperNode would, the strategy validates
-and aggregates.
+The run is the real ServerApp and ClientApp federating in this process (tests/conftest.py): the
+replies are checked as the server received them, after Flower's serialisation.
 """
 
 from __future__ import annotations
@@ -13,56 +12,35 @@ import math
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg, FedProx
+from flwr.serverapp.strategy import FedAvg
 
 from client.app import app as client_app
 from fedssl.config import load_scenario
 from fedssl.federated import shared_state
 from fedssl.objectives import build_objective
 from fedssl.runfolder import RunFolder
-from server.strategy import FedSSLStrategy
-from tests.conftest import NodeGrid
+from tests.conftest import TINY, NodeGrid, serve
 
-SCENARIO = """
-name: replies
-seed: 5
-data: {window_seconds: 2.0}
-train: {batch_size: 8, local_steps: 2, threads: 1}
-federation: {rounds: 2, min_sites: 2, local_update: LOCAL_UPDATE}
-sites:
-  - name: north
-    synthetic: {records: 6, sample_rate: 250, duration_seconds: 4.0}
-  - name: south
-    synthetic: {records: 6, sample_rate: 500, duration_seconds: 4.0, missing_leads: [V4, V5, V6]}
-"""
+FEDPROX_FEDEMA = TINY.replace("federation: {rounds: 2, min_sites: 2}",
+                              "federation: {rounds: 2, min_sites: 2, strategy: fedprox, local_update: fedema}")
 NODES = {21: 0, 22: 1}  # node id -> partition id (the site's index in the scenario)
 
 
-@pytest.fixture(scope="module", params=[("replace", FedAvg), ("fedema", FedProx)], ids=["fedavg", "fedprox-fedema"])
-def run(request, tmp_path_factory, module_flower_messages):
-    """Two rounds of two sites; returns the scenario, the initial objective and every reply sent."""
-    local_update, strategy_class = request.param
-    folder = tmp_path_factory.mktemp("replies")
-    (folder / "scenario.yaml").write_text(SCENARIO.replace("LOCAL_UPDATE", local_update))
-    scenario = load_scenario(folder / "scenario.yaml")
-    objective = build_objective(scenario)
-    initial = shared_state(objective, scenario.federation.share)
-    run_config = {"scenario": str(folder / "scenario.yaml"), "run-dir": str(folder / "run")}
-    strategy = FedSSLStrategy(strategy_class(fraction_evaluate=0.0), name=strategy_class.__name__, reference=initial,
-                              run=RunFolder(folder / "run"), rounds=2, sites=[s.name for s in scenario.sites])
-    arrays, replies = ArrayRecord(initial), []
-    for server_round in (1, 2):
-        sent = strategy.configure_train(server_round, arrays, ConfigRecord({"num-rounds": 2}), NodeGrid(NODES))
-        answers = [client_app(msg, Context(run_id=1, node_id=msg.metadata.dst_node_id, state=RecordDict(),
-                                           node_config={"partition-id": NODES[msg.metadata.dst_node_id],
-                                                        "num-partitions": len(NODES)},
-                                           run_config=run_config))
-                   for msg in sent]
-        replies += answers
-        arrays, _ = strategy.aggregate_train(server_round, answers)
-        assert strategy.current_record(server_round).rejected == []
-        assert sorted(strategy.current_record(server_round).site_windows) == ["north", "south"]
-    return scenario, objective, replies
+@pytest.fixture(scope="module", params=["fedavg", "fedprox-fedema"])
+def run(request, tmp_path_factory):
+    """Two rounds of TINY's two sites (one at 500 Hz without V4-V6), with FedAvg (the suite's
+    finished federation) or FedProx and FedEMA: the scenario, the initial objective and every reply."""
+    if request.param == "fedavg":
+        result, grid = request.getfixturevalue("finished_federation")
+        run_dir = result.run_dir
+    else:
+        run_dir = tmp_path_factory.mktemp("replies") / "run"
+        run_dir.mkdir()
+        (run_dir / "scenario.yaml").write_text(FEDPROX_FEDEMA)
+        grid = serve(run_dir / "scenario.yaml", run_dir)
+    assert [r.rejected for r in RunFolder(run_dir).rounds()] == [[], []]
+    scenario = load_scenario(run_dir / "scenario.yaml")
+    return scenario, build_objective(scenario), grid.replies
 
 
 def test_every_reply_is_the_encoder_and_scalar_metrics(run):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -206,3 +207,16 @@ def test_summary_table_prints_intervals_and_the_federated_differences():
     lines = summary_table(summary).splitlines()
     assert lines[2].split() == ["random_init", "0.700", "[0.600,", "0.800]", "+0.050", "[-0.010,", "+0.100]"]
     assert lines[3].split() == ["federated", "0.750", "[0.700,", "0.800]"]
+
+
+def test_report_of_a_finished_run(finished_run):
+    """On a run folder the runner and the server wrote: who trained, the last probe, every plot."""
+    run = load_run(finished_run)
+    assert participation(run) == [{"north": TRAINED, "south": TRAINED}] * 2
+    text = (finished_run / "report.md").read_text()
+    last = run.rounds[-1]
+    assert (f"| final probe macro AUROC | {last['probe_macro_auroc']:.3f} "
+            f"[{last['probe_macro_auroc_ci95'][0]:.3f}, {last['probe_macro_auroc_ci95'][1]:.3f}] |") in text
+    assert "| random_init |" in text  # the runner rewrote the report with its comparison
+    plots = re.findall(r"\]\((report_\w+\.png)\)", text)
+    assert "report_losses.png" in plots and all(imread(finished_run / plot).ndim == 3 for plot in plots)

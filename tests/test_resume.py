@@ -1,7 +1,7 @@
 """Resume after the ServerApp is killed (server/checkpoint.py), in-process and exact.
 
-The real ServerApp `main` drives the real ClientApp through a grid that answers in-process (no
-Flower processes). A FedAdam run that crashes when round 3 is sent, resumed, ends with the very
+The real ServerApp drives the real ClientApp over an in-process grid (tests/conftest.py, no Flower
+processes). A FedAdam run that crashes when round 3 is sent, resumed, ends with the very
 weights and server moments of an uninterrupted run of the same seed; this fails if the moments
 (checked: without them the final weights differ by up to ~8e-3), the round numbers (the sites
 seed their training by them) or the node-sampling state were not restored. The real kill (the
@@ -11,21 +11,18 @@ SuperLink and the ServerApp SIGKILLed, then a resumed `flwr run`) is in tests/te
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, RecordDict
 
-from client.app import app as client_app
 from fedssl.config import FederationConfig
 from fedssl.runfolder import RunFolder
-from server.app import main as server_main
 from server.checkpoint import CheckpointMismatch, ServerCheckpoint, optimizer_state, restore_optimizer_state
 from server.strategy import make_strategy
 from simulations.run import FederationError, run_scenario
 from simulations.run import main as simulate
+from tests.conftest import ServerKilled, serve
 
 SCENARIO = """
 name: resume
@@ -37,6 +34,7 @@ federation: {rounds: 3, min_sites: 2, strategy: fedadam, server_learning_rate: 0
 evaluation:
   synthetic: {records: 24, sample_rate: 250, duration_seconds: 4.0}
   every_round: false
+  bootstrap: 100  # replicates of the probe's interval: enough for one, and cheap
   local_baselines: false
 sites:
   - name: north
@@ -44,67 +42,21 @@ sites:
   - name: south
     synthetic: {records: 6, sample_rate: 500, duration_seconds: 4.0, mains_hz: 60.0}
 """
-NODES = {31: 0, 32: 1}  # node id -> partition id
-
-
-class Crash(RuntimeError):
-    """Stands in for the ServerApp process dying."""
-
-
-class InProcessGrid:
-    """A grid whose nodes are the ClientApp called in this process; `crash_at` kills the server
-    when that round's instructions are sent."""
-
-    def __init__(self, run_config: dict, crash_at: int | None = None) -> None:
-        self.run_config, self.crash_at, self.rounds = run_config, crash_at, 0
-        self.server_rounds: list[int] = []  # the `server-round` each instruction carried
-
-    def get_nodes(self):
-        return [type("Node", (), {"node_id": node, "name": ""})() for node in NODES]
-
-    def get_node_ids(self):
-        return list(NODES)
-
-    def push_messages(self, messages):
-        messages = list(messages)
-        if not messages:  # the (empty) client-side evaluation of each round
-            return []
-        self.rounds += 1
-        if self.rounds == self.crash_at:
-            raise Crash(f"killed when round {self.rounds} was sent")
-        self.server_rounds += [int(msg.content["config"]["server-round"]) for msg in messages]
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = msg.object_id  # as the SuperLink's grid does
-        self.replies = [client_app(msg, Context(run_id=1, node_id=msg.metadata.dst_node_id, state=RecordDict(),
-                                                node_config={"partition-id": NODES[msg.metadata.dst_node_id],
-                                                             "num-partitions": len(NODES)},
-                                                run_config=self.run_config)) for msg in messages]
-        return [msg.metadata.message_id for msg in messages]
-
-    def pull_messages(self, message_ids):
-        replies, self.replies = self.replies, []
-        return replies
-
-
-def serve(folder: Path, run: str, *, resume: bool = False, crash_at: int | None = None) -> tuple[Path, InProcessGrid]:
-    run_dir = folder / run
-    config = {"scenario": str(folder / "scenario.yaml"), "run-dir": str(run_dir), "resume": resume}
-    grid = InProcessGrid(config, crash_at)
-    server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
-    return run_dir, grid
 
 
 @pytest.fixture(scope="module")
-def in_process(tmp_path_factory, module_flower_messages):
+def in_process(tmp_path_factory):
     folder = tmp_path_factory.mktemp("resume")
-    (folder / "scenario.yaml").write_text(SCENARIO)
-    whole, _ = serve(folder, "whole")
-    with pytest.raises(Crash):
-        serve(folder, "killed", crash_at=3)
+    scenario = folder / "scenario.yaml"
+    scenario.write_text(SCENARIO)
+    serve(scenario, folder / "whole")
+    with pytest.raises(ServerKilled):
+        serve(scenario, folder / "killed", kill_server_at=3)
     after_crash = ServerCheckpoint.load(folder / "killed")
     lines_before = RunFolder(folder / "killed").rounds()
-    resumed, grid = serve(folder, "killed", resume=True)
-    return whole, resumed, after_crash, lines_before, grid.server_rounds
+    grid = serve(scenario, folder / "killed", resume=True)
+    trained = [grid.server_round(m) for m in grid.sent if m.metadata.message_type == "train"]
+    return folder / "whole", folder / "killed", after_crash, lines_before, trained
 
 
 def test_resumed_run_ends_at_the_configured_rounds(in_process):

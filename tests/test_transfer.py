@@ -1,26 +1,22 @@
 """`federation.transfer_dtype: float16`: half the bytes on the wire, float32 everywhere else.
 
 Flower-free checks of the cast and of the server's two hooks (float16 out, float32 back in before
-validation and aggregation), then one short federation through the real runner (~50 s on two
-cores, mostly Flower and Ray starting up).
+validation and aggregation). A whole float16 federation is the `fedadam-fedema-float16` variant of
+tests/test_federated_variants.py.
 """
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedssl.config import ConfigError, FederationConfig, load_scenario
+from fedssl.config import ConfigError, FederationConfig
 from fedssl.federated import cast_floating, shared_state
 from fedssl.objectives import build_objective
 from fedssl.runfolder import RunFolder
 from server.strategy import NoSiteReplied, make_strategy
-from simulations.run import run_scenario
-from tests.conftest import TINY, NodeGrid, load_scenario_text
+from tests.conftest import NodeGrid, load_scenario_text
 
 
 def test_cast_round_trip_keeps_non_float_entries_and_float16_precision():
@@ -74,19 +70,3 @@ def test_float16_updates_are_rejected_when_the_transfer_is_float32(tmp_path, flo
 def test_unknown_transfer_dtype_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="federation.transfer_dtype: unknown value 'bfloat16'"):
         make_strategy(FederationConfig(transfer_dtype="bfloat16"), ("a", "b"), {}, RunFolder(tmp_path))
-
-
-def test_float16_federation(tmp_path):
-    values = yaml.safe_load(TINY)
-    values["federation"]["transfer_dtype"] = "float16"
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(values))
-    result = run_scenario(tmp_path / "tiny.yaml", tmp_path / "run", timeout=600, echo=lambda line: None)
-    rounds = RunFolder(result.run_dir).rounds()
-    assert [r.round for r in rounds] == [1, 2]
-    assert all(r.sites == 2 and not r.rejected and math.isfinite(r.losses["loss"]) for r in rounds)
-    assert 0.0 <= rounds[1].probe_macro_auroc <= 1.0
-    scenario = load_scenario(result.run_dir / "scenario.yaml")
-    initial = build_objective(scenario).encoder.state_dict()
-    final = torch.load(result.run_dir / "encoder.pt", weights_only=True)
-    assert all(final[k].dtype == torch.float32 for k in initial)  # the global model stays float32
-    assert any(not torch.equal(final[k], initial[k]) for k in initial)

@@ -215,8 +215,8 @@ def test_report_of_a_finished_run(finished_run):
     assert participation(run) == [{"north": TRAINED, "south": TRAINED}] * 2
     text = (finished_run / "report.md").read_text()
     last = run.rounds[-1]
-    assert (f"| final probe macro AUROC | {last['probe_macro_auroc']:.3f} "
-            f"[{last['probe_macro_auroc_ci95'][0]:.3f}, {last['probe_macro_auroc_ci95'][1]:.3f}] |") in text
+    assert (f"| final probe macro AUROC | {last.probe_macro_auroc:.3f} "
+            f"[{last.probe_macro_auroc_ci95[0]:.3f}, {last.probe_macro_auroc_ci95[1]:.3f}] |") in text
     assert "| random_init |" in text  # the runner rewrote the report with its comparison
     plots = re.findall(r"\]\((report_\w+\.png)\)", text)
     assert "report_losses.png" in plots and all(imread(finished_run / plot).ndim == 3 for plot in plots)

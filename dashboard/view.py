@@ -23,7 +23,7 @@ from pathlib import Path
 
 from fedssl.config import ConfigError, Scenario, load_scenario
 from fedssl.report import ABSENT, loss_terms, participation_reasons
-from fedssl.runfolder import RoundRecord, RunFolder
+from fedssl.runfolder import PRESENCE, RoundRecord, RunFolder
 from ops.processes import pid_alive
 
 LOG_TAIL_BYTES = 64 * 1024  # the end of Flower's log is searched for the lines that explain a failure
@@ -156,7 +156,7 @@ def presence_view(record: dict | None, sites: list[str], started: float | None, 
                   "online": bool(node["online"]), "last_seen": _unix(node["last_seen"]), "round": node["round"]}
                  for node in record["nodes"]]
     except (KeyError, TypeError, ValueError) as err:
-        problems.append(f"presence.json is not as the ServerApp writes it ({type(err).__name__}: {err}); left out")
+        problems.append(f"{PRESENCE} is not as the ServerApp writes it ({type(err).__name__}: {err}); left out")
         return None
     if started is not None and updated < started:
         return None

@@ -32,8 +32,10 @@ from fedssl.storage import atomic_torch_save, atomic_write
 
 # what a run writes besides its inputs (scenario.yaml, data/) and Flower's files (logs/, flower/):
 # the files a new run would mix with its own, moved aside by `RunFolder.archive_results`
+# the ServerApp's record of which sites are online and when each was last seen (server/presence.py)
+PRESENCE = "presence.json"
 RESULTS = ("metrics.jsonl", "checkpoints", "encoder.pt", "global.pt", "summary.json", "report.md", "sites",
-           "presence.json")
+           PRESENCE)
 INPUTS = ("data",)  # what may already be in a new run's folder: data caches are reused
 # the simulation runner's record of the run (running / finished / failed with its error line), which
 # each run rewrites when it starts: not a result to move aside (simulations/run.py, `recorded_outcome`)
@@ -187,7 +189,7 @@ class RunFolder:
     def presence(self) -> Path:
         """The ServerApp's record of which sites are online and when each was last seen
         (server/presence.py), read by the dashboard."""
-        return self.path("presence.json")
+        return self.path(PRESENCE)
 
     @property
     def data(self) -> Path:

@@ -26,9 +26,9 @@ from flwr.app import Message
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from fedssl.protocol import SERVER_ROUND_KEY, reply_site
+from fedssl.protocol import SERVER_ROUND_KEY
 from fedssl.storage import atomic_write
-from server.validation import reply_metrics
+from server.validation import node_sites
 
 REPLY_POLL_SECONDS = 0.1  # one small request to the SuperLink per poll while a round's replies are due
 
@@ -221,8 +221,8 @@ class PatientGrid(Grid):
             replies += pulled
             pending -= {msg.metadata.reply_to_message_id for msg in pulled}
             if self.presence is not None:
-                for msg in pulled:
-                    self.presence.name(msg.metadata.src_node_id, reply_site(reply_metrics(msg), self.expected))
+                for node, site in node_sites(pulled, self.expected).items():
+                    self.presence.name(node, site)
                 if self.presence.due():
                     self.presence.polled(self.online())
             answered = sum(not msg.has_error() for msg in replies)

@@ -50,7 +50,8 @@ from fedssl.runfolder import RoundRecord, RunFolder
 from server.central_dp import CENTRAL_DP, SITE_WEIGHT_KEY, CentralDP
 from server.checkpoint import ServerCheckpoint, optimizer_state
 from server.robust import robust_options
-from server.validation import Rejection, model_layout, reply_metrics, validate_replies, widen_float16
+from server.validation import (Rejection, model_layout, node_sites, reply_metrics, validate_replies,
+                               widen_float16)
 
 # Strategies that need nothing from the sites beyond shared weights and `num-examples`
 # (FedProx's proximal term is added by the sites, see client/app.py).
@@ -336,12 +337,6 @@ def site_name(metrics: MetricRecord | None, sites: Sequence[str], index: int) ->
     """The replying site's name, or `reply-<index>` for a reply that names no valid site."""
     return reply_site(metrics, sites) or f"reply-{index}"
 
-
-def node_sites(replies: list[Message], sites: Sequence[str]) -> dict[int, str]:
-    """{node id: site} of the well-formed replies that name a valid site: an error reply carries no
-    metrics, so its node is named by what it sent in an earlier round."""
-    named = {msg.metadata.src_node_id: reply_site(reply_metrics(msg), sites) for msg in replies}
-    return {node: site for node, site in named.items() if site is not None}
 
 
 def error_entries(replies: list[Message], known_nodes: dict[int, str]) -> list[dict]:

@@ -152,3 +152,10 @@ def reply_metrics(msg: Message) -> MetricRecord | None:
 
 def metric_keys(msg: Message) -> frozenset[str]:
     return frozenset(reply_metrics(msg).keys())
+
+
+def node_sites(replies: list[Message], sites: Sequence[str]) -> dict[int, str]:
+    """{node id: site} of the well-formed replies that name a valid site: an error reply carries no
+    metrics, so its node is named by what it sent in an earlier round."""
+    named = {msg.metadata.src_node_id: reply_site(reply_metrics(msg), sites) for msg in replies}
+    return {node: site for node, site in named.items() if site is not None}

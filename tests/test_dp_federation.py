@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client import app as client_app
-from client.app import privacy_metrics
+from client.site_round import privacy_metrics
 from fedssl.config import FederationConfig, load_scenario
 from fedssl.privacy import LEDGER_FILE, PrivacyLedger, compute_epsilon
 from fedssl.protocol import PRIVACY_BUDGET_CODE, PRIVACY_BUDGET_REASON

@@ -39,7 +39,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
-from client.app import site_windows
+from client.site_round import site_windows
 from fedssl.config import FederationConfig, SiteConfig, SyntheticSiteConfig, load_scenario
 from fedssl.data.site import SiteDataError, load_site
 from fedssl.data.synthetic import write_synthetic_site

@@ -15,7 +15,7 @@ import math
 
 import pytest
 import torch
-from client.app import round_seed, which_site
+from client.site_round import round_seed, which_site
 from client.state import HEADS_FILE
 from fedssl.config import ConfigError, FederationConfig, load_scenario
 from fedssl.federated import shared_state

@@ -16,6 +16,7 @@ folders and policy. Relative paths are resolved against the file's folder.
     ca_certificate: /srv/fedssl/certs/ca.crt
     node_key: /srv/fedssl/keys/hospital_a.key
     port: 9094                          # the SuperNode's local port for its app processes
+    worker: true                        # keep a warm training process between rounds
     policy:
       objectives: [cpc, hybrid]         # empty: any
       encoders: [conv_transformer]      # empty: any
@@ -75,6 +76,7 @@ class SiteFile:
     labels_csv: str | None = None
     log: str | None = None
     port: int = 9094
+    worker: bool = True  # a warm worker process (client/worker.py) answers the node's messages
     policy: SitePolicy = field(default_factory=SitePolicy)
 
     def __post_init__(self) -> None:

@@ -1,6 +1,8 @@
 """The `fedssl` command: check a scenario, simulate a federation, pretrain centrally, evaluate an
 encoder, check a site's data, write synthetic hospitals, report on a run, export its encoder, embed
-records, follow a run in the browser, and make a real federation's key material.
+records, follow a run in the browser, make a real federation's key material, and run one: the
+hospital's node (`node`), the coordinator's SuperLink (`coordinator`), its registrations
+(`register`), runs (`launch`) and their state (`status`).
 
 This module is the project's one entry point, so it is the one module of `fedssl` that reaches
 outside the science core: the runner (`simulations`), the dashboard and the operations tooling
@@ -22,11 +24,12 @@ import sys
 from pathlib import Path
 
 from fedssl.config import ConfigError, DataConfig, SyntheticSiteConfig, load_scenario
-from fedssl.data.site import build_site
+from fedssl.data.site import check_site
+from fedssl.sitefile import load_site_file
 
 
 def _check(args: argparse.Namespace) -> None:
-    """Every check that `simulate` runs before it generates data or starts Flower."""
+    """Every check that `simulate` and `launch` run before they generate data or start Flower."""
     from simulations.run import check
 
     scenario = load_scenario(args.scenario)
@@ -53,11 +56,9 @@ def _check_site(args: argparse.Namespace) -> None:
     """Read a site's records and print what training would use; nothing is sent anywhere."""
     data = load_scenario(args.scenario).data if args.scenario else DataConfig()
     cache = Path(args.cache) if args.cache else Path(args.folder) / ".fedssl-cache"
-    windows = build_site(Path(args.folder), data, cache)
-    report = json.loads((cache / "report.json").read_text())
+    report, summary = check_site(Path(args.folder), data, cache)
     print(json.dumps(report, indent=2))
-    print(f"{len(windows)} windows of {windows.window_samples} samples from "
-          f"{len(windows.records)} records; cache and report in {cache}")
+    print(summary)
 
 
 def _synthesize(args: argparse.Namespace) -> None:
@@ -187,6 +188,74 @@ def _node_key(args: argparse.Namespace) -> None:
           f"flwr supernode register {out.public_key.name} <connection> --name {args.site})")
 
 
+NODE_USAGE = "fedssl node SITE.yaml | fedssl node approve SITE.yaml [FINGERPRINT] | fedssl node audit SITE.yaml"
+
+
+def _node(args: argparse.Namespace) -> int:
+    """The hospital's node in the foreground, or its plans waiting for approval, or its audit log."""
+    from ops.node import approve_plan, audit_table, pending_table, run_node
+
+    action = args.words[0] if args.words[0] in ("approve", "audit") else None
+    rest = args.words[1:] if action else args.words
+    if not (len(rest) == 1 or (action == "approve" and len(rest) == 2)):
+        raise ConfigError(f"expected {NODE_USAGE}")
+    if action is None:
+        return run_node(Path(rest[0]), dict(os.environ))
+    site = load_site_file(rest[0])
+    if action == "audit":
+        _print_tables(audit_table(site))
+    elif len(rest) == 2:
+        print(f"{site.site}: approved plan {approve_plan(site, rest[1])}; its rounds will train here")
+    else:
+        table = pending_table(site)
+        _print_tables(table) if table else print(f"{site.site}: no plan is waiting for approval")
+    return 0
+
+
+def _print_tables(*tables) -> None:
+    """Rich tables on standard output; as wide as they need when it is not a terminal (a log, a pipe)."""
+    from rich.console import Console
+
+    console = Console() if sys.stdout.isatty() else Console(width=240)
+    for table in tables:
+        console.print(table)
+
+
+def _coordinator(args: argparse.Namespace) -> int:
+    from ops.coordinator import run_coordinator
+
+    return run_coordinator(Path(args.coordinator_file), dict(os.environ))
+
+
+def _register(args: argparse.Namespace) -> None:
+    from ops.coordinator import load_coordinator_file, register
+
+    node_id, fingerprint = register(load_coordinator_file(args.coordinator), Path(args.public_key), args.site,
+                                    dict(os.environ))
+    print(f"registered {args.site} as node {node_id} (key {fingerprint}: the fingerprint the hospital's "
+          "`fedssl node` prints at start)")
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """The checks of `fedssl check` (the sites' folders are theirs), then the run at the SuperLink."""
+    from ops.coordinator import launch, load_coordinator_file
+    from simulations.run import check
+
+    coordinator = load_coordinator_file(args.coordinator)
+    scenario = load_scenario(args.scenario)
+    check(scenario, site_folders=False)
+    run_dir = Path(args.run_dir) if args.run_dir else coordinator.runs_folder / scenario.name
+    return launch(coordinator, Path(args.scenario), run_dir, resume=args.resume, environ=dict(os.environ),
+                  echo=lambda line: print(line, flush=True))
+
+
+def _status(args: argparse.Namespace) -> None:
+    from ops.coordinator import load_coordinator_file, status_tables
+
+    _print_tables(*status_tables(load_coordinator_file(args.coordinator), Path(args.run_dir) if args.run_dir else None,
+                                 dict(os.environ)))
+
+
 def _dashboard(args: argparse.Namespace) -> None:
     from dashboard.app import serve  # the web server is operations, not the science core: imported on use
 
@@ -311,6 +380,51 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--site", required=True, help="the site's name in the scenario")
     p.add_argument("--force", action="store_true", help="overwrite an existing key")
     p.set_defaults(run=_node_key)
+
+    p = sub.add_parser("node", help="the hospital's node: run it, approve plans, print its audit log",
+                       usage=NODE_USAGE.replace(" | ", "\n       "),
+                       description="`node SITE.yaml` checks the site's data, node key and CA certificate, then "
+                                   "runs the site's SuperNode (and training worker) in the foreground until "
+                                   "stopped, logging to the site log. `node approve SITE.yaml` lists the plans "
+                                   "waiting for approval (policy.manual_approval), `node approve SITE.yaml "
+                                   "FINGERPRINT` approves one (a unique prefix will do). `node audit SITE.yaml` "
+                                   "prints the site's audit log.")
+    p.add_argument("words", nargs="+", help=argparse.SUPPRESS)
+    p.set_defaults(run=_node)
+
+    coordinator_option = {"default": "coordinator.yaml", "help": "coordinator file (default coordinator.yaml)"}
+    p = sub.add_parser("coordinator", help="run the coordinator's SuperLink in the foreground",
+                       description="Run Flower's SuperLink with TLS, SuperNode authentication and its state "
+                                   "database, all from COORDINATOR.yaml, until stopped.")
+    p.add_argument("coordinator_file", metavar="COORDINATOR.yaml")
+    p.set_defaults(run=_coordinator)
+
+    p = sub.add_parser("register", help="register a hospital's public key at the SuperLink",
+                       description="Register SITE.key.pub (from the hospital's `fedssl node-key`) under the "
+                                   "site's name; prints the node id and the key's fingerprint to check with "
+                                   "the hospital over a second channel.")
+    p.add_argument("public_key", metavar="KEY.pub")
+    p.add_argument("--site", required=True, help="the site's name (as in the scenario and its site file)")
+    p.add_argument("--coordinator", **coordinator_option)
+    p.set_defaults(run=_register)
+
+    p = sub.add_parser("launch", help="submit a scenario's run to the SuperLink and follow it",
+                       description="Check the scenario (as `fedssl check`), stage the app, submit the run and "
+                                   "print the ServerApp's `fedssl | ...` lines until it ends; exit code 0 "
+                                   "only if it completed.")
+    p.add_argument("scenario", help="scenario YAML (read on this machine only)")
+    p.add_argument("--coordinator", **coordinator_option)
+    p.add_argument("--run-dir", help="run folder (default: <runs>/<scenario name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir after its last checkpoint")
+    p.set_defaults(run=_launch)
+
+    p = sub.add_parser("status", help="sites registered / online, and a run's state",
+                       description="Every registered site (online or offline, since when, last seen by the run, "
+                                   "rounds trained, epsilon, declines) and the state of RUN_DIR's run (default: "
+                                   "the last launched): its round and last probe AUROC.")
+    p.add_argument("run_dir", nargs="?", help="run folder (default: the last `fedssl launch`)")
+    p.add_argument("--coordinator", **coordinator_option)
+    p.set_defaults(run=_status)
     return top
 
 
@@ -319,13 +433,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     try:
-        args.run(args)
+        return args.run(args) or 0  # a command that ran may end nonzero (a failed run, a SuperNode that exited)
     except KeyboardInterrupt:
         return 130
     except (ValueError, OSError, RuntimeError) as err:  # ConfigError, SiteDataError, RunFolderError, ...
         print(f"fedssl {args.command}: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -211,6 +211,17 @@ class RunFolder:
         return self.path("logs", "superlink.log")
 
     @property
+    def launch_config(self) -> Path:
+        """The run config `fedssl launch` submitted with a deployed run (ops/coordinator.py)."""
+        return self.path("logs", "run_config.toml")
+
+    @property
+    def launch_log(self) -> Path:
+        """Everything `flwr run --stream` printed for a deployed run; `fedssl launch` shows only
+        the `fedssl | ...` lines of it."""
+        return self.path("logs", "launch.log")
+
+    @property
     def flower(self) -> Path:
         """The run's FLWR_HOME."""
         return self.path("flower")

@@ -15,9 +15,14 @@ See docs/deployment.md for the whole runbook.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
 import ipaddress
 import os
+import re
+import socket
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +33,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 DEFAULT_HOSTS = ("127.0.0.1", "localhost")
 NODE_CURVE = ec.SECP384R1  # Flower accepts any NIST curve; its docs use P-384 (ssh-keygen -b 384)
+NIST_CURVES = ("secp256r1", "secp384r1", "secp521r1")  # what flwr supernode register accepts
+HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
 # Environment for flower-superlink and flower-supernode: their SuperExec asks for new tasks (a
 # ClientApp to start for a received message) every 50 ms instead of every 1 s; one short local
 # request per poll. See docs/performance.md, "Round overhead".
@@ -159,3 +166,110 @@ def make_node_key(folder: str | Path, site: str, *, overwrite: bool = False) -> 
     _write(out.private_key, private, private=True)
     _write(out.public_key, public + f" fedssl-{site}\n".encode())
     return out
+
+
+class KeyMaterialError(ValueError):
+    """A key or certificate a node or the coordinator cannot use; the message says which and why."""
+
+
+def ssh_fingerprint(public_key: ec.EllipticCurvePublicKey) -> str:
+    """`SHA256:...` as `ssh-keygen -l` prints it: what the coordinator and the hospital compare
+    over a second channel (phone) before the key is registered."""
+    blob = public_key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).split()[1]
+    digest = hashlib.sha256(base64.b64decode(blob)).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def check_node_key(path: str | Path) -> str:
+    """The fingerprint of the SuperNode key at `path`; KeyMaterialError unless it is what
+    `flower-supernode --auth-supernode-private-key` loads (an unencrypted OpenSSH EC private key
+    on a NIST curve) and readable by its owner only."""
+    path = Path(path)
+    try:
+        mode, data = path.stat().st_mode & 0o777, path.read_bytes()
+    except OSError as err:
+        raise KeyMaterialError(f"node key {path}: {err.strerror}") from None
+    if mode & 0o077:
+        raise KeyMaterialError(f"node key {path} can be read by others (mode {mode:o}): chmod 600 {path}")
+    try:
+        key = serialization.load_ssh_private_key(data, None)
+    except TypeError:
+        raise KeyMaterialError(f"node key {path} is protected by a passphrase: the SuperNode cannot use it; "
+                               "make one with `fedssl node-key`") from None
+    except ValueError:
+        raise KeyMaterialError(f"node key {path} is not an OpenSSH private key; make one with "
+                               "`fedssl node-key`") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name not in NIST_CURVES:
+        raise KeyMaterialError(f"node key {path}: Flower needs an EC key on a NIST curve (P-256/384/521); "
+                               "make one with `fedssl node-key`")
+    return ssh_fingerprint(key.public_key())
+
+
+def public_key_fingerprint(path: str | Path) -> str:
+    """The fingerprint of the OpenSSH public key file `path` (a hospital's `<site>.key.pub`);
+    KeyMaterialError unless `flwr supernode register` would accept it."""
+    path = Path(path)
+    try:
+        key = serialization.load_ssh_public_key(path.read_bytes())
+    except OSError as err:
+        raise KeyMaterialError(f"public key {path}: {err.strerror}") from None
+    except (ValueError, IndexError):
+        raise KeyMaterialError(f"public key {path} is not an OpenSSH public key (a `<site>.key.pub` line "
+                               "`ecdsa-sha2-nistp384 ...`)") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in NIST_CURVES:
+        raise KeyMaterialError(f"public key {path}: Flower needs an EC key on a NIST curve (P-256/384/521)")
+    return ssh_fingerprint(key)
+
+
+def check_host(host: str) -> str:
+    """`host` if it is an IP address or a DNS name a certificate can be valid for."""
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return host
+    except ValueError:
+        if len(host) <= 253 and HOSTNAME.fullmatch(host):
+            return host
+    raise KeyMaterialError(f"{host!r} is neither an IP address nor a host name")
+
+
+def check_ca_certificate(path: str | Path) -> str:
+    """A description of the CA certificate at `path` (subject, expiry); KeyMaterialError unless it
+    is a PEM CA certificate valid now (the coordinator's `ca.crt`, not its `server.pem`)."""
+    path = Path(path)
+    try:
+        certificate = x509.load_pem_x509_certificate(path.read_bytes())
+    except OSError as err:
+        raise KeyMaterialError(f"CA certificate {path}: {err.strerror}") from None
+    except ValueError:
+        raise KeyMaterialError(f"CA certificate {path} is not a PEM certificate (the coordinator's ca.crt)") from None
+    try:
+        is_ca = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        raise KeyMaterialError(f"{path} is not a CA certificate: give the coordinator's ca.crt, not the "
+                               "SuperLink's server.pem")
+    now = dt.datetime.now(dt.timezone.utc)
+    if not certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc:
+        raise KeyMaterialError(f"CA certificate {path} is valid only from {certificate.not_valid_before_utc:%Y-%m-%d} "
+                               f"to {certificate.not_valid_after_utc:%Y-%m-%d}: ask the coordinator for its current ca.crt")
+    subject = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    name = subject[0].value if subject else certificate.subject.rfc4514_string()
+    return f"{name}, valid until {certificate.not_valid_after_utc:%Y-%m-%d}"
+
+
+def check_superlink_tls(address: str, ca_cert: str | Path, timeout: float = 5.0) -> str:
+    """Whether the SuperLink at `address` (host:port) answers, in words; KeyMaterialError if it
+    answers with a certificate that `ca_cert` does not verify for that host (a wrong ca.crt, or a
+    host that is not in the SuperLink's certificate), which the SuperNode would only retry."""
+    host, _, port = address.rpartition(":")
+    context = ssl.create_default_context(cafile=str(ca_cert))
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as raw, \
+                context.wrap_socket(raw, server_hostname=host.strip("[]")):
+            return f"the SuperLink at {address} answers and its certificate verifies with {ca_cert}"
+    except ssl.SSLCertVerificationError as err:
+        raise KeyMaterialError(f"the SuperLink at {address} presents a certificate that {ca_cert} does not verify "
+                               f"for {host}: {err.verify_message}") from None
+    except OSError as err:  # not up yet, unreachable, or no TLS there: the SuperNode keeps trying
+        return f"the SuperLink at {address} does not answer yet ({err.strerror or err}); the SuperNode keeps trying"

@@ -12,10 +12,14 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 TOKEN_VARIABLE = "FEDSSL_FLOWER_RUN"  # marks every process a runner starts, down to Ray workers
+SUPERVISED_VARIABLE = "FEDSSL_SUPERVISED"  # marks the processes of one `fedssl node` / `fedssl coordinator`
 
 
 def marked_processes(token: str, variable: str = TOKEN_VARIABLE) -> list[int]:
@@ -82,3 +86,60 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class Supervisor:
+    """Long-running children in the foreground of this process (`fedssl node`, `fedssl coordinator`).
+
+    Each child's output is handed line by line to `echo` (prefixed with the child's name, if
+    given) from a reader thread. `wait` returns when a child exits or SIGTERM/SIGINT arrive (a
+    systemd stop, Ctrl-C); `stop` then stops every child and everything they started, found by the
+    mark `FEDSSL_SUPERVISED=<token>` in their environment, since Flower starts its SuperExec in a
+    new session: a dead supervisor leaves nothing behind that keeps training or holds a port.
+    """
+
+    def __init__(self, echo: Callable[[str], None], grace: float = 15.0) -> None:
+        self.echo, self.grace = echo, grace
+        self.token = uuid.uuid4().hex
+        self.children: dict[str, subprocess.Popen] = {}
+        self._readers: list[threading.Thread] = []
+        self._signalled = threading.Event()
+
+    def start(self, name: str, command: list[str], env: dict[str, str], prefix: bool = True) -> subprocess.Popen:
+        process = subprocess.Popen(command, env={**env, SUPERVISED_VARIABLE: self.token}, stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                                   bufsize=1)
+        self.children[name] = process
+        label = f"{name} | " if prefix else ""
+        reader = threading.Thread(target=self._relay, args=(process, label), daemon=True)
+        reader.start()
+        self._readers.append(reader)
+        return process
+
+    def _relay(self, process: subprocess.Popen, label: str) -> None:
+        for line in process.stdout:
+            self.echo(label + line.rstrip("\n"))
+
+    def wait(self) -> tuple[str, int] | None:
+        """Block until a child exits, its (name, exit status), or a stop signal arrives (None)."""
+        previous = {sig: signal.signal(sig, lambda *_: self._signalled.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            while not self._signalled.wait(0.2):
+                for name, process in self.children.items():
+                    if process.poll() is not None:
+                        return name, process.returncode
+            return None
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def stop(self) -> list[int]:
+        """Stop the children (SIGTERM, SIGKILL after `grace` s), then anything they left that
+        carries this supervisor's mark; the pids still alive (none, normally)."""
+        for process in reversed(self.children.values()):
+            if process.poll() is None:
+                terminate(process, self.grace)
+        left = stop_pids(marked_processes(self.token, SUPERVISED_VARIABLE), self.grace)
+        for reader in self._readers:  # the last lines of the children's output
+            reader.join(timeout=5)
+        return left

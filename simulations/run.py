@@ -214,13 +214,14 @@ def run_scenario(path: str | Path, out_dir: str | Path | None = None, *, verbose
     return RunResult(run_dir, summary, sorted(simulation.seen_pids))
 
 
-def check(scenario) -> None:
+def check(scenario, *, site_folders: bool = True) -> None:
     """Everything that can be refused before data or Flower: the scenario (fedssl.check) and the
-    federation against the ServerApp's strategies."""
+    federation against the ServerApp's strategies. `site_folders` False: the sites' records are
+    on the hospitals' machines (`fedssl launch`), not here."""
     from fedssl.check import check_scenario
     from server.strategy import check_federation
 
-    check_scenario(scenario)
+    check_scenario(scenario, site_folders=site_folders)
     check_federation(scenario.federation, len(scenario.sites))
 
 

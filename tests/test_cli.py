@@ -5,7 +5,7 @@ import pytest
 from fedssl.cli import main, parser
 
 SUBCOMMANDS = ["check", "simulate", "pretrain", "evaluate", "check-site", "synthesize", "report", "export", "embed", "certs",
-               "node-key", "dashboard"]
+               "node-key", "dashboard", "node", "coordinator", "register", "launch", "status"]
 
 
 @pytest.mark.parametrize("command", [[], *([c] for c in SUBCOMMANDS)])

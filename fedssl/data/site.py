@@ -115,6 +115,16 @@ def build_site(folder: Path, cfg: DataConfig, cache_dir: Path, labels_csv: Path 
     return windows
 
 
+def check_site(folder: Path, cfg: DataConfig, cache_dir: Path, labels_csv: Path | None = None) -> tuple[dict, str]:
+    """What `fedssl check-site` and `fedssl node` report before any training: the site's windows
+    built into `cache_dir` (where a round then finds them), the data report and a one-line summary."""
+    windows = build_site(folder, cfg, cache_dir, labels_csv)
+    report = json.loads((cache_dir / "report.json").read_text())
+    return report, (f"{len(windows)} windows of {windows.window_samples} samples from {len(windows.records)} "
+                    f"records ({report['skipped']} skipped{': ' + _reasons_text(report) if report['skipped'] else ''}); "
+                    f"cache and report in {cache_dir}")
+
+
 def no_header_message(folder: Path, files: list[Path]) -> str:
     """Why a folder holds no record: what it does hold, and what a record needs."""
     found = Counter(f.suffix.lower() or f.name for f in files)

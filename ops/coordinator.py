@@ -25,21 +25,24 @@ with `fedssl register`: node id and key fingerprint; Flower's CLI does not show 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
+from rich.table import Table
 
 from fedssl.config import ConfigError, check_name, from_dict
-from fedssl.runfolder import RunFolder
+from fedssl.runfolder import RoundRecord, RunFolder
+from fedssl.storage import atomic_write
 from ops.bundle import stage_app
-from ops.deploy import (FAST_POLLING_ENV, check_ca_certificate, check_host, public_key_fingerprint,
-                        verify_server_certificate)
-from ops.node import BIN, OFFLINE_ENV
+from ops.deploy import (BIN, FAST_POLLING_ENV, OFFLINE_ENV, check_ca_certificate, check_host,
+                        public_key_fingerprint, verify_server_certificate)
 from ops.processes import Supervisor
 
 CONNECTION = "fedssl"  # the flwr CLI's name for this coordinator's SuperLink
@@ -214,14 +217,18 @@ def register(coordinator: CoordinatorFile, public_key: Path, site: str, environ:
     """Register a hospital's public key under its site name; its node id and key fingerprint."""
     check_name(site, "--site")
     fingerprint = public_key_fingerprint(public_key)
-    sites = registered_sites(coordinator)
-    if site in sites:
-        raise ConfigError(f"--site {site} is already registered (node {sites[site]['node_id']}, key "
-                          f"{sites[site]['fingerprint']}); a site has one key")
+    known = registered_sites(coordinator).get(site)
+    if known:
+        raise ConfigError(f"--site {site} is already registered (node {known['node_id']}, key {known['fingerprint']}); "
+                          "a site has one key")
     answer = flwr(coordinator, "supernode", "register", str(public_key), "--name", site, environ=environ)
     node_id = int(answer["node-id"])
-    sites[site] = {"node_id": node_id, "fingerprint": fingerprint, "registered": utc_now()}
-    (Path(coordinator.state) / SITES_FILE).write_text(json.dumps(sites, indent=2) + "\n")
+    path = Path(coordinator.state) / SITES_FILE
+    with (path.parent / f".{SITES_FILE}.lock").open("w") as lock:  # two registrations at once both stay
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        sites = registered_sites(coordinator)
+        sites[site] = {"node_id": node_id, "fingerprint": fingerprint, "registered": utc_now()}
+        atomic_write(path, lambda f: f.write(json.dumps(sites, indent=2).encode() + b"\n"))
     return node_id, fingerprint
 
 
@@ -291,15 +298,18 @@ def run_state(coordinator: CoordinatorFile, run_id: int, environ: dict[str, str]
 
 # -- status -------------------------------------------------------------------------------------------
 
-def status_tables(coordinator: CoordinatorFile, run_dir: Path | None, environ: dict[str, str]) -> list:
+def status_tables(coordinator: CoordinatorFile, run_dir: Path | None, environ: dict[str, str]) -> list[Table]:
     """Rich tables of the federation: every registered site (Flower's status of its node, when
     the run last saw it, what it trained, spent and declined) and the run of `run_dir`, or of the
     last launch without it (its state at the SuperLink, its round and its last probe AUROC)."""
-    from rich.table import Table
-
-    nodes = flwr(coordinator, "supernode", "ls", environ=environ)["nodes"]
     submitted = [l for l in launches(coordinator) if run_dir is None or Path(l["run_dir"]) == run_dir.resolve()]
     run_dir = run_dir or (Path(submitted[-1]["run_dir"]) if submitted else None)
+    run_id = submitted[-1]["run_id"] if submitted else None
+    with ThreadPoolExecutor(2) as pool:  # each flwr call is a few seconds of start-up: both at once
+        nodes = pool.submit(flwr, coordinator, "supernode", "ls", environ=environ)
+        state = pool.submit(run_state, coordinator, run_id, environ) if run_id is not None else None
+        nodes = nodes.result()["nodes"]
+        state = state.result() if state else "-"
     run = RunFolder(run_dir) if run_dir else None
     rounds = run.rounds() if run and run.metrics.is_file() else []
     presence = json.loads(run.presence.read_text()) if run and run.presence.is_file() else {}
@@ -321,20 +331,13 @@ def status_tables(coordinator: CoordinatorFile, run_dir: Path | None, environ: d
                       f"{last_seen['last_seen']} (round {last_seen['round']})" if last_seen else "",
                       str(sum(site in r.site_windows for r in rounds)),
                       "" if epsilon is None else f"{epsilon:.2f}", declined)
-    tables = [sites]
-    if run is not None:
-        tables.append(run_table(coordinator, run, rounds, submitted, environ))
-    return tables
+    return [sites] if run is None else [sites, run_table(run, rounds, run_id, state)]
 
 
-def run_table(coordinator: CoordinatorFile, run: RunFolder, rounds: list, submitted: list[dict],
-              environ: dict[str, str]):
-    from rich.table import Table
-
+def run_table(run: RunFolder, rounds: list[RoundRecord], run_id: int | None, state: str) -> Table:
     table = Table(title=f"run {run.root}")
     for column in ("run id", "state", "round", "last probe macro AUROC"):
         table.add_column(column)
-    run_id = submitted[-1]["run_id"] if submitted else None
     planned = run.load_scenario().federation.rounds if run.scenario.is_file() else "?"
     probed = next((r for r in reversed(rounds) if r.probe_macro_auroc is not None), None)
     auroc = ""
@@ -342,7 +345,5 @@ def run_table(coordinator: CoordinatorFile, run: RunFolder, rounds: list, submit
         interval = probed.probe_macro_auroc_ci95
         auroc = f"{probed.probe_macro_auroc:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
         auroc += f" (round {probed.round})"
-    table.add_row("-" if run_id is None else str(run_id),
-                  "-" if run_id is None else run_state(coordinator, run_id, environ),
-                  f"{rounds[-1].round if rounds else 0}/{planned}", auroc)
+    table.add_row("-" if run_id is None else str(run_id), state, f"{rounds[-1].round if rounds else 0}/{planned}", auroc)
     return table

@@ -23,6 +23,7 @@ import os
 import re
 import socket
 import ssl
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,8 @@ HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9
 # ClientApp to start for a received message) every 50 ms instead of every 1 s; one short local
 # request per poll. See docs/performance.md, "Round overhead".
 FAST_POLLING_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.05"}
+OFFLINE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}  # no calls home
+BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr of this installation
 
 
 @dataclass(frozen=True)

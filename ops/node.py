@@ -22,20 +22,26 @@ log (every message the site answered, what it trained and what it sent) as a tab
 from __future__ import annotations
 
 import collections
+import json
 import re
 import sys
 import threading
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
+from rich.table import Table
+
+from client.approval import approve, pending_plans
+from client.audit import read_audit
 from fedssl.config import ConfigError, DataConfig
-from fedssl.data.site import check_site
+from fedssl.data.site import check_site, site_cache
+from fedssl.plan import Plan
 from fedssl.sitefile import SiteFile, load_site_file
-from ops.deploy import FAST_POLLING_ENV, check_ca_certificate, check_host, check_node_key, check_superlink_tls
+from ops.deploy import (BIN, FAST_POLLING_ENV, OFFLINE_ENV, check_ca_certificate, check_host, check_node_key,
+                        check_superlink_tls)
 from ops.processes import Supervisor
 
-BIN = Path(sys.executable).parent  # flower-supernode and flower-superexec of this installation
-OFFLINE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 WORKER_SOCKET = "worker.sock"  # in the state folder
 FLWR_HOME = "flwr-home"  # in the state folder: where the SuperNode unpacks the apps it runs
 FLOWER_EXIT = re.compile(r"Exit Code: (\d+)")  # how Flower names why it exits (its status is only 1)
@@ -67,25 +73,27 @@ class SiteLog:
         self.file.close()
 
 
-def check_node(site: SiteFile) -> list[str]:
-    """What the node checks before it starts, as lines for the log; a ValueError (ConfigError,
-    KeyMaterialError, SiteDataError) names what is wrong."""
+def check_node(site: SiteFile) -> Iterator[str]:
+    """What the node checks before it starts, line by line for the log as each check passes, the
+    quick ones first; a ValueError (ConfigError, KeyMaterialError, SiteDataError) names what is wrong."""
     if site.node_key is None or site.ca_certificate is None:
         missing = [k for k in ("node_key", "ca_certificate") if getattr(site, k) is None]
         raise ConfigError(f"{', '.join(missing)}: required: a node connects over TLS (ca_certificate: the "
                           "coordinator's ca.crt) with its registered key (node_key: from `fedssl node-key`)")
     check_host(site.superlink.rpartition(":")[0].strip("[]"))
+    yield f"node key {site.node_key}: {check_node_key(site.node_key)} (the fingerprint the coordinator registered)"
+    yield f"CA certificate {site.ca_certificate}: {check_ca_certificate(site.ca_certificate)}"
+    yield check_superlink_tls(site.superlink, site.ca_certificate)
     labels = Path(site.labels_csv) if site.labels_csv else None
-    _, summary = check_site(Path(site.records), DataConfig(), Path(site.work), labels)
-    return [f"data: {summary}",
-            f"node key {site.node_key}: {check_node_key(site.node_key)} (the coordinator registered this fingerprint)",
-            f"CA certificate {site.ca_certificate}: {check_ca_certificate(site.ca_certificate)}",
-            check_superlink_tls(site.superlink, site.ca_certificate)]
+    # built where the site's rounds look for its windows: a plan with the default data settings finds them
+    _, summary = check_site(Path(site.records), DataConfig(), site_cache(Path(site.work), site.site), labels)
+    yield f"data: {summary}"
 
 
 def supernode_command(site: SiteFile, site_path: Path) -> list[str]:
     """The `flower-supernode` command of the site: TLS with the coordinator's CA, authenticated
-    by the node key, the site file as node config, no run-time dependency installation."""
+    by the node key, the site file as node config. (A SuperNode installs no app dependencies at
+    run time unless `--allow-runtime-dependency-installation` is given: they come from the venv.)"""
     values = {"site-file": site_path, **({"worker-socket": Path(site.state) / WORKER_SOCKET} if site.worker else {})}
     for path in values.values():
         if "'" in str(path):  # Flower's --node-config quotes values with '
@@ -97,7 +105,6 @@ def supernode_command(site: SiteFile, site_path: Path) -> list[str]:
             "--root-certificates", str(site.ca_certificate),
             "--auth-supernode-private-key", str(site.node_key),
             "--node-config", node_config,
-            "--disable-runtime-dependency-installation",
             "--host", "127.0.0.1", "--port", str(site.port)]
 
 
@@ -144,8 +151,12 @@ def run_node(site_path: Path, environ: dict[str, str]) -> int:
     log = SiteLog(site.log_file)
     try:
         log.note(f"site {site.site} from {site_path}; log {log.path}")
-        for line in check_node(site):
-            log.note(line)
+        try:
+            for line in check_node(site):
+                log.note(line)
+        except ValueError as err:  # the same one line on stderr (fedssl/cli.py), and in the site's log
+            log.note(f"not started: {err}")
+            raise
         env = node_environment(site, environ)
         supervisor = Supervisor(log)
         for name, command in commands.items():
@@ -170,21 +181,19 @@ def run_node(site_path: Path, environ: dict[str, str]) -> int:
         log.close()
 
 
-def plan_summary(plan: dict) -> str:
-    """The plan a hospital is asked to approve, in one line: what would train, how long, with
-    which privacy, and what would leave the site."""
-    privacy = plan.get("privacy") or {}
-    dp = (f"DP-SGD to epsilon {privacy.get('target_epsilon')}" if privacy.get("enabled") else "no DP-SGD")
-    return (f"objective {plan.get('objective')}, encoder {plan.get('encoder')}, {plan.get('rounds')} rounds of "
-            f"{plan.get('local_steps')} local steps, {dp}, shares {plan.get('share')}")
+def plan_summary(plan: dict, site: str) -> str:
+    """The plan a hospital is asked to approve, in one line: what `site` would train, how long,
+    with which privacy, and what would leave it."""
+    scenario = Plan.from_json(json.dumps(plan)).scenario()
+    privacy = scenario.privacy_of(scenario.site(site)) if site in {s.name for s in scenario.sites} else scenario.privacy
+    dp = f"DP-SGD to epsilon {privacy.target_epsilon:g}" if privacy.enabled else "no DP-SGD"
+    return (f"{scenario.name}: objective {scenario.objective.name}, encoder {scenario.model.encoder} "
+            f"{scenario.model.size}, {scenario.federation.rounds} rounds of {scenario.train.local_steps} local "
+            f"steps, {dp}, shares {scenario.federation.share}")
 
 
-def pending_table(site: SiteFile):
+def pending_table(site: SiteFile) -> Table | None:
     """The plans waiting for the hospital's approval, as a rich Table (None if there are none)."""
-    from rich.table import Table
-
-    from client.approval import pending_plans
-
     pending = pending_plans(Path(site.state))
     if not pending:
         return None
@@ -192,15 +201,13 @@ def pending_table(site: SiteFile):
     table.add_column("fingerprint", no_wrap=True)
     table.add_column("plan")
     for fingerprint, plan in sorted(pending.items()):
-        table.add_row(fingerprint, plan_summary(plan))
+        table.add_row(fingerprint, plan_summary(plan, site.site))
     return table
 
 
 def approve_plan(site: SiteFile, fingerprint: str) -> str:
     """Approve the pending plan whose fingerprint starts with `fingerprint`; its full fingerprint
     (ValueError if none or several match)."""
-    from client.approval import approve
-
     return approve(Path(site.state), fingerprint)
 
 
@@ -208,12 +215,8 @@ AUDIT_COLUMNS = ("time", "run", "round", "message", "plan", "outcome", "reason",
                  "examples", "epsilon", "sent")
 
 
-def audit_table(site: SiteFile):
+def audit_table(site: SiteFile) -> Table:
     """The site's audit log as a rich Table: one row per message the site answered."""
-    from rich.table import Table
-
-    from client.audit import read_audit
-
     table = Table(title=f"audit log of {site.site} ({Path(site.state)})")
     for column in AUDIT_COLUMNS:
         table.add_column(column, overflow="fold")

@@ -9,6 +9,7 @@ parenthood, and stopped by pid.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from pathlib import Path
 
 TOKEN_VARIABLE = "FEDSSL_FLOWER_RUN"  # marks every process a runner starts, down to Ray workers
 SUPERVISED_VARIABLE = "FEDSSL_SUPERVISED"  # marks the processes of one `fedssl node` / `fedssl coordinator`
+COLOUR = re.compile(r"\x1b\[[0-9;]*m")  # Flower colours its console lines even into a pipe
 
 
 def marked_processes(token: str, variable: str = TOKEN_VARIABLE) -> list[int]:
@@ -92,7 +94,7 @@ class Supervisor:
     """Long-running children in the foreground of this process (`fedssl node`, `fedssl coordinator`).
 
     Each child's output is handed line by line to `echo` (prefixed with the child's name, if
-    given) from a reader thread. `wait` returns when a child exits or SIGTERM/SIGINT arrive (a
+    given; without colour codes) from a reader thread. `wait` returns when a child exits or SIGTERM/SIGINT arrive (a
     systemd stop, Ctrl-C); `stop` then stops every child and everything they started, found by the
     mark `FEDSSL_SUPERVISED=<token>` in their environment, since Flower starts its SuperExec in a
     new session: a dead supervisor leaves nothing behind that keeps training or holds a port.
@@ -118,7 +120,7 @@ class Supervisor:
 
     def _relay(self, process: subprocess.Popen, label: str) -> None:
         for line in process.stdout:
-            self.echo(label + line.rstrip("\n"))
+            self.echo(label + COLOUR.sub("", line.rstrip("\n")))
 
     def wait(self) -> tuple[str, int] | None:
         """Block until a child exits, its (name, exit status), or a stop signal arrives (None)."""

@@ -1,11 +1,22 @@
-"""Deployment: key material (fast) and a real federation of separate processes on loopback.
+"""Deployment: key material (fast), the refusals of `fedssl node` and `fedssl launch` (fast), and a
+real federation of separate processes on loopback run with the commands of docs/deployment.md.
 
-The integration test starts one `flower-superlink` with TLS, SuperNode authentication and a
-sqlite state database, registers three hospitals' public keys with `flwr supernode register`,
-starts three `flower-supernode` processes (own key, own data folder, own state folder), checks
-that a SuperNode with an unregistered key and a plaintext SuperNode are refused, and runs two
-rounds of the hybrid objective with `flwr run`. Every process carries an environment marker and
-is stopped by pid. Run it (like everything that starts Flower) under the shared lock:
+The integration test runs the runbook. The coordinator: `fedssl certs`, `fedssl coordinator`
+(SuperLink with TLS, SuperNode authentication and its state database, from coordinator.yaml),
+`fedssl register` of three hospitals' keys, `fedssl launch` of two rounds of the hybrid objective
+(`min_sites: 2`), `fedssl status`. Each hospital: `fedssl node-key`, its own site.yaml (records,
+work and state folders; no scenario file) and `fedssl node site.yaml`; cardiology_c's policy
+accepts only simclr, so it declines every round with its reason and the run goes on with the
+other two. Alongside: a node whose key was never registered (`fedssl node` exits saying so), a
+plaintext SuperNode (refused by the TLS SuperLink), a launch with `--resume` and nothing to resume,
+and the approval of a plan waiting at a site (`fedssl node approve`). After the run one node is
+killed (SIGKILL to its whole process group, as a machine that dies) and `fedssl status` is asked
+until it shows the node offline; the others are stopped with SIGTERM, as systemd stops them.
+
+Every `fedssl` command the module runs is recorded (`RAN`); the last test checks that every
+`fedssl` command line of the runbook's bash blocks was run (subcommand and option names). Every
+process carries an environment marker and is stopped by pid. Run it (like everything that starts
+Flower) under the shared lock:
 
     flock /tmp/fedssl-flower.lock .venv/bin/python -m pytest tests/test_deployment.py
 """
@@ -13,39 +24,80 @@ is stopped by pid. Run it (like everything that starts Flower) under the shared 
 from __future__ import annotations
 
 import math
+import os
 import re
-import sqlite3
+import shlex
+import signal
 import ssl
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import VerificationError
 
+from client.approval import is_approved, request_approval
+from client.audit import read_audit
 from fedssl.cli import main
+from fedssl.config import SyntheticSiteConfig, load_scenario
+from fedssl.data.synthetic import write_synthetic_site
+from fedssl.plan import Plan
 from fedssl.runfolder import RunFolder
+from ops.coordinator import flwr, load_coordinator_file
 from ops.deploy import make_certificates, make_node_key, verify_server_certificate
-from tests.conftest import CONNECTION, SITES, Deployment, flwr_json, hospitals
+from ops.processes import free_port
+from tests.conftest import BIN, SITES, Deployment, superlink_healthy
 
+ROOT = Path(__file__).resolve().parents[1]
+RUNBOOK = ROOT / "docs" / "deployment.md"
+DECLINING = SITES[2]  # cardiology_c: its policy accepts simclr only
+KILLED = SITES[1]  # clinic_b: killed after the run
+OFFLINE_LIMIT = 150  # s; Flower marks a node offline 2 heartbeats (30 s each) after its last one
 
 SCENARIO = """
 name: deployment-test
 seed: 1
-data: {{window_seconds: 2.0}}
-model: {{size: tiny}}
-objective: {{name: hybrid}}
-train: {{batch_size: 8, local_steps: 2, threads: 1}}
-federation: {{rounds: 2, min_sites: 3}}
+data: {window_seconds: 2.0}
+model: {size: tiny}
+objective: {name: hybrid}
+train: {batch_size: 8, local_steps: 2, threads: 1}
+federation: {rounds: 2, min_sites: 2}
 evaluation:
-  synthetic: {{records: 24, sample_rate: 250, duration_seconds: 4.0}}
+  synthetic: {records: 24, sample_rate: 250, duration_seconds: 4.0}
   every_round: false
   bootstrap: 100  # replicates of the probe's interval: enough for one, and cheap
   local_baselines: false
-sites:
-{sites}
+sites:  # each hospital's records are where its site file says, on its machine
+  - {name: hospital_a, folder: at-the-hospital}
+  - {name: clinic_b, folder: at-the-hospital}
+  - {name: cardiology_c, folder: at-the-hospital}
 """
+
+RAN: list[list[str]] = []  # the arguments of every `fedssl` command this module ran
+
+
+def fedssl(*argv: object) -> list[str]:
+    """The command line of `fedssl argv` (recorded: the runbook check below)."""
+    RAN.append([str(a) for a in argv])
+    return [str(BIN / "fedssl"), *RAN[-1]]
+
+
+def fedssl_here(*argv: object) -> int:
+    """`fedssl argv` in this process (recorded); its exit code."""
+    RAN.append([str(a) for a in argv])
+    return main(RAN[-1])
+
+
+def site_file(home: Path, site: str, superlink: str, ca: Path, **changes) -> Path:
+    """`home/site.yaml` of a hospital whose records, work and state folders are under `home`."""
+    values = {"site": site, "records": "records", "work": "work", "state": "state", "superlink": superlink,
+              "ca_certificate": str(ca), "node_key": f"keys/{site}.key", "port": free_port(), "worker": False,
+              **changes}
+    (home / "site.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+    return home / "site.yaml"
 
 
 # -- key material -------------------------------------------------------------------------------
@@ -108,105 +160,279 @@ def test_node_key_loads_as_flower_expects(tmp_path):
         make_node_key(tmp_path, "../escape")
 
 
-def test_cli_subcommands(tmp_path, capsys):
-    assert main(["certs", str(tmp_path / "c"), "--host", "lead.example.org"]) == 0
-    verify_server_certificate(tmp_path / "c" / "server.pem", tmp_path / "c" / "ca.crt", "lead.example.org")
-    assert main(["node-key", str(tmp_path / "k"), "--site", "clinic_b"]) == 0
-    load_node_key(tmp_path / "k" / "clinic_b.key")
-    assert "flwr supernode register" in capsys.readouterr().out
+def test_key_fingerprint_is_the_one_ssh_keygen_prints(tmp_path, capsys):
+    assert fedssl_here("node-key", tmp_path, "--site", "clinic_b") == 0
+    out = capsys.readouterr().out
+    load_node_key(tmp_path / "clinic_b.key")
+    listed = subprocess.run(["ssh-keygen", "-lf", str(tmp_path / "clinic_b.key.pub")], capture_output=True,
+                            text=True, check=True).stdout.split()[1]
+    assert listed.startswith("SHA256:") and listed in out  # what the coordinator reads out over the phone
+
+
+# -- refusals in seconds, before any process starts ---------------------------------------------------
+
+@pytest.fixture
+def hospital(tmp_path):
+    """A hospital's folder with records, a key, the coordinator's CA, and a site file for them."""
+    certs = make_certificates(tmp_path / "certs")
+    make_node_key(tmp_path / "keys", "hospital_a")
+    write_synthetic_site(tmp_path / "records", SyntheticSiteConfig(records=2, sample_rate=250, duration_seconds=4.0))
+    return tmp_path, certs, site_file(tmp_path, "hospital_a", f"127.0.0.1:{free_port()}", certs.ca_cert)
+
+
+@pytest.mark.parametrize("problem, expected", [
+    ("no CA", "ca_certificate: required"),
+    ("key readable by others", "can be read by others (mode 644): chmod 600"),
+    ("server certificate as CA", "is not a CA certificate: give the coordinator's ca.crt"),
+    ("no records", "no .hea header"),
+    ("no such superlink host", "is neither an IP address nor a host name"),
+])
+def test_node_refuses_what_would_not_work_in_one_line(hospital, capsys, problem, expected):
+    home, certs, path = hospital
+    values = yaml.safe_load(path.read_text())
+    if problem == "no CA":
+        del values["ca_certificate"]
+    elif problem == "key readable by others":
+        os.chmod(home / "keys" / "hospital_a.key", 0o644)
+    elif problem == "server certificate as CA":
+        values["ca_certificate"] = str(certs.server_cert)
+    elif problem == "no records":
+        values["records"] = str(home / "keys")
+    else:
+        values["superlink"] = "bad_host!:9091"
+    path.write_text(yaml.safe_dump(values))
+    started = time.monotonic()
+    assert fedssl_here("node", path) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedssl node: ") and expected in err and err.count("\n") == 1, err
+    assert time.monotonic() - started < 30
+    assert expected.split(":")[0] in (home / "state" / "node.log").read_text()  # the site's log says it too
+
+
+def test_launch_refuses_a_bad_coordinator_file_and_a_resume_without_checkpoint(tmp_path, capsys):
+    scenario = tmp_path / "scenario.yaml"
+    scenario.write_text(SCENARIO)
+    (tmp_path / "coordinator.yaml").write_text("certificates: certs\nserver_key: other.key\n")
+    assert fedssl_here("launch", scenario, "--coordinator", tmp_path / "coordinator.yaml") == 2
+    assert "give either `certificates`" in capsys.readouterr().err
+    (tmp_path / "coordinator.yaml").write_text("certificates: certs\n")
+    assert fedssl_here("launch", scenario, "--coordinator", tmp_path / "coordinator.yaml", "--resume") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedssl launch: --resume:") and "holds no checkpoint" in err
+    assert not (tmp_path / "app").exists()  # refused before anything was staged or submitted
+
+
+def test_register_refuses_a_key_flower_would_refuse(tmp_path, capsys):
+    (tmp_path / "coordinator.yaml").write_text("certificates: certs\n")
+    (tmp_path / "rsa.pub").write_text("ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQ fedssl-x\n")
+    assert fedssl_here("register", tmp_path / "rsa.pub", "--site", "x", "--coordinator", tmp_path / "coordinator.yaml") == 2
+    assert "is not an OpenSSH public key" in capsys.readouterr().err
 
 
 # -- a real federation on loopback ----------------------------------------------------------------
+
+def online(coordinator: Path, env: dict[str, str]) -> int:
+    nodes = flwr(load_coordinator_file(coordinator), "supernode", "ls", environ=env)["nodes"]
+    return sum(n["status"] == "online" for n in nodes)
+
+
+def wait_for(condition, what: str, limit: float, alive: list[subprocess.Popen] = ()) -> float:
+    """Seconds until `condition()`, while the `alive` processes run; `limit` s only guards a hang."""
+    started = time.monotonic()
+    while not condition():
+        for process in alive:
+            assert process.poll() is None, f"{process.args[:3]} exited while waiting for {what}"
+        assert time.monotonic() - started < limit, f"no {what} within {limit:.0f} s"
+        time.sleep(0.5)
+    return time.monotonic() - started
+
+
+def site_row(status: str, site: str) -> str:
+    """The line of `fedssl status`'s sites table that names `site` ('' if none)."""
+    return next((line for line in status.splitlines() if re.search(rf"│ {site}\s+│", line)), "")
 
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     root = tmp_path_factory.mktemp("deployment")
     started = time.monotonic()
-
-    # coordinator: CA + SuperLink certificate; hospitals: key pairs and WFDB folders
-    certs = make_certificates(root / "coordinator" / "certs")
-    keys, scenario_path = hospitals(root, SCENARIO)
-    rogue = make_node_key(root / "rogue", "rogue")
-    run_dir = root / "coordinator" / "run"
-
     d = Deployment(root)
-    d.configure_cli(certs.ca_cert)
-    outcome: dict = {"root": root, "run_dir": run_dir, "scenario": scenario_path, "database": root / "coordinator" / "state.db"}
+    coordinator = root / "coordinator"
+    coordinator.mkdir()
+    assert fedssl_here("certs", coordinator / "certs", "--host", "localhost") == 0
+    (coordinator / "coordinator.yaml").write_text(f"host: 127.0.0.1\nport: {d.port}\ncertificates: certs\n")
+    (coordinator / "scenario.yaml").write_text(SCENARIO)
+    ca, superlink = coordinator / "certs" / "ca.crt", f"127.0.0.1:{d.port}"
+    homes = {site: root / "hospitals" / site for site in (*SITES, "rogue", "approver")}
+    for index, (site, home) in enumerate(homes.items()):
+        assert fedssl_here("node-key", home / "keys", "--site", site) == 0
+        write_synthetic_site(home / "records", SyntheticSiteConfig(records=6, sample_rate=250 * (1 + index % 3),
+                                                                   duration_seconds=4.0), seed=index)
+        policy = {"policy": {"objectives": ["simclr"]}} if site == DECLINING else {}
+        site_file(home, site, superlink, ca, **policy)
+    out: dict = {"root": root, "homes": homes, "coordinator": coordinator,
+                 "run_dir": coordinator / "runs" / "deployment-test"}
     try:
-        d.start_superlink(certs, outcome["database"])
-        supernode = d.supernode
-
-        # refused (checked after the run; they run alongside it): a key the coordinator never
-        # registered, and a plaintext connection to the TLS SuperLink
-        refused = {
-            "rogue": d.start("rogue", supernode("--root-certificates", str(certs.ca_cert), "--max-retries", "2",
-                                                "--max-wait-time", "20", key=rogue.private_key, site=SITES[0],
-                                                cwd=root / "rogue"), FLWR_HOME=str(root / "rogue" / "flwr-home")),
-            "plaintext": d.start("plaintext", supernode("--insecure", "--max-retries", "2", "--max-wait-time", "20",
-                                                        key=None, site=SITES[0], cwd=root / "rogue"),
-                                 FLWR_HOME=str(root / "rogue" / "flwr-home")),
-        }
-
-        outcome["registered"] = {site: d.register(site, keys[site]) for site in SITES}
-        for site in SITES:  # each hospital its own Flower home, cache and state folder
-            d.start_hospital(site, keys[site], root / "hospitals" / site, certs.ca_cert)
-
-        outcome["flwr_run"] = d.flwr_run("flwr-run", {"scenario": str(scenario_path), "run-dir": str(run_dir)},
-                                         timeout=300)
+        d.start("coordinator", fedssl("coordinator", "coordinator.yaml"), cwd=coordinator)
+        wait_for(lambda: superlink_healthy(d.port, ca), "healthy SuperLink", 60, d.processes)
         d.watch()
-        match = re.search(r"Successfully started run (\d+)", outcome["flwr_run"].stdout)
-        assert match, outcome["flwr_run"].stdout[-3000:]
-        run_id = match.group(1)
-        outcome["ls"] = d.flwr("ls", "ls", CONNECTION, "--run-id", run_id, "--format", "json")
-        outcome["nodes"] = d.flwr("nodes", "supernode", "ls", CONNECTION, "--format", "json")
-        outcome["log"] = d.flwr("log", "log", run_id, CONNECTION, "--show")
-        for name, process in refused.items():
-            outcome[name] = d.finish(name, process, timeout=30)
+
+        # refused alongside the run: a key the coordinator never registered, a plaintext SuperNode
+        refused = {"rogue": d.start("rogue", fedssl("node", homes["rogue"] / "site.yaml"), cwd=homes["rogue"]),
+                   "plaintext": d.start("plaintext", [str(BIN / "flower-supernode"), "--insecure", "--superlink",
+                                                      superlink, "--max-retries", "2", "--max-wait-time", "20",
+                                                      "--host", "127.0.0.1", "--port", str(free_port())],
+                                        FLWR_HOME=str(homes["rogue"] / "plaintext-flwr-home"))}
+        registering = {site: d.start(f"register-{site}", fedssl("register", f"../hospitals/{site}/keys/{site}.key.pub",
+                                                                 "--site", site), cwd=coordinator) for site in SITES}
+        out["register"] = {site: d.finish(f"register-{site}", p, timeout=120) for site, p in registering.items()}
+        nodes = {site: d.start(f"node-{site}", fedssl("node", "site.yaml"), cwd=homes[site]) for site in SITES}
+        # a resume with nothing to resume is refused at once, while the nodes start
+        out["resume"] = d.run("resume", fedssl("launch", "scenario.yaml", "--resume"), timeout=120, cwd=coordinator)
+        wait_for(lambda: online(coordinator / "coordinator.yaml", d.env) == 3, "3 nodes online", 180,
+                 list(nodes.values()))
+
+        launch = d.start("launch", fedssl("launch", "scenario.yaml"), cwd=coordinator)
+        # meanwhile, at a site that approves plans by hand: the plan waits, is listed, is approved
+        plan = Plan.of(load_scenario(coordinator / "scenario.yaml"))
+        request_approval(homes["approver"] / "state", plan.fingerprint, plan.values)
+        out["plan"] = plan
+        out["pending"] = d.run("pending", fedssl("node", "approve", "site.yaml"), timeout=60, cwd=homes["approver"])
+        out["approve"] = d.run("approve", fedssl("node", "approve", "site.yaml", plan.short), timeout=60,
+                               cwd=homes["approver"])
+        out["launch"] = d.finish("launch", launch, timeout=400)
+        d.watch()
+
+        # a hospital's machine dies: its node, SuperNode and app processes at once
+        os.killpg(nodes[KILLED].pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        out["status"] = d.run("status", fedssl("status"), timeout=120, cwd=coordinator)
+        out["audit"] = d.run("audit", fedssl("node", "audit", "site.yaml"), timeout=60, cwd=homes[SITES[0]])
+        polls = iter(range(1000))
+
+        def shows_offline() -> bool:
+            name = f"status-{next(polls)}"
+            status = d.run(name, fedssl("status", "runs/deployment-test"), timeout=120, cwd=coordinator).stdout
+            out["status_after_kill"] = status
+            return "offline" in site_row(status, KILLED)
+
+        wait_for(shows_offline, f"{KILLED} offline in `fedssl status`", OFFLINE_LIMIT)
+        out["offline_after"] = time.monotonic() - killed_at
+        out["refused"] = {name: d.finish(name, process, timeout=60) for name, process in refused.items()}
     finally:
-        outcome["survivors"] = d.stop()
-        outcome["seen"] = sorted(d.seen)
-        outcome["seconds"] = time.monotonic() - started
-        print(f"deployment test: {outcome['seconds']:.0f} s, {len(d.seen)} processes")
-    return outcome
+        out["survivors"] = d.stop()
+        out["node_logs"] = {site: d.log(f"node-{site}") for site in SITES if (d.logs / f"node-{site}.log").exists()}
+        out["seen"] = sorted(d.seen)
+        out["seconds"] = time.monotonic() - started
+        print(f"deployment test: {out['seconds']:.0f} s, {len(d.seen)} processes; "
+              f"`fedssl status` showed the killed node offline after {out.get('offline_after', math.nan):.0f} s")
+    return out
 
 
-def test_two_rounds_over_tls_with_authenticated_sites(deployment):
-    run_dir = deployment["run_dir"]
-    assert deployment["flwr_run"].returncode == 0, deployment["flwr_run"].stdout[-3000:]
-    assert "fedssl | done:" in deployment["flwr_run"].stdout
-    rounds = RunFolder(run_dir).rounds()
+def test_launched_run_completes_with_the_sites_that_accept_its_plan(deployment):
+    launch = deployment["launch"]
+    assert launch.returncode == 0, launch.stdout[-3000:]
+    lines = launch.stdout.splitlines()
+    assert all(line.startswith("fedssl | ") for line in lines), lines  # only the ServerApp's own lines
+    assert re.search(r"fedssl \| run \d+: finished:completed", launch.stdout)
+    rounds = RunFolder(deployment["run_dir"]).rounds()
     assert [r.round for r in rounds] == [1, 2]
-    assert all(math.isfinite(r.losses["loss"]) and r.sites == 3 for r in rounds)
-    for name in ("checkpoints/encoder_round_1.pt", "checkpoints/encoder_round_2.pt", "encoder.pt"):
-        assert (run_dir / name).is_file()
-    run = flwr_json(deployment["ls"])["runs"][0]
-    assert run["status"] == "finished:completed", run
-    assert "fedssl | done:" in deployment["log"].stdout  # `flwr log --show` replays the ServerApp log
+    trained = sorted(set(SITES) - {DECLINING})
+    assert all(math.isfinite(r.losses["loss"]) and sorted(r.site_windows) == trained for r in rounds)
+    assert (deployment["run_dir"] / "encoder.pt").is_file()
 
 
-def test_sites_keep_their_state_and_data_locally(deployment):
-    root = deployment["root"]
+def test_a_site_whose_policy_forbids_the_plan_declines_with_its_reason(deployment):
+    reason = "objective hybrid is not accepted (policy.objectives: simclr)"
+    for record in RunFolder(deployment["run_dir"]).rounds():
+        assert [(d["site"], d["reason"]) for d in record.declined] == [(DECLINING, reason)], record.declined
+    assert reason in deployment["launch"].stdout
+    audit = read_audit(deployment["homes"][DECLINING] / "state")
+    assert {(e["outcome"], e["reason"], e["sent"]) for e in audit if e["message"] == "train"} == {("declined", reason, None)}
+
+
+def test_each_sites_audit_log_holds_the_hash_the_coordinator_received(deployment):
+    rounds = {r.round: r for r in RunFolder(deployment["run_dir"]).rounds()}
+    for site in sorted(set(SITES) - {DECLINING}):
+        sent = {e["round"]: e["sent"]["sha256"] for e in read_audit(deployment["homes"][site] / "state")
+                if e["message"] == "train" and e["outcome"] == "trained"}
+        assert sent == {r: record.received[site] for r, record in rounds.items()}, site
+    audit = deployment["audit"]
+    assert audit.returncode == 0 and "audit log of hospital_a" in audit.stdout
+    for record in rounds.values():  # `fedssl node audit` shows each round's hash
+        assert record.received["hospital_a"][:12] in audit.stdout
+
+
+def test_hospitals_keep_their_data_and_state_and_read_no_scenario(deployment):
     for site in SITES:
-        home = root / "hospitals" / site
-        assert any((home / "state").iterdir()), f"{site}: no local heads in its state folder"
-        assert (home / "cache").is_dir()
+        home = deployment["homes"][site]
+        assert (home / "state" / "audit.jsonl").is_file() and (home / "state" / "node.log").is_file()
+        assert not list(home.rglob("scenario.yaml"))  # the plan came with the messages
     assert not (deployment["run_dir"] / "sites").exists()  # nothing site-local at the coordinator
-    assert deployment["database"].is_file()
+    log = (deployment["homes"][SITES[0]] / "state" / "node.log").read_text()
+    assert "fedssl node | data: " in log and "certificate verifies" in log
 
 
-def test_registered_nodes_and_refused_connections(deployment):
-    nodes = flwr_json(deployment["nodes"])["nodes"]
-    assert {int(n["node-id"]) for n in nodes} == {int(i) for i in deployment["registered"].values()}, nodes
-    assert {n["status"] for n in nodes} == {"online"}, nodes
-    # `--name` is kept in the state database; the ServerApp sees it in grid.get_nodes() (server/presence.py)
-    with sqlite3.connect(deployment["database"]) as db:
-        assert sorted(name for (name,) in db.execute("SELECT name FROM node")) == sorted(SITES)
-    rogue, plaintext = deployment["rogue"], deployment["plaintext"]
-    assert rogue.returncode not in (0, None) and "Failed to activate SuperNode" in rogue.stdout, rogue.stdout[-2000:]
+def test_status_lists_the_sites_and_shows_a_killed_node_offline(deployment):
+    status = deployment["status"]
+    assert status.returncode == 0, status.stdout
+    for site in SITES:
+        assert re.search(r"│ \d+ +│ online", site_row(status.stdout, site)), status.stdout
+    assert re.search(r"finished:completed │ 2/2 ", status.stdout), status.stdout
+    assert "objective hybrid is not accepted" in site_row(status.stdout, DECLINING)
+    after = deployment["status_after_kill"]
+    assert "offline" in site_row(after, KILLED)
+    assert all("online" in site_row(after, site) for site in SITES if site != KILLED), after
+    assert deployment["offline_after"] < OFFLINE_LIMIT
+
+
+def test_unregistered_key_plaintext_node_and_resume_without_checkpoint_are_refused(deployment):
+    rogue, plaintext = deployment["refused"]["rogue"], deployment["refused"]["plaintext"]
+    assert rogue.returncode not in (0, None), rogue.stdout[-2000:]
+    assert "key not registered: ask the coordinator to run `fedssl register rogue.key.pub --site rogue`" in rogue.stdout
     assert plaintext.returncode not in (0, None) and "SuperNode ID" not in plaintext.stdout, plaintext.stdout[-2000:]
+    resume = deployment["resume"]
+    assert resume.returncode == 2 and "--resume" in resume.stdout and "holds no checkpoint" in resume.stdout
 
 
-def test_no_process_left(deployment):
-    assert len(deployment["seen"]) >= 5  # SuperLink, 3 SuperNodes, SuperExecs, app processes, CLI
+def test_registrations_name_the_sites(deployment):
+    for site, result in deployment["register"].items():
+        assert result.returncode == 0 and re.search(rf"registered {site} as node \d+ \(key SHA256:", result.stdout)
+    node_ids = {re.search(r"as node (\d+)", r.stdout).group(1) for r in deployment["register"].values()}
+    assert len(node_ids) == len(SITES)
+
+
+def test_a_plan_waiting_for_approval_is_listed_and_approved(deployment):
+    plan, homes = deployment["plan"], deployment["homes"]
+    pending = deployment["pending"].stdout
+    assert plan.fingerprint in pending and "objective hybrid, encoder" in pending and "2 rounds of 2 local steps" in pending
+    assert f"approved plan {plan.fingerprint}" in deployment["approve"].stdout
+    assert is_approved(homes["approver"] / "state", plan.fingerprint)
+
+
+def test_nodes_stop_cleanly_and_leave_no_process(deployment):
+    for site, log in deployment["node_logs"].items():
+        assert site == KILLED or "fedssl node | stopped" in log, log[-2000:]
     assert deployment["survivors"] == []
+
+
+def normalised(argv: list[str]) -> tuple[str, ...]:
+    """A `fedssl` command as the runbook check compares it: subcommand (with `node`'s action) and
+    option names, not their values or the positional arguments."""
+    command = argv[:2] if argv[0] == "node" and argv[1:2] in (["approve"], ["audit"]) else argv[:1]
+    return (*command, *sorted({a.split("=")[0] for a in argv if a.startswith("--")}))
+
+
+def runbook_commands() -> list[list[str]]:
+    """Every `fedssl` command line of the runbook's ```bash blocks (continuation lines joined)."""
+    blocks = re.findall(r"```bash\n(.*?)```", RUNBOOK.read_text(), re.S)
+    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
+    return [shlex.split(line, comments=True)[1:] for line in lines if line.strip().startswith("fedssl ")]
+
+
+def test_every_fedssl_command_of_the_runbook_was_run(deployment):
+    documented = runbook_commands()
+    assert len(documented) >= 10, documented
+    ran = {normalised(argv) for argv in RAN}
+    missing = [" ".join(argv) for argv in documented if normalised(argv) not in ran]
+    assert missing == [], f"runbook commands no test ran: {missing}"

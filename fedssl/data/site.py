@@ -50,7 +50,7 @@ def load_site(site: SiteConfig, data: DataConfig, workdir: Path, seed: int) -> W
     """
     workdir = Path(workdir)
     # the site's paths, refused unless they are its own folders inside the workdir
-    cache = inside(workdir / "cache", site.name)
+    cache = site_cache(workdir, site.name)
     lock = inside(workdir / "cache", f".{site.name}.lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     with lock.open("w") as handle:
@@ -62,6 +62,11 @@ def load_site(site: SiteConfig, data: DataConfig, workdir: Path, seed: int) -> W
             folder = Path(site.folder)
         labels_csv = Path(site.labels_csv) if site.labels_csv else None
         return build_site(folder, data, cache, labels_csv)
+
+
+def site_cache(workdir: Path, name: str) -> Path:
+    """Where `load_site` keeps site `name`'s windows and data report under `workdir`."""
+    return inside(Path(workdir) / "cache", name)
 
 
 def seed_for(name: str, seed: int) -> int:

@@ -167,25 +167,24 @@ def _embed(args: argparse.Namespace) -> None:
 
 
 def _certs(args: argparse.Namespace) -> None:
-    from ops.deploy import DEFAULT_HOSTS, FAST_POLLING_ENV, make_certificates, verify_server_certificate
+    from ops.deploy import DEFAULT_HOSTS, make_certificates, verify_server_certificate
 
     hosts = list(DEFAULT_HOSTS) + list(args.host or [])
     out = make_certificates(args.folder, hosts, days=args.days, overwrite=args.force)
     verify_server_certificate(out.server_cert, out.ca_cert, hosts[0])
     print(f"CA: {out.ca_cert} (give this file to every hospital), {out.ca_key} (keep offline)")
     print(f"SuperLink: {out.server_cert}, {out.server_key} for {', '.join(dict.fromkeys(hosts))}")
-    environment = " ".join(f"{key}={value}" for key, value in FAST_POLLING_ENV.items())
-    print(f"start: {environment} flower-superlink --ssl-ca-certfile {out.ca_cert} --ssl-certfile {out.server_cert} "
-          f"--ssl-keyfile {out.server_key} --enable-supernode-auth --database state.db ...")
+    print(f"start it: `fedssl coordinator coordinator.yaml` with `certificates: {out.ca_cert.parent}` in the file")
 
 
 def _node_key(args: argparse.Namespace) -> None:
-    from ops.deploy import make_node_key
+    from ops.deploy import check_node_key, make_node_key
 
     out = make_node_key(args.folder, args.site, overwrite=args.force)  # an invalid name: ValueError, exit 2
-    print(f"private key: {out.private_key} (stays here: flower-supernode --auth-supernode-private-key)")
-    print(f"public key:  {out.public_key} (send to the coordinator: "
-          f"flwr supernode register {out.public_key.name} <connection> --name {args.site})")
+    print(f"private key: {out.private_key} (stays here: `node_key:` in the site file)")
+    print(f"public key:  {out.public_key}, fingerprint {check_node_key(out.private_key)} (send the file to the "
+          f"coordinator, who runs `fedssl register {out.public_key.name} --site {args.site}`; read them the "
+          "fingerprint over the phone)")
 
 
 NODE_USAGE = "fedssl node SITE.yaml | fedssl node approve SITE.yaml [FINGERPRINT] | fedssl node audit SITE.yaml"

@@ -6,11 +6,15 @@ and the SuperLink's TLS certificate signed by it (`server.pem`, `server.key`), v
 
 Hospital:     `fedssl node-key DIR --site NAME` writes the SuperNode's authentication key pair
 in the format Flower's node authentication expects: an EC P-384 private key in OpenSSH format
-(`NAME.key`, given to `flower-supernode --auth-supernode-private-key`, never leaves the hospital)
-and its OpenSSH public key (`NAME.key.pub`, sent to the coordinator, who registers it with
-`flwr supernode register NAME.key.pub <connection> --name NAME`). Same as `ssh-keygen -t ecdsa -b 384 -N ""`.
+(`NAME.key`, the site file's `node_key`, given to `flower-supernode --auth-supernode-private-key`
+by `fedssl node`; it never leaves the hospital) and its OpenSSH public key (`NAME.key.pub`, sent to
+the coordinator, who registers it with `fedssl register NAME.key.pub --site NAME`). Same as
+`ssh-keygen -t ecdsa -b 384 -N ""`; both sides compare its fingerprint (`ssh_fingerprint`, as
+`ssh-keygen -l` prints it) over a second channel.
 
-See docs/deployment.md for the whole runbook.
+The checks `fedssl node` and `fedssl coordinator` run before they start Flower are here too: a
+usable node key, a CA certificate, a SuperLink whose certificate verifies. See docs/deployment.md
+for the whole runbook.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ longer than `timeout` seconds (at the start or in any later round), `get_node_id
 `SitesMissing`, which fails the run with a message naming the sites that are missing.
 
 Sites are named by the name their key was registered with at the SuperLink
-(`flwr supernode register <site>.key.pub <connection> --name <site>`, deployment); in simulation
+(`fedssl register <site>.key.pub --site <site>`, deployment); in simulation
 the nodes have no names and the message gives counts.
 
 With a `PresenceFile`, the grid also keeps the run folder's `presence.json` (who is online, when
@@ -54,7 +54,7 @@ def missing_sites_message(expected: Sequence[str], online: Sequence[tuple[int, s
         text += f"; online under names not in the scenario: {', '.join(unknown)}"
     if unnamed:
         text += (f"; {len(unnamed)} online SuperNode(s) without a name (ids {', '.join(map(str, unnamed))}: "
-                 "register each key with `flwr supernode register KEY.pub <connection> --name <site>` so that "
+                 "register each key with `fedssl register KEY.pub --site <site>` so that "
                  "missing sites can be named)")
     return text + ". Check that their SuperNodes run, reach the SuperLink and are registered (`flwr supernode ls`)."
 

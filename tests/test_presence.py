@@ -114,7 +114,7 @@ def test_timer_restarts_when_enough_sites_were_online():
 
 def test_message_without_registered_names():
     text = missing_sites_message(SITES, [(11, ""), (12, "")], 3, 600)
-    assert "only 2 of the 3 sites" in text and "ids 11, 12" in text and "--name <site>" in text
+    assert "only 2 of the 3 sites" in text and "ids 11, 12" in text and "--site <site>" in text
     text = missing_sites_message(SITES, [(11, "hospital_a"), (12, "intruder")], 3, 600)
     assert "missing: clinic_b, cardiology_c" in text and "not in the scenario: intruder" in text
     assert "missing: hospital_a, clinic_b, cardiology_c" in missing_sites_message(SITES, [], 3, 1)

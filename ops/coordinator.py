@@ -328,7 +328,7 @@ def status_tables(coordinator: CoordinatorFile, run_dir: Path | None, environ: d
         declined = next((f"round {r.round}: {d['reason']}" for r in reversed(rounds) for d in r.declined
                          if d.get("site") == site), "")
         sites.add_row(site, str(node_id), node["status"], since,
-                      f"{last_seen['last_seen']} (round {last_seen['round']})" if last_seen else "",
+                      f"{last_seen['last_seen'][:19].replace('T', ' ')}Z (round {last_seen['round']})" if last_seen else "",
                       str(sum(site in r.site_windows for r in rounds)),
                       "" if epsilon is None else f"{epsilon:.2f}", declined)
     return [sites] if run is None else [sites, run_table(run, rounds, run_id, state)]

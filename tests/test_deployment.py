@@ -54,7 +54,7 @@ from tests.conftest import BIN, SITES, Deployment, superlink_healthy
 ROOT = Path(__file__).resolve().parents[1]
 RUNBOOK = ROOT / "docs" / "deployment.md"
 DECLINING = SITES[2]  # cardiology_c: its policy accepts simclr only
-KILLED = SITES[1]  # clinic_b: killed after the run
+KILLED = DECLINING  # and its machine dies after its last reply
 OFFLINE_LIMIT = 150  # s; Flower marks a node offline 2 heartbeats (30 s each) after its last one
 
 SCENARIO = """
@@ -176,7 +176,8 @@ def hospital(tmp_path):
     """A hospital's folder with records, a key, the coordinator's CA, and a site file for them."""
     certs = make_certificates(tmp_path / "certs")
     make_node_key(tmp_path / "keys", "hospital_a")
-    write_synthetic_site(tmp_path / "records", SyntheticSiteConfig(records=2, sample_rate=250, duration_seconds=4.0))
+    write_synthetic_site(tmp_path / "records", SyntheticSiteConfig(records=2, sample_rate=250, duration_seconds=4.0),
+                         seed=0)
     return tmp_path, certs, site_file(tmp_path, "hospital_a", f"127.0.0.1:{free_port()}", certs.ca_cert)
 
 
@@ -266,8 +267,9 @@ def deployment(tmp_path_factory):
     homes = {site: root / "hospitals" / site for site in (*SITES, "rogue", "approver")}
     for index, (site, home) in enumerate(homes.items()):
         assert fedssl_here("node-key", home / "keys", "--site", site) == 0
+        # 10-s records, as a 12-lead cart writes them: `fedssl node` checks them with the default windows
         write_synthetic_site(home / "records", SyntheticSiteConfig(records=6, sample_rate=250 * (1 + index % 3),
-                                                                   duration_seconds=4.0), seed=index)
+                                                                   duration_seconds=10.0), seed=index)
         policy = {"policy": {"objectives": ["simclr"]}} if site == DECLINING else {}
         site_file(home, site, superlink, ca, **policy)
     out: dict = {"root": root, "homes": homes, "coordinator": coordinator,
@@ -293,26 +295,29 @@ def deployment(tmp_path_factory):
                  list(nodes.values()))
 
         launch = d.start("launch", fedssl("launch", "scenario.yaml"), cwd=coordinator)
-        # meanwhile, at a site that approves plans by hand: the plan waits, is listed, is approved
+        # meanwhile: the federation as the coordinator sees it, and at a site that approves plans by
+        # hand, a plan that waits, is listed and is approved
+        out["status"] = d.run("status", fedssl("status"), timeout=120, cwd=coordinator)
         plan = Plan.of(load_scenario(coordinator / "scenario.yaml"))
         request_approval(homes["approver"] / "state", plan.fingerprint, plan.values)
         out["plan"] = plan
         out["pending"] = d.run("pending", fedssl("node", "approve", "site.yaml"), timeout=60, cwd=homes["approver"])
         out["approve"] = d.run("approve", fedssl("node", "approve", "site.yaml", plan.short), timeout=60,
                                cwd=homes["approver"])
-        out["launch"] = d.finish("launch", launch, timeout=400)
-        d.watch()
-
-        # a hospital's machine dies: its node, SuperNode and app processes at once
+        # the declining hospital's machine dies once its reply to round 2 is sent (its node, SuperNode
+        # and app processes at once), so Flower's wait for its heartbeats overlaps the rest of the run
+        wait_for(lambda: d.log(f"node-{KILLED}").count("Sent successfully") == 2, f"{KILLED}'s second reply", 400,
+                 [launch, nodes[KILLED]])
         os.killpg(nodes[KILLED].pid, signal.SIGKILL)
         killed_at = time.monotonic()
-        out["status"] = d.run("status", fedssl("status"), timeout=120, cwd=coordinator)
+        out["launch"] = d.finish("launch", launch, timeout=400)
+        d.watch()
         out["audit"] = d.run("audit", fedssl("node", "audit", "site.yaml"), timeout=60, cwd=homes[SITES[0]])
         polls = iter(range(1000))
 
         def shows_offline() -> bool:
-            name = f"status-{next(polls)}"
-            status = d.run(name, fedssl("status", "runs/deployment-test"), timeout=120, cwd=coordinator).stdout
+            status = d.run(f"status-{next(polls)}", fedssl("status", "runs/deployment-test"), timeout=120,
+                           cwd=coordinator).stdout
             out["status_after_kill"] = status
             return "offline" in site_row(status, KILLED)
 
@@ -374,15 +379,16 @@ def test_hospitals_keep_their_data_and_state_and_read_no_scenario(deployment):
 
 
 def test_status_lists_the_sites_and_shows_a_killed_node_offline(deployment):
-    status = deployment["status"]
+    status = deployment["status"]  # during the run
     assert status.returncode == 0, status.stdout
     for site in SITES:
         assert re.search(r"│ \d+ +│ online", site_row(status.stdout, site)), status.stdout
-    assert re.search(r"finished:completed │ 2/2 ", status.stdout), status.stdout
-    assert "objective hybrid is not accepted" in site_row(status.stdout, DECLINING)
-    after = deployment["status_after_kill"]
+    assert re.search(r"│ running +│ [012]/2 ", status.stdout), status.stdout
+    after = deployment["status_after_kill"]  # the run over, one machine dead
     assert "offline" in site_row(after, KILLED)
     assert all("online" in site_row(after, site) for site in SITES if site != KILLED), after
+    assert "objective hybrid is not accepted" in site_row(after, DECLINING)
+    assert re.search(r"│ finished:completed │ 2/2 +│ \d\.\d{3} \[", after), after  # with the last probe AUROC
     assert deployment["offline_after"] < OFFLINE_LIMIT
 
 

@@ -295,8 +295,9 @@ def deployment(tmp_path_factory):
                  list(nodes.values()))
 
         launch = d.start("launch", fedssl("launch", "scenario.yaml"), cwd=coordinator)
-        # meanwhile: the federation as the coordinator sees it, and at a site that approves plans by
-        # hand, a plan that waits, is listed and is approved
+        # meanwhile: the federation as the coordinator sees it once the ServerApp runs, and at a site
+        # that approves plans by hand, a plan that waits, is listed and is approved
+        wait_for(lambda: "fedssl | scenario" in d.log("launch"), "the ServerApp", 400, [launch])
         out["status"] = d.run("status", fedssl("status"), timeout=120, cwd=coordinator)
         plan = Plan.of(load_scenario(coordinator / "scenario.yaml"))
         request_approval(homes["approver"] / "state", plan.fingerprint, plan.values)
@@ -383,7 +384,7 @@ def test_status_lists_the_sites_and_shows_a_killed_node_offline(deployment):
     assert status.returncode == 0, status.stdout
     for site in SITES:
         assert re.search(r"│ \d+ +│ online", site_row(status.stdout, site)), status.stdout
-    assert re.search(r"│ running +│ [012]/2 ", status.stdout), status.stdout
+    assert re.search(r"│ running +│ [01]/2 ", status.stdout), status.stdout
     after = deployment["status_after_kill"]  # the run over, one machine dead
     assert "offline" in site_row(after, KILLED)
     assert all("online" in site_row(after, site) for site in SITES if site != KILLED), after

@@ -42,8 +42,8 @@ from fedssl.runfolder import RoundRecord, RunFolder
 from fedssl.storage import atomic_write
 from ops.bundle import stage_app
 from ops.deploy import (BIN, FAST_POLLING_ENV, OFFLINE_ENV, check_ca_certificate, check_host,
-                        public_key_fingerprint, verify_server_certificate)
-from ops.processes import Supervisor
+                        public_key_fingerprint, superlink_unavailable, verify_server_certificate)
+from ops.processes import COLOUR, Supervisor
 
 CONNECTION = "fedssl"  # the flwr CLI's name for this coordinator's SuperLink
 WILDCARDS = ("0.0.0.0", "::", "127.0.0.1", "localhost")  # listening here: the CLI connects over loopback
@@ -126,7 +126,10 @@ def load_coordinator_file(path: str | Path) -> CoordinatorFile:
     paths = ("state", "certificates", "ca_certificate", "server_certificate", "server_key", "database", "log", "runs")
     resolved = {k: str((path.parent / getattr(coordinator, k)).resolve())
                 for k in paths if getattr(coordinator, k) is not None}
-    return dataclasses.replace(coordinator, **resolved)
+    coordinator = dataclasses.replace(coordinator, **resolved)
+    if not coordinator.ca.is_file():  # every command's connection to the SuperLink is verified with it
+        raise ConfigError(f"{path}: CA certificate {coordinator.ca} does not exist; make it with `fedssl certs`")
+    return coordinator
 
 
 def environment(coordinator: CoordinatorFile, environ: dict[str, str]) -> dict[str, str]:
@@ -188,7 +191,8 @@ def run_coordinator(path: Path, environ: dict[str, str]) -> int:
 
 def flwr(coordinator: CoordinatorFile, *args: str, environ: dict[str, str]) -> dict:
     """The JSON answer of `flwr <args> fedssl --format json`; RuntimeError with Flower's message if
-    it fails (the SuperLink not running, say)."""
+    it fails, or at once if the SuperLink does not answer."""
+    require_superlink(coordinator)
     command = [str(BIN / "flwr"), *args, CONNECTION, "--format", "json"]
     try:
         result = subprocess.run(command, env=environment(coordinator, environ), capture_output=True, text=True,
@@ -202,9 +206,16 @@ def flwr(coordinator: CoordinatorFile, *args: str, environ: dict[str, str]) -> d
         answer = {"success": False, "error-message": (result.stdout + result.stderr).strip()[-500:]}
     if not answer.get("success", result.returncode == 0):
         message = " ".join(str(answer.get("error-message", "")).split())
-        raise RuntimeError(f"`flwr {' '.join(args)}` failed: {message} (is the SuperLink at {coordinator.address} "
-                           "running? `fedssl coordinator`)")
+        raise RuntimeError(f"`flwr {' '.join(args)}` failed: {message}")
     return answer
+
+
+def require_superlink(coordinator: CoordinatorFile) -> None:
+    """RuntimeError at once if the SuperLink does not answer (the flwr CLI would retry for a minute)."""
+    unavailable = superlink_unavailable(coordinator.address, coordinator.ca)
+    if unavailable:
+        raise RuntimeError(f"the SuperLink at {coordinator.address} does not answer ({unavailable}): is "
+                           "`fedssl coordinator` running?")
 
 
 def registered_sites(coordinator: CoordinatorFile) -> dict[str, dict]:
@@ -241,7 +252,8 @@ def utc_now() -> str:
 def launch(coordinator: CoordinatorFile, scenario: Path, run_dir: Path, *, resume: bool, environ: dict[str, str],
            echo=print) -> int:
     """Submit the scenario's run to the SuperLink and follow it: `echo` gets the ServerApp's
-    `fedssl | ...` lines as they come and the run's final state. 0 if the run completed, 1 if not.
+    `fedssl | ...` and error lines as they come and the run's final state. 0 if the run completed,
+    1 if not.
 
     The app is staged fresh into `<state>/app` (the code this installation runs); the run config
     names the scenario and the run folder on this machine. Everything `flwr run` printed is kept in
@@ -253,6 +265,7 @@ def launch(coordinator: CoordinatorFile, scenario: Path, run_dir: Path, *, resum
     if not resume and run.root.exists() and run.earlier_results():
         raise ConfigError(f"--run-dir {run.root} holds an earlier run: --resume to continue it, or choose another "
                           "--run-dir")
+    require_superlink(coordinator)
     app = stage_app(Path(coordinator.state) / "app")
     run.logs.mkdir(parents=True, exist_ok=True)
     run.launch_config.write_text(f"scenario = {json.dumps(str(scenario.resolve()))}\n"
@@ -270,6 +283,8 @@ def launch(coordinator: CoordinatorFile, scenario: Path, run_dir: Path, *, resum
                 echo(f"{STREAM_MARK}run {run_id} submitted; run folder {run.root}")
             elif STREAM_MARK in line:
                 echo(line[line.index(STREAM_MARK):].rstrip())
+            elif "ERROR :" in (plain := COLOUR.sub("", line)):  # why a run fails (the ServerApp's exception)
+                echo(plain.rstrip())
     if run_id is None:
         last = [line for line in run.launch_log.read_text(errors="replace").splitlines() if line.strip()][-3:]
         raise RuntimeError(f"`flwr run` did not start the run: {' '.join(' '.join(last).split())} "

@@ -28,6 +28,8 @@ import re
 import socket
 import ssl
 import sys
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -280,3 +282,18 @@ def check_superlink_tls(address: str, ca_cert: str | Path, timeout: float = 5.0)
                                f"for {host}: {err.verify_message}") from None
     except OSError as err:  # not up yet, unreachable, or no TLS there: the SuperNode keeps trying
         return f"the SuperLink at {address} does not answer yet ({err.strerror or err}); the SuperNode keeps trying"
+
+
+def superlink_unavailable(address: str, ca_cert: str | Path, timeout: float = 5.0) -> str | None:
+    """None if the SuperLink at `address` (host:port) answers its health check over TLS verified
+    with `ca_cert`; else why not, in a few words. (Flower's CLI retries an absent SuperLink for a
+    minute or more before it says so.)"""
+    context = ssl.create_default_context(cafile=str(ca_cert))
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context))
+    try:
+        with opener.open(f"https://{address}/health", timeout=timeout) as response:
+            return None if response.status == 200 else f"its health check answered {response.status}"
+    except urllib.error.URLError as err:
+        return str(getattr(err.reason, "strerror", None) or err.reason)
+    except OSError as err:
+        return str(err.strerror or err)

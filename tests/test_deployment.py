@@ -210,23 +210,27 @@ def test_node_refuses_what_would_not_work_in_one_line(hospital, capsys, problem,
     assert expected.split(":")[0] in (home / "state" / "node.log").read_text()  # the site's log says it too
 
 
-def test_launch_refuses_a_bad_coordinator_file_and_a_resume_without_checkpoint(tmp_path, capsys):
-    scenario = tmp_path / "scenario.yaml"
+def test_coordinator_commands_refuse_what_would_not_work_in_seconds(tmp_path, capsys):
+    scenario, coordinator = tmp_path / "scenario.yaml", tmp_path / "coordinator.yaml"
     scenario.write_text(SCENARIO)
-    (tmp_path / "coordinator.yaml").write_text("certificates: certs\nserver_key: other.key\n")
-    assert fedssl_here("launch", scenario, "--coordinator", tmp_path / "coordinator.yaml") == 2
+    coordinator.write_text("certificates: certs\nserver_key: other.key\n")
+    assert fedssl_here("launch", scenario, "--coordinator", coordinator) == 2
     assert "give either `certificates`" in capsys.readouterr().err
-    (tmp_path / "coordinator.yaml").write_text("certificates: certs\n")
-    assert fedssl_here("launch", scenario, "--coordinator", tmp_path / "coordinator.yaml", "--resume") == 2
+    coordinator.write_text("certificates: certs\n")
+    assert fedssl_here("status", "--coordinator", coordinator) == 2
+    assert "ca.crt does not exist; make it with `fedssl certs`" in capsys.readouterr().err
+    make_certificates(tmp_path / "certs")
+    coordinator.write_text(f"certificates: certs\nport: {free_port()}\n")
+    started = time.monotonic()
+    assert fedssl_here("status", "--coordinator", coordinator) == 2  # no SuperLink there
+    assert "does not answer (Connection refused): is `fedssl coordinator` running?" in capsys.readouterr().err
+    assert time.monotonic() - started < 30  # Flower's CLI alone would retry for a minute
+    assert fedssl_here("launch", scenario, "--coordinator", coordinator, "--resume") == 2
     err = capsys.readouterr().err
     assert err.startswith("fedssl launch: --resume:") and "holds no checkpoint" in err
     assert not (tmp_path / "app").exists()  # refused before anything was staged or submitted
-
-
-def test_register_refuses_a_key_flower_would_refuse(tmp_path, capsys):
-    (tmp_path / "coordinator.yaml").write_text("certificates: certs\n")
     (tmp_path / "rsa.pub").write_text("ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQ fedssl-x\n")
-    assert fedssl_here("register", tmp_path / "rsa.pub", "--site", "x", "--coordinator", tmp_path / "coordinator.yaml") == 2
+    assert fedssl_here("register", tmp_path / "rsa.pub", "--site", "x", "--coordinator", coordinator) == 2
     assert "is not an OpenSSH public key" in capsys.readouterr().err
 
 

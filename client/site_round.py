@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from logging import ERROR, INFO
 from pathlib import Path
 
-from flwr.app import ArrayRecord, Error, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, MetricRecord, RecordDict
 from flwr.common import log
 
 from client import audit
@@ -58,10 +58,10 @@ class Node:
 
 @dataclass(frozen=True)
 class Work:
-    """A message the site answered: the reply's records and, for the audit log, what it read
-    (records, windows) and did (steps, examples drawn, epsilon spent so far with DP-SGD)."""
+    """A message the site answered: the reply's Flower records and, for the audit log, what it
+    read (records, windows) and did (steps, examples drawn, epsilon spent so far with DP-SGD)."""
 
-    content: dict
+    reply: dict
     records: int
     windows: int
     steps: int = 0
@@ -99,10 +99,10 @@ def respond(kind: str, content: RecordDict, run_config: dict, node_config: dict,
         return Error(code=code, reason=site_reason(site_name, reason))
     # outside the try: a reply whose audit line cannot be written does not leave the site
     audit.record(node.state, audit_entry(heard, OUTCOMES[kind], None, work))
-    return RecordDict(work.content)
+    return RecordDict(work.reply)
 
 
-def received_plan(config) -> Plan:
+def received_plan(config: ConfigRecord) -> Plan:
     """The plan the message carries (`PLAN_KEY`)."""
     if PLAN_KEY not in config:
         raise ConfigError(f"the message carries no plan (config key {PLAN_KEY!r}): the coordinator's "
@@ -165,7 +165,7 @@ def failure(err: Exception, site: str) -> tuple[str, int, str]:
 def audit_entry(heard: dict, outcome: str, reason: str | None, work: Work | None = None) -> dict:
     """The audit log's line (client/audit.py) of a message: what was heard, what came of it, what
     was done (null without `work`) and what was sent (null when no arrays left)."""
-    arrays = work.content.get("arrays") if work else None
+    arrays = work.reply.get("arrays") if work else None
     return {**heard, "outcome": outcome, "reason": reason, **{k: getattr(work, k, None) for k in AUDITED},
             "sent": None if arrays is None else sent_summary(arrays)}
 

@@ -176,10 +176,9 @@ class FedSSLStrategy(Strategy):
             arrays, _ = self.base.aggregate_train(server_round, kept)  # Flower logs the error replies
             spent = None
         # 5. the round's record from what the steps returned
-        self._record = dataclasses.replace(
-            round_record(server_round, trained, replies, rejected, self.sites, self.node_sites,
-                         seconds=time.perf_counter() - sent.started, central=spent),
-            plan=self.plan, received=received)
+        self._record = round_record(server_round, trained, replies, rejected, self.sites, self.node_sites,
+                                    seconds=time.perf_counter() - sent.started, central=spent, plan=self.plan,
+                                    received=received)
         log_declines(server_round, "round", self._record.declined)
         return arrays, MetricRecord(self._record.losses)
 
@@ -317,10 +316,12 @@ def arrays_only(contents: list[RecordDict], weight_key: str) -> MetricRecord:
 # -- the round's record: pure functions of its replies ------------------------------------------
 
 def round_record(server_round: int, trained: list[Message], replies: list[Message], rejected: list[Rejection],
-                 sites: Sequence[str], known_nodes: dict[int, str], *, seconds: float, central=None) -> RoundRecord:
+                 sites: Sequence[str], known_nodes: dict[int, str], *, seconds: float, central=None,
+                 plan: str | None = None, received: dict[str, str] | None = None) -> RoundRecord:
     """The round's record from its aggregated replies (`trained`), all its replies (their errors:
-    declines and failures), the validation's rejections and central DP's privacy spent so far
-    (`central`, Flower's PrivacySpent, None without central DP's accountant)."""
+    declines and failures), the validation's rejections, central DP's privacy spent so far
+    (`central`, Flower's PrivacySpent, None without central DP's accountant), the plan's fingerprint
+    and the hash of each site's reply as received (`received_payloads`)."""
     metrics = [(site_name(reply_metrics(msg), sites, i), reply_metrics(msg)) for i, msg in enumerate(trained)]
     means = aggregate_metricrecords([msg.content for msg in trained], WEIGHT_KEY)
     errors = error_entries(replies, known_nodes, sites)
@@ -342,6 +343,8 @@ def round_record(server_round: int, trained: list[Message], replies: list[Messag
         seconds=round(seconds, 3),
         compute_seconds={site: round(float(m[COMPUTE_SECONDS_KEY]), 3) for site, m in metrics
                          if COMPUTE_SECONDS_KEY in m},
+        plan=plan,
+        received=dict(received or {}),
     )
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedssl.runfolder import RoundRecord, RunFolder
+from fedssl.sitefile import SiteFile, save_site_file
 from ops.deploy import FAST_POLLING_ENV
 from ops.processes import free_port
 from server.presence import REPLY_POLL_SECONDS
@@ -77,11 +78,15 @@ class LoopbackDeployment(LocalSimulation):
 
     def start(self) -> None:
         super().start()
+        run = RunFolder(self.run_dir)
         for site in self.sites:
             home = self.run_dir / "hospitals" / site
             home.mkdir(parents=True, exist_ok=True)
+            # the site's records as the runner materialised them, its cache and state where simulation keeps them
+            site_file = save_site_file(SiteFile(site=site, records=str(run.data / "records" / site), work=str(run.data),
+                                                state=str(run.site(site))), home / "site.yaml")
             command = [self.executable("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                       "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", f"site='{site}'"]
+                       "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", f"site-file='{site_file}'"]
             node = subprocess.Popen(command, env={**self.env, "FLWR_HOME": str(home / "flwr-home")}, cwd=home,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True, text=True, errors="replace")

@@ -7,18 +7,23 @@ never leave the site) or the whole objective. With `federation.local_update: fed
 starts from a blend of the global model and its own previous one; with FedProx (the strategy
 sends `proximal-mu`) the local loss gets a proximal term. Recordings and windows never leave.
 
-With DP-SGD enabled for the site (`sites[i].privacy`, else the scenario's `privacy`), the site
+With DP-SGD enabled for the site (`sites[i].privacy`, else the plan's `privacy`), the site
 trains with the privacy ledger of its state folder, reports the epsilon it has spent so far and
 its delta as the metrics `epsilon` and `delta` (`dp-sgd` 1; a site without DP sends `dp-sgd` 0
 and zeros, since every reply must carry the same metric names), and declines a round that would
-take it past its target epsilon: it replies with an Error of code `PRIVACY_BUDGET_CODE` and the fixed reason
-`PRIVACY_BUDGET_REASON` (nothing about its data), and spends nothing.
+take it past its target epsilon: it replies with an Error of code `PRIVACY_BUDGET_CODE` and the
+fixed reason `PRIVACY_BUDGET_REASON` (nothing about its data), and spends nothing.
 
-Run config (`[tool.flwr.app.config]`): `scenario` (YAML path), `run-dir` (run folder).
-Node config: `site` (deployment: the site's name in the scenario; in simulation the site is
-`scenario.sites[partition-id]`), optional `state-folder` (default `<run-dir>/sites/<site>`),
-`data-folder` (window cache, default `<run-dir>/data`) and `records-folder` (the site's WFDB
-records on this machine, replacing the scenario's folder for this site).
+The site knows the run only from the plan each message carries (fedssl/plan.py): it reads no
+scenario file. It reviews the plan against its site file's policy before it reads any data, and
+declines a plan its policy refuses (or, with `manual_approval`, one not yet approved at the site)
+with an Error of code `PLAN_DECLINED_CODE` whose reason is about the plan only. Every message it
+answers is one line of its audit log (client/audit.py). See client/site_round.py.
+
+Node config: deployment: `site-file` (the hospital's site.yaml, fedssl/sitefile.py: the site's name,
+its records and labels on this machine, its window cache `work`, its `state` folder and its policy);
+simulation: `partition-id` (the site is the plan's `sites[partition-id]`) with the run config's
+`run-dir` (run folder: window cache `<run-dir>/data`, state `<run-dir>/sites/<site>`).
 """
 
 from __future__ import annotations
@@ -59,5 +64,5 @@ def answer(kind: str, msg: Message, context: Context) -> Message:
     """Hand the message to the site's work (client/site_round.py) and wrap what it returns."""
     from client.site_round import respond  # torch and the site's data: only once a message needs them
 
-    content = respond(kind, msg.content, context.run_config, context.node_config)
+    content = respond(kind, msg.content, context.run_config, context.node_config, msg.metadata.run_id)
     return Message(content, reply_to=msg)  # the reply's records, or its Error

@@ -1,20 +1,24 @@
 """The message protocol between the fedssl ServerApp (server/) and ClientApp (client/).
 
 Every name a message carries between the two apps is defined here once: the config keys the
-server sends with a round, the metric keys a site replies with, and the codes of a site's error
-replies. Both apps import this module and neither imports the other, so a key renamed on one side
-cannot silently stop matching on the other. It holds names and one pure function, no Flower
-types: the science core stays importable without a federation framework.
+server sends with a round, the metric keys a site replies with, and the codes and reasons of a
+site's error replies. Both apps import this module and neither imports the other, so a key renamed
+on one side cannot silently stop matching on the other. It holds names and pure functions, no
+Flower types: the science core stays importable without a federation framework.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
 
 # -- server -> site: a round's ConfigRecord ------------------------------------------------------
 SERVER_ROUND_KEY = "server-round"  # the round number, added by Flower's FedAvg family
 NUM_ROUNDS_KEY = "num-rounds"  # the federation's planned rounds
 PROXIMAL_MU_KEY = "proximal-mu"  # FedProx's proximal weight, added by Flower's FedProx
+# the run's plan (fedssl/plan.py) as canonical JSON, in every train and evaluate message: all a site
+# knows of the run; the same text, so the same fingerprint, every round
+PLAN_KEY = "plan"
 
 # -- site -> server: the reply's one MetricRecord ------------------------------------------------
 WEIGHT_KEY = "num-examples"  # training (or probe-test) windows: FedAvg's n_k, Flower's default key
@@ -38,6 +42,39 @@ TRAINING_METRICS = (EXAMPLES_SEEN_KEY, FEDEMA_MU_KEY)
 SITE_ERROR_CODE = 1000  # the site's round failed; the reason names the error's kind only
 PRIVACY_BUDGET_CODE = 1001  # the site declines the round: it would pass its target epsilon
 PRIVACY_BUDGET_REASON = "privacy budget exhausted"  # fixed: says nothing about the site's data
+# the site declines the plan: its policy refuses it, or it awaits manual approval at the site; the
+# reason is about the plan only (fedssl/plan.py: policy_problems), never about the site's data
+PLAN_DECLINED_CODE = 1002
+DECLINE_CODES = (PRIVACY_BUDGET_CODE, PLAN_DECLINED_CODE)  # the site chose not to train: not a failure
+
+
+def site_reason(site: str, reason: str) -> str:
+    """The reason of a site's error reply: `site <name>: <reason>`. An error reply carries no
+    metrics, so it names its site here; a site that declines every round is named all the same."""
+    return f"site {site}: {reason}"
+
+
+def reason_site(reason: str, sites: Sequence[str]) -> tuple[str | None, str]:
+    """(site, reason after the name) of an error reply's reason written by `site_reason`; (None,
+    reason) if it names no site of `sites` (Flower's own errors, a site that could not tell which it
+    is). As with `reply_site`, a reply is not trusted to name itself well: only a known name counts.
+    Site names hold no `: ` (fedssl.config.check_name), so the first one ends the name."""
+    head, separator, rest = reason.partition(": ")
+    name = head.removeprefix("site ")
+    return (name, rest) if separator and head.startswith("site ") and name in sites else (None, reason)
+
+
+def payload_sha256(arrays: Iterable[tuple[str, bytes]]) -> str:
+    """SHA-256 of a message's arrays as they travel, (name, serialised bytes) in record order: the
+    site logs it for what it sends (client/audit.py), the server records it for what it received
+    (RoundRecord.received), so the two can be compared. Each name and each payload is hashed with
+    its length first, so no two different sequences of arrays hash alike by concatenation."""
+    digest = hashlib.sha256()
+    for name, data in arrays:
+        for part in (name.encode(), bytes(data)):
+            digest.update(len(part).to_bytes(8, "big"))
+            digest.update(part)
+    return digest.hexdigest()
 
 
 def reply_site(metrics: Mapping | None, sites: Sequence[str]) -> str | None:

@@ -62,7 +62,7 @@ def loss_terms(rounds: list[RoundRecord]) -> list[str]:
 
 
 def participation(run: Run) -> list[dict[str, str]]:
-    """Per round, each site's part: trained (its update was aggregated), declined (privacy budget),
+    """Per round, each site's part: trained (its update was aggregated), declined (privacy budget or its policy),
     rejected (update failed validation), error, or - (not sampled, or no reply in time). Replies
     that named no site of the scenario count in the round's totals only."""
     return [{site: state for site, (state, _) in row.items()} for row in participation_reasons(run.sites, run.rounds)]
@@ -173,9 +173,11 @@ def render(run: Run, plots: dict[str, str]) -> str:
                   f"{len(e.get('runs', [])) or '-'} | {difference_text(e.get('federated_minus'))} |"
                   for name, e in run.summary["encoders"].items()]
     problems = [(r.round, kind, e) for r in run.rounds
-                for kind, entries in (("rejected", r.rejected), ("errors", r.errors)) for e in entries]
+                for kind, entries in (("declined", r.declined), ("rejected", r.rejected), ("errors", r.errors))
+                for e in entries]
     if problems:
-        lines += ["", "## Rejected updates and errors", "", "| round | site | what | reason |", "|---|---|---|---|"]
+        lines += ["", "## Declines, rejected updates and errors", "", "| round | site | what | reason |",
+                  "|---|---|---|---|"]
         lines += [f"| {rnd} | {e.get('site') or e.get('node_id')} | {kind} | {e.get('reason', '')} |"
                   for rnd, kind, e in problems]
     return "\n".join(lines) + "\n"
@@ -227,9 +229,9 @@ def participation_table(run: Run) -> str:
     lines = ["| round | " + " | ".join(run.sites) + " | windows aggregated |", "|---" * (len(run.sites) + 2) + "|"]
     for r, row in zip(run.rounds, rows):
         lines.append(f"| {r.round} | " + " | ".join(row.values()) + f" | {r.examples} |")
-    lines += ["", (f"{TRAINED}: its update was aggregated; {DECLINED}: it declined the round (privacy budget); "
-                   f"{REJECTED}: its update failed validation; {FAILED}: it replied with an error; "
-                   f"{ABSENT}: not sampled or no reply in time.")]
+    lines += ["", (f"{TRAINED}: its update was aggregated; {DECLINED}: it declined the round (privacy budget, or "
+                   f"its policy refused the plan); {REJECTED}: its update failed validation; {FAILED}: it replied "
+                   f"with an error; {ABSENT}: not sampled or no reply in time.")]
     return "\n".join(lines)
 
 

@@ -68,8 +68,15 @@ class RoundRecord:
     site_windows: dict[str, int] = field(default_factory=dict)  # {site whose update was aggregated: windows}
     new_heads: list[str] = field(default_factory=list)  # sites that started from new heads (first round, lost state)
     rejected: list[dict] = field(default_factory=list)  # updates validation left out: round, node_id, site, reason
-    declined: list[dict] = field(default_factory=list)  # privacy-budget declines: node_id, site, code, reason
-    errors: list[dict] = field(default_factory=list)  # other error replies: node_id, site, code, reason
+    # sites that chose not to train (privacy budget, their policy or a plan awaiting their approval) and
+    # other error replies: node_id, site, code, reason (fedssl.protocol's codes)
+    declined: list[dict] = field(default_factory=list)
+    errors: list[dict] = field(default_factory=list)
+    # what travelled: the fingerprint of the plan the round's messages carried (fedssl/plan.py) and, per
+    # site, the SHA-256 of the arrays its reply carried as received (fedssl.protocol.payload_sha256):
+    # each site's audit log (client/audit.py) holds the same hash of what it sent
+    plan: str | None = None
+    received: dict[str, str] = field(default_factory=dict)
     # privacy: each DP-SGD site's (epsilon, delta) so far; site-level (central DP) ones, all rounds composed
     epsilon: dict[str, float] = field(default_factory=dict)
     delta: dict[str, float] = field(default_factory=dict)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import yaml
 
-from fedssl.config import ConfigError, check_name, from_dict
+from fedssl.config import ConfigError, check_name, from_dict, to_dict
 
 SHARE_CHOICES = ("encoder", "all")
 
@@ -106,3 +106,11 @@ def load_site_file(path: str | Path) -> SiteFile:
     paths = ("records", "work", "state", "ca_certificate", "node_key", "labels_csv", "log")
     resolved = {k: str((path.parent / getattr(site, k)).resolve()) for k in paths if getattr(site, k) is not None}
     return dataclasses.replace(site, **resolved)
+
+
+def save_site_file(site: SiteFile, path: str | Path) -> Path:
+    """Write `site` as a site file that `load_site_file` reads back as it is."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(site), sort_keys=False))
+    return path

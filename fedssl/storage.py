@@ -7,8 +7,6 @@ import tempfile
 from pathlib import Path
 from typing import IO, Callable
 
-import torch
-
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
     """Call `write` on a temporary file beside `path`, then rename it into place."""
@@ -26,4 +24,6 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
 
 
 def atomic_torch_save(obj: object, path: Path) -> Path:
+    import torch  # here, not at the top: a site's JSON files (client/audit.py, client/approval.py) need no torch
+
     return atomic_write(path, lambda f: torch.save(obj, f))

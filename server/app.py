@@ -9,6 +9,11 @@ and `global.pt` with `share: all`), `checkpoints/server.pt` (what a resumed run 
 server/checkpoint.py), `presence.json` (which sites are online, server/presence.py) and at the end
 `report.md` with plots (fedssl/report.py).
 
+The sites never read the scenario: every train and evaluate message carries the run's plan
+(fedssl/plan.py, config key `plan`), the settings a site trains and probes with, the same text
+every round. A site may decline it (its policy, or a plan awaiting approval at the site): the round
+goes on with the others, and the round's record names who declined and why.
+
 Run config (`[tool.flwr.app.config]`): `scenario` (YAML path), `run-dir` (run folder), `resume`
 (true: continue after the run folder's last completed round instead of starting afresh).
 """
@@ -31,7 +36,8 @@ from fedssl.evaluate import ProbeSplits, summarise
 from fedssl.federated import shared_state
 from fedssl.monitor import embedding_health
 from fedssl.objectives import build_objective
-from fedssl.protocol import NUM_ROUNDS_KEY
+from fedssl.plan import Plan
+from fedssl.protocol import NUM_ROUNDS_KEY, PLAN_KEY
 from fedssl.report import write_report
 from fedssl.runfolder import RoundRecord, RunFolder
 from server.checkpoint import resume_point
@@ -52,14 +58,17 @@ def main(grid: Grid, context: Context) -> None:
     fed, sites = scenario.federation, [s.name for s in scenario.sites]
     random.seed(scenario.seed)  # the strategies sample nodes with `random`
 
+    plan = Plan.of(scenario)
     initial = shared_state(build_objective(scenario), fed.share)
     # run config `resume`: continue after the run folder's last checkpoint (server/checkpoint.py)
     checkpoint = resume_point(run.root, fed.strategy, fed.rounds, initial) if context.run_config.get("resume") else None
     strategy = make_strategy(fed, sites, initial, run, GlobalEvaluation(scenario, run),
-                             federated_evaluation=scenario.evaluation.federated, checkpoint=checkpoint)
+                             federated_evaluation=scenario.evaluation.federated, checkpoint=checkpoint,
+                             plan=plan.fingerprint)
     run.start_rounds(resume_after=strategy.done)
-    log(INFO, "fedssl | scenario %s: %d sites, %d rounds of %s (share %s, %s), %d local steps",
-        scenario.name, len(sites), fed.rounds, fed.strategy, fed.share, fed.local_update, scenario.train.local_steps)
+    log(INFO, "fedssl | scenario %s: %d sites, %d rounds of %s (share %s, %s), %d local steps; plan %s",
+        scenario.name, len(sites), fed.rounds, fed.strategy, fed.share, fed.local_update, scenario.train.local_steps,
+        plan.short)
 
     strategy.start(
         # never wait without end: fail naming the missing sites after connect_timeout; keep presence.json
@@ -68,7 +77,9 @@ def main(grid: Grid, context: Context) -> None:
         initial_arrays=checkpoint.array_record() if checkpoint else ArrayRecord(initial),
         num_rounds=fed.rounds - strategy.done,  # numbered on from strategy.done + 1
         timeout=fed.round_timeout,  # seconds a round waits for the sites' replies
-        train_config=ConfigRecord({NUM_ROUNDS_KEY: fed.rounds}),  # FedAvg adds SERVER_ROUND_KEY
+        # the plan in every message, train and evaluate; FedAvg adds SERVER_ROUND_KEY to both
+        train_config=ConfigRecord({NUM_ROUNDS_KEY: fed.rounds, PLAN_KEY: plan.text}),
+        evaluate_config=ConfigRecord({PLAN_KEY: plan.text}),
         evaluate_fn=strategy.finish_round,
     )
     log(INFO, "fedssl | report with plots: %s", write_report(run.root))

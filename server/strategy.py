@@ -6,9 +6,10 @@ Flower's `Strategy.start` loop calls, for every round r: `configure_train(r)`, t
 
 - `configure_train`: the base strategy samples the sites (with central DP Flower's fixed-clipping
   wrapper plans the round's private release); the global model goes out in the transfer dtype.
-- `aggregate_train`: widen float16 -> validate (server/validation.py) -> central DP over a fixed
-  denominator (server/central_dp.py) -> the base strategy's aggregation -> the round's
-  `RoundRecord` (fedssl/runfolder.py), built from what those steps returned.
+- `aggregate_train`: the SHA-256 of each reply as received -> widen float16 -> validate
+  (server/validation.py) -> central DP over a fixed denominator (server/central_dp.py) -> the base
+  strategy's aggregation -> the round's `RoundRecord` (fedssl/runfolder.py), built from what those
+  steps returned; a site that declined (its privacy budget, its policy) is named with its reason.
 - `aggregate_evaluate` (`evaluation.federated`): each site's own probe AUROC and their mean.
 - `finish_round`, passed to `start` as `evaluate_fn`: the server's probe and collapse monitor of
   the new global encoder, its checkpoints, the round's line in `metrics.jsonl`, `server.pt`.
@@ -43,9 +44,9 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedssl.config import ConfigError, FederationConfig
 from fedssl.federated import LOCAL_UPDATES, SHARE_MODES, TRANSFER_DTYPES, cast_floating, encoder_state
-from fedssl.protocol import (COMPUTE_SECONDS_KEY, DELTA_KEY, DP_SGD_KEY, EPSILON_KEY, FEDERATED_AUROC_KEY,
-                             NEW_HEADS_KEY, PER_SITE_METRICS, PRIVACY_BUDGET_CODE, PROBE_AUROC_KEY,
-                             TRAINING_METRICS, WEIGHT_KEY, reply_site)
+from fedssl.protocol import (COMPUTE_SECONDS_KEY, DECLINE_CODES, DELTA_KEY, DP_SGD_KEY, EPSILON_KEY,
+                             FEDERATED_AUROC_KEY, NEW_HEADS_KEY, PER_SITE_METRICS, PROBE_AUROC_KEY,
+                             TRAINING_METRICS, WEIGHT_KEY, payload_sha256, reason_site, reply_site)
 from fedssl.runfolder import RoundRecord, RunFolder
 from server.central_dp import CENTRAL_DP, SITE_WEIGHT_KEY, CentralDP
 from server.checkpoint import ServerCheckpoint, optimizer_state
@@ -100,13 +101,14 @@ class FedSSLStrategy(Strategy):
     must have and every checkpoint is written in. `sites` are the scenario's site names by index
     (replies name theirs with `site-index`). `evaluate_encoder` adds the server's probe of the
     global encoder to a round's record. `done` rounds were completed before this start (resume).
+    `plan` is the fingerprint of the plan the messages carry (fedssl/plan.py), kept in each record.
     """
 
     def __init__(self, base: FedAvg, *, name: str, reference: dict[str, torch.Tensor], run: RunFolder, rounds: int,
                  evaluate_encoder: EvaluateEncoder = unprobed, sites: Sequence[str] = (), max_update_ratio: float = 5.0,
                  transfer_dtype: str = "float32", central_dp: CentralDP | None = None, done: int = 0,
-                 epsilon: dict[str, float] | None = None) -> None:
-        self.base, self.name, self.central_dp = base, name, central_dp
+                 epsilon: dict[str, float] | None = None, plan: str | None = None) -> None:
+        self.base, self.name, self.central_dp, self.plan = base, name, central_dp, plan
         self.reference = reference
         self.layout = model_layout(ArrayRecord(reference))
         self.sites = tuple(sites)
@@ -145,6 +147,8 @@ class FedSSLStrategy(Strategy):
             raise RuntimeError(f"aggregate_train of round {server_round} before its configure_train")
         replies = list(replies)
         self.node_sites.update(node_sites(replies, self.sites))
+        # 0. what each site sent as it arrived, to compare with the site's audit log (client/audit.py)
+        received = received_payloads(replies, self.sites)
         # 1. the sites' float16 arrays back to float32, what the global model is kept in
         if self.transfer_dtype == "float16":
             for msg in replies:
@@ -173,7 +177,9 @@ class FedSSLStrategy(Strategy):
             spent = None
         # 5. the round's record from what the steps returned
         self._record = round_record(server_round, trained, replies, rejected, self.sites, self.node_sites,
-                                    seconds=time.perf_counter() - sent.started, central=spent)
+                                    seconds=time.perf_counter() - sent.started, central=spent, plan=self.plan,
+                                    received=received)
+        log_declines(server_round, "round", self._record.declined)
         return arrays, MetricRecord(self._record.losses)
 
     # -- federated evaluation (evaluation.federated) --------------------------------------------
@@ -188,6 +194,9 @@ class FedSSLStrategy(Strategy):
         """Each site's own probe AUROC and their mean weighted by probe-test windows, into the
         round's record. Sites that could not probe (weight 0) are left out; with none left the
         mean is absent, not zero."""
+        replies = list(replies)
+        log_declines(server_round + self.done, "the evaluation of round",
+                     [e for e in error_entries(replies, self.node_sites, self.sites) if e["code"] in DECLINE_CODES])
         by_site, mean = site_probes([msg for msg in replies if not msg.has_error()], self.sites)
         self._record = dataclasses.replace(self.current_record(server_round + self.done),
                                            site_probe_macro_auroc=by_site, federated_macro_auroc=mean)
@@ -224,10 +233,12 @@ class FedSSLStrategy(Strategy):
 
 def make_strategy(fed: FederationConfig, sites: Sequence[str], reference: dict[str, torch.Tensor], run: RunFolder,
                   evaluate_encoder: EvaluateEncoder = unprobed, *,
-                  federated_evaluation: bool = False, checkpoint: ServerCheckpoint | None = None) -> FedSSLStrategy:
+                  federated_evaluation: bool = False, checkpoint: ServerCheckpoint | None = None,
+                  plan: str | None = None) -> FedSSLStrategy:
     """The scenario's strategy, checked first; with `federated_evaluation` every site also probes
     each round's global encoder on its own labelled windows; with `checkpoint` it continues a run
-    after the checkpoint's round (server optimiser state and node sampling restored)."""
+    after the checkpoint's round (server optimiser state and node sampling restored); `plan` is the
+    fingerprint of the plan its messages carry."""
     check_federation(fed, len(sites))
     central = fed.central_dp != "none"
     base = STRATEGIES[fed.strategy](
@@ -251,7 +262,7 @@ def make_strategy(fed: FederationConfig, sites: Sequence[str], reference: dict[s
         evaluate_encoder=evaluate_encoder, max_update_ratio=fed.max_update_ratio, transfer_dtype=fed.transfer_dtype,
         central_dp=CentralDP(base, fed.central_dp, fed.central_noise_multiplier, fed.central_clipping_norm, sampled,
                              len(sites), fed.central_delta, released=done) if central else None,
-        done=done, epsilon=checkpoint.epsilon if checkpoint else None)
+        done=done, epsilon=checkpoint.epsilon if checkpoint else None, plan=plan)
 
 
 def check_federation(fed: FederationConfig, num_sites: int) -> None:
@@ -305,13 +316,15 @@ def arrays_only(contents: list[RecordDict], weight_key: str) -> MetricRecord:
 # -- the round's record: pure functions of its replies ------------------------------------------
 
 def round_record(server_round: int, trained: list[Message], replies: list[Message], rejected: list[Rejection],
-                 sites: Sequence[str], known_nodes: dict[int, str], *, seconds: float, central=None) -> RoundRecord:
+                 sites: Sequence[str], known_nodes: dict[int, str], *, seconds: float, central=None,
+                 plan: str | None = None, received: dict[str, str] | None = None) -> RoundRecord:
     """The round's record from its aggregated replies (`trained`), all its replies (their errors:
-    declines and failures), the validation's rejections and central DP's privacy spent so far
-    (`central`, Flower's PrivacySpent, None without central DP's accountant)."""
+    declines and failures), the validation's rejections, central DP's privacy spent so far
+    (`central`, Flower's PrivacySpent, None without central DP's accountant), the plan's fingerprint
+    and the hash of each site's reply as received (`received_payloads`)."""
     metrics = [(site_name(reply_metrics(msg), sites, i), reply_metrics(msg)) for i, msg in enumerate(trained)]
     means = aggregate_metricrecords([msg.content for msg in trained], WEIGHT_KEY)
-    errors = error_entries(replies, known_nodes)
+    errors = error_entries(replies, known_nodes, sites)
     return RoundRecord(
         round=server_round,
         losses={k: float(v) for k, v in means.items() if k not in PER_SITE_METRICS and k not in TRAINING_METRICS},
@@ -321,8 +334,8 @@ def round_record(server_round: int, trained: list[Message], replies: list[Messag
         site_windows={site: int(m[WEIGHT_KEY]) for site, m in metrics},
         new_heads=[site for site, m in metrics if m.get(NEW_HEADS_KEY)],
         rejected=[r.as_dict() for r in rejected],
-        declined=[e for e in errors if e["code"] == PRIVACY_BUDGET_CODE],
-        errors=[e for e in errors if e["code"] != PRIVACY_BUDGET_CODE],
+        declined=[e for e in errors if e["code"] in DECLINE_CODES],
+        errors=[e for e in errors if e["code"] not in DECLINE_CODES],
         epsilon={site: float(m[EPSILON_KEY]) for site, m in metrics if m.get(DP_SGD_KEY)},
         delta={site: float(m[DELTA_KEY]) for site, m in metrics if m.get(DP_SGD_KEY)},
         central_epsilon=None if central is None else float(central.epsilon),
@@ -330,6 +343,8 @@ def round_record(server_round: int, trained: list[Message], replies: list[Messag
         seconds=round(seconds, 3),
         compute_seconds={site: round(float(m[COMPUTE_SECONDS_KEY]), 3) for site, m in metrics
                          if COMPUTE_SECONDS_KEY in m},
+        plan=plan,
+        received=dict(received or {}),
     )
 
 
@@ -339,10 +354,28 @@ def site_name(metrics: MetricRecord | None, sites: Sequence[str], index: int) ->
 
 
 
-def error_entries(replies: list[Message], known_nodes: dict[int, str]) -> list[dict]:
-    """The round's error replies: node id, site (None if its node never sent a named reply), code, reason."""
+def error_entries(replies: list[Message], known_nodes: dict[int, str], sites: Sequence[str]) -> list[dict]:
+    """The round's error replies: node id, site (None if its node never named itself), code, and
+    reason (without the site's name that leads a site's own error, `fedssl.protocol.site_reason`)."""
     return [{"node_id": msg.metadata.src_node_id, "site": known_nodes.get(msg.metadata.src_node_id),
-             "code": msg.error.code, "reason": msg.error.reason} for msg in replies if msg.has_error()]
+             "code": msg.error.code, "reason": reason_site(msg.error.reason, sites)[1]}
+            for msg in replies if msg.has_error()]
+
+
+def received_payloads(replies: list[Message], sites: Sequence[str]) -> dict[str, str]:
+    """{site: `payload_sha256` of its reply's arrays} as received, before anything is widened or
+    unpacked: what the site's audit log says it sent. Error replies sent none."""
+    answers = [msg for msg in replies if not msg.has_error()]
+    return {site_name(reply_metrics(msg), sites, i):
+            payload_sha256((k, a.data) for record in msg.content.array_records.values() for k, a in record.items())
+            for i, msg in enumerate(answers)}
+
+
+def log_declines(server_round: int, what: str, declined: list[dict]) -> None:
+    """`fedssl | site X declines round r: <reason>` for each decline (its privacy budget, its policy)."""
+    for entry in declined:
+        who = f"site {entry['site']}" if entry["site"] else f"node {entry['node_id']}"
+        log(INFO, "fedssl | %s declines %s %d: %s", who, what, server_round, entry["reason"])
 
 
 def error_hint(replies: list[Message]) -> str:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-from fedssl.protocol import reply_site
+from fedssl.protocol import reason_site, reply_site
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,8 @@ def metric_keys(msg: Message) -> frozenset[str]:
 
 
 def node_sites(replies: list[Message], sites: Sequence[str]) -> dict[int, str]:
-    """{node id: site} of the well-formed replies that name a valid site: an error reply carries no
-    metrics, so its node is named by what it sent in an earlier round."""
-    named = {msg.metadata.src_node_id: reply_site(reply_metrics(msg), sites) for msg in replies}
+    """{node id: site} of the replies that name a valid site: a well-formed reply by its metrics'
+    `site-index`, an error reply (no metrics) by its reason (`fedssl.protocol.site_reason`)."""
+    named = {msg.metadata.src_node_id: reason_site(msg.error.reason, sites)[0] if msg.has_error()
+             else reply_site(reply_metrics(msg), sites) for msg in replies}
     return {node: site for node, site in named.items() if site is not None}

@@ -37,6 +37,7 @@ from fedssl.data.synthetic import write_synthetic_site
 from fedssl.data.windows import STANDARD_LEADS, RecordInfo, WindowSet
 from fedssl.export import export_run
 from fedssl.objectives import build_objective
+from fedssl.sitefile import SiteFile, save_site_file
 from ops.bundle import stage_app
 from ops.deploy import FAST_POLLING_ENV, Certificates, NodeKey, make_node_key
 from ops.processes import TOKEN_VARIABLE, free_port, marked_processes, pid_alive, stop_pids, terminate
@@ -346,14 +347,25 @@ class InProcessGrid(Grid):
     Flower's simulation engine spends ~40 s starting its processes (SuperLink, SuperExec, Ray) for
     a federation of seconds. On this grid the same ServerApp and ClientApp exchange the same
     Messages, each carried both ways as Flower carries it (`over_the_wire`), and each node keeps one
-    Context for the run as a simulated SuperNode does (node config `partition-id`, `num-partitions`).
+    Context for the run as a simulated SuperNode does (node config `partition-id`, `num-partitions`),
+    or, for the partitions in `site_files`, as a deployed one does (node config `site-file` only).
+    The ClientApps' run config has no `scenario`: a site knows the run from the plan in its messages.
     `sent` and `replies` hold every Message as its receiver got it. With `kill_server_at` the
     ServerApp dies (ServerKilled) as it sends that round's training instructions.
     """
 
-    def __init__(self, run_config: dict, num_sites: int, kill_server_at: int | None = None) -> None:
-        self.contexts = {node: Context(run_id=1, node_id=node, state=RecordDict(), run_config=run_config,
-                                       node_config={"partition-id": node - FIRST_NODE_ID, "num-partitions": num_sites})
+    def __init__(self, run_config: dict, num_sites: int, kill_server_at: int | None = None,
+                 site_files: dict[int, Path] | None = None) -> None:
+        site_run_config = {k: v for k, v in run_config.items() if k != "scenario"}
+        site_files = site_files or {}
+
+        def node_config(partition: int) -> dict:
+            if partition in site_files:
+                return {"site-file": str(site_files[partition])}
+            return {"partition-id": partition, "num-partitions": num_sites}
+
+        self.contexts = {node: Context(run_id=1, node_id=node, state=RecordDict(), run_config=site_run_config,
+                                       node_config=node_config(node - FIRST_NODE_ID))
                          for node in range(FIRST_NODE_ID, FIRST_NODE_ID + num_sites)}
         self.kill_server_at = kill_server_at
         self.sent: list[Message] = []
@@ -401,11 +413,13 @@ class InProcessGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
-def serve(scenario: Path, run_dir: Path, *, resume: bool = False, kill_server_at: int | None = None) -> InProcessGrid:
+def serve(scenario: Path, run_dir: Path, *, resume: bool = False, kill_server_at: int | None = None,
+          site_files: dict[int, Path] | None = None) -> InProcessGrid:
     """Run the real ServerApp (`server.app.app`) to its end over an InProcessGrid of the scenario's
-    sites, writing its run folder `run_dir`; the grid, with every message it carried."""
+    sites (the i-th from its site file `site_files[i]` if given), writing its run folder `run_dir`;
+    the grid, with every message it carried."""
     run_config = {"scenario": str(scenario), "run-dir": str(run_dir), "resume": resume}
-    grid = InProcessGrid(run_config, len(load_scenario(scenario).sites), kill_server_at)
+    grid = InProcessGrid(run_config, len(load_scenario(scenario).sites), kill_server_at, site_files)
     with pytest.MonkeyPatch.context() as patch:
         stamp_messages_as_run_one(patch)
         server_app(grid, Context(run_id=1, node_id=0, state=RecordDict(), node_config={}, run_config=run_config))
@@ -573,18 +587,19 @@ class Deployment:
         assert result.returncode == 0, result.stdout
         return int(flwr_json(result)["node-id"])
 
-    def supernode(self, *extra: str, key: Path | None, site: str, cwd: Path, node_config: str = "") -> list[str]:
-        """A `flower-supernode` command for `site`, with its window cache and state under `cwd`."""
+    def supernode(self, *extra: str, key: Path | None, site: str, cwd: Path) -> list[str]:
+        """A `flower-supernode` command for `site`, with its site file, records, window cache and
+        state under `cwd`."""
+        site_file = save_site_file(SiteFile(site=site, records=str(cwd / "records"), work=str(cwd / "cache"),
+                                            state=str(cwd / "state")), cwd / "site.yaml")
         command = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
                    "--port", str(free_port()), "--host", "127.0.0.1", *extra, "--node-config",
-                   f"site='{site}' data-folder='{cwd / 'cache'}' state-folder='{cwd / 'state'}' {node_config}".strip()]
+                   f"site-file='{site_file}'"]
         return command + (["--auth-supernode-private-key", str(key)] if key else [])
 
-    def start_hospital(self, site: str, key: NodeKey, home: Path, ca_cert: Path, node_config: str = "",
-                       **env: str) -> subprocess.Popen:
-        """The SuperNode of the hospital at `home` (its own FLWR_HOME, cache and state folder)."""
-        command = self.supernode("--root-certificates", str(ca_cert), key=key.private_key, site=site, cwd=home,
-                                 node_config=node_config)
+    def start_hospital(self, site: str, key: NodeKey, home: Path, ca_cert: Path, **env: str) -> subprocess.Popen:
+        """The SuperNode of the hospital at `home` (its own FLWR_HOME, records, cache and state folder)."""
+        command = self.supernode("--root-certificates", str(ca_cert), key=key.private_key, site=site, cwd=home)
         return self.start(f"supernode-{site}", command, cwd=home, FLWR_HOME=str(home / "flwr-home"), **env)
 
     def submit(self, name: str, run_config: dict) -> subprocess.Popen:

@@ -8,8 +8,8 @@
    with the other two (`min_sites: 2`) on the error reply Flower gives for a node that stopped
    sending heartbeats, not at `round_timeout`; the node is restarted after round 2 (same key, same
    state folder) and rejoins round 3 with its heads and privacy ledger. cardiology_c trains with
-   DP-SGD, and its records are found through the node config `records-folder` only (the
-   scenario's folder for it does not exist).
+   DP-SGD, and its records are found through its site file only (the scenario's folder for it
+   does not exist).
 3. Resume after the SuperLink is killed: after round 2's checkpoint the test SIGKILLs the SuperLink
    and the ServerApp, starts the SuperLink again on the same state database (the SuperNodes
    reconnect by themselves) and submits the run again with `resume = true`: round 3 runs, and the
@@ -36,15 +36,16 @@ import uuid
 from pathlib import Path
 
 import pytest
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
-from client.site_round import site_windows
+from client.site_round import node_of, site_windows
 from fedssl.config import FederationConfig, SiteConfig, SyntheticSiteConfig, load_scenario
 from fedssl.data.site import SiteDataError, load_site
 from fedssl.data.synthetic import write_synthetic_site
 from fedssl.privacy import LEDGER_FILE
 from fedssl.runfolder import RoundRecord, RunFolder
+from fedssl.sitefile import SiteFile, save_site_file
 from ops.deploy import make_certificates
 from ops.processes import marked_processes, send_signal
 from server.checkpoint import ServerCheckpoint
@@ -75,7 +76,7 @@ FAULTY = f"{{min_sites: 2, rounds: {ROUNDS}, strategy: fedadam, round_timeout: {
 # run from hanging the suite (app start-up is not bounded by any setting: a few minutes' margin)
 MARGIN = 300
 FAULTY_LIMIT = FederationConfig().connect_timeout + ROUNDS * ROUND_TIMEOUT + MARGIN
-KILLED = SITES[2]  # cardiology_c: killed mid-round, DP-SGD, records found via `records-folder`
+KILLED = SITES[2]  # cardiology_c: killed mid-round, DP-SGD, records found via its site file
 DP = "\n    privacy: {enabled: true, target_epsilon: 100.0, noise_multiplier: 1.0}"
 TAG = "FEDSSL_FAULT_TAG"  # marks one process tree (a hospital's, the coordinator's) to kill it alone
 
@@ -113,7 +114,7 @@ def faults(tmp_path_factory):
     certs = make_certificates(root / "coordinator" / "certs")
     keys, scenario = hospitals(root, SCENARIO)
     text = scenario.read_text()
-    # cardiology_c: DP-SGD; its records only through its node config (the scenario's path is elsewhere)
+    # cardiology_c: DP-SGD; its records only through its site file (the scenario's path is elsewhere)
     records = root / "hospitals" / KILLED / "records"
     text = text.replace(f"folder: {records}", f"folder: /nonexistent/{KILLED}/records{DP}")
     paths = {}
@@ -131,8 +132,7 @@ def faults(tmp_path_factory):
     coordinator, killed = uuid.uuid4().hex, uuid.uuid4().hex
 
     def start_killed_site():
-        return d.start_hospital(KILLED, keys[KILLED], homes[KILLED], certs.ca_cert,
-                                node_config=f"records-folder='{records}'", **{TAG: killed})
+        return d.start_hospital(KILLED, keys[KILLED], homes[KILLED], certs.ca_cert, **{TAG: killed})
 
     try:
         d.start_superlink(certs, database, **{TAG: coordinator})
@@ -250,17 +250,16 @@ def test_round_messages_expire_with_the_round(flower_messages):
     assert grid.pushed[0].metadata.ttl == 25  # not Flower's 12 h: a node back later never trains on it
 
 
-def test_records_folder_replaces_the_scenario_folder(tmp_path):
+def test_site_file_records_replace_the_scenario_folder(tmp_path):
     write_synthetic_site(tmp_path / "here", SyntheticSiteConfig(records=3, sample_rate=250, duration_seconds=4.0),
                          seed=1)
     (tmp_path / "s.yaml").write_text(SCENARIO.format(sites="  - name: remote\n    folder: /nonexistent/remote")
                                      .replace("FEDERATION", "{min_sites: 1}"))
     scenario = load_scenario(tmp_path / "s.yaml")
-    context = Context(run_id=1, node_id=1, state=RecordDict(), run_config={"run-dir": str(tmp_path / "run")},
-                      node_config={"site": "remote", "records-folder": str(tmp_path / "here"),
-                                   "data-folder": str(tmp_path / "cache")})
-    windows = site_windows(scenario, scenario.sites[0], context)
+    site_file = save_site_file(SiteFile(site="remote", records=str(tmp_path / "here"), work=str(tmp_path / "cache"),
+                                        state=str(tmp_path / "state")), tmp_path / "site.yaml")
+    windows = site_windows(scenario, node_of(scenario, {"site-file": str(site_file)}, {}))
     assert len(windows.records) == 3 and len(windows) > 0
-    del context.node_config["records-folder"]
+    simulated = node_of(scenario, {"partition-id": 0, "num-partitions": 1}, {"run-dir": str(tmp_path / "run")})
     with pytest.raises(SiteDataError, match="/nonexistent/remote does not exist"):
-        site_windows(scenario, scenario.sites[0], context)
+        site_windows(scenario, simulated)

@@ -15,12 +15,13 @@ import math
 
 import pytest
 import torch
-from client.site_round import round_seed, which_site
+from client.site_round import node_of, round_seed
 from client.state import HEADS_FILE
 from fedssl.config import ConfigError, FederationConfig, load_scenario
 from fedssl.federated import shared_state
 from fedssl.objectives import build_objective
 from fedssl.runfolder import RunFolder
+from fedssl.sitefile import SiteFile, save_site_file
 from ops.processes import pid_alive
 from server.strategy import STRATEGIES, make_strategy
 from simulations.run import run_scenario
@@ -114,10 +115,17 @@ def test_unknown_strategy_is_a_clear_error(tmp_path):
 
 def test_site_of_a_node(tmp_path):
     scenario = load_scenario_text(tmp_path)
-    assert which_site(scenario, {"partition-id": 1, "num-partitions": 2}).name == "south"
-    assert which_site(scenario, {"site": "north"}).name == "north"
+    simulated = node_of(scenario, {"partition-id": 1, "num-partitions": 2}, {"run-dir": str(tmp_path / "run")})
+    assert simulated.site.name == "south" and simulated.policy is None
+    assert simulated.state == tmp_path / "run" / "sites" / "south" and simulated.work == tmp_path / "run" / "data"
+    site_file = save_site_file(SiteFile(site="north", records="records", work="work", state="state"), tmp_path / "s.yaml")
+    deployed = node_of(scenario, {"site-file": str(site_file)}, {})
+    assert deployed.site.name == "north" and deployed.site.folder == str(tmp_path / "records")
+    assert deployed.site.synthetic is None and deployed.state == tmp_path / "state" and deployed.policy is not None
     with pytest.raises(ConfigError, match="num-supernodes"):
-        which_site(scenario, {"partition-id": 0, "num-partitions": 3})
+        node_of(scenario, {"partition-id": 0, "num-partitions": 3}, {"run-dir": str(tmp_path / "run")})
+    with pytest.raises(ConfigError, match="neither 'site-file' nor 'partition-id'"):
+        node_of(scenario, {"site": "north"}, {})  # the old key is not read
     assert round_seed(3, 1, "north") == round_seed(3, 1, "north") != round_seed(3, 2, "north")
 
 

@@ -27,7 +27,12 @@ FORBIDDEN = {
                     "fedssl.evaluate", "fedssl.baselines", "fedssl.report", "fedssl.export", "fedssl.cli"},
     "fedssl.objectives": {"fedssl.train", "fedssl.federated", "fedssl.privacy", "fedssl.evaluate",
                           "fedssl.baselines", "fedssl.report", "fedssl.export", "fedssl.cli"},
+    # a site's own records, read and written by `fedssl node` where no training runs
+    "client.audit": {"flwr", "torch"},
+    "client.approval": {"flwr", "torch"},
 }
+# what `fedssl node` (status, approve) imports: it must load neither Flower nor torch
+SITE_TOOLS = ("client.audit", "client.approval", "fedssl.plan", "fedssl.sitefile")
 
 
 def imports(source: str) -> list[tuple[str, bool, int]]:
@@ -103,6 +108,8 @@ def test_test_modules_do_not_import_each_other():
     ("ops/coordinator.py", "def f():\n    from server.strategy import check_federation\n", ["ops imports server.strategy"]),
     ("ops/coordinator.py", "import flwr\n", ["ops imports flwr"]),
     ("simulations/run.py", "import flwr\nfrom server.app import check_federation\n", []),
+    ("client/audit.py", "def f():\n    import torch\n", ["client.audit imports torch inside"]),
+    ("client/site_round.py", "import torch\n", []),
 ])
 def test_the_rules_catch_what_they_forbid(path, source, expected):
     found = violations(ROOT / path, source)
@@ -125,4 +132,14 @@ def test_fedssl_and_the_dashboard_load_no_flower():
     anything they import."""
     out = subprocess.run([sys.executable, "-c", CHECK, "fedssl", "dashboard"], capture_output=True, text=True,
                          check=True, timeout=120, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_site_tools_load_neither_flower_nor_torch():
+    """`fedssl node status` and `approve` read a site's audit log and plans on a machine at rest:
+    importing what they use loads no Flower and no torch, directly or through anything it imports."""
+    check = ("import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"
+             "print(sorted({name.split('.')[0] for name in sys.modules} & {'flwr', 'torch'}))")
+    out = subprocess.run([sys.executable, "-c", check, *SITE_TOOLS], capture_output=True, text=True, check=True,
+                         timeout=120, cwd=ROOT)
     assert out.stdout.strip() == "[]"

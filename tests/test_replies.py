@@ -7,6 +7,7 @@ replies are checked as the server received them, after Flower's serialisation.
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -15,9 +16,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, Re
 from flwr.serverapp.strategy import FedAvg
 
 from client.app import app as client_app
+from client.audit import read_audit
 from fedssl.config import load_scenario
 from fedssl.federated import shared_state
 from fedssl.objectives import build_objective
+from fedssl.plan import Plan
+from fedssl.protocol import PLAN_KEY
 from fedssl.runfolder import RunFolder
 from tests.conftest import TINY, NodeGrid, serve
 
@@ -87,9 +91,14 @@ def test_an_error_reply_names_the_kind_of_failure_but_no_path(tmp_path, flower_m
     scenario = load_scenario(tmp_path / "scenario.yaml")
     initial = shared_state(build_objective(scenario), scenario.federation.share)
     strategy = FedAvg(fraction_evaluate=0.0)
-    (msg, *_) = strategy.configure_train(1, ArrayRecord(initial), ConfigRecord({"num-rounds": 1}), NodeGrid(NODES))
+    config = ConfigRecord({"num-rounds": 1, PLAN_KEY: Plan.of(scenario).text})
+    (msg, *_) = strategy.configure_train(1, ArrayRecord(initial), config, NodeGrid(NODES))
     reply = client_app(msg, Context(run_id=1, node_id=21, state=RecordDict(),
                                     node_config={"partition-id": 0, "num-partitions": 2},
-                                    run_config={"scenario": str(tmp_path / "scenario.yaml"), "run-dir": str(tmp_path / "run")}))
+                                    run_config={"run-dir": str(tmp_path / "run")}))
     assert reply.has_error()
-    assert "SiteDataError" in reply.error.reason and "patient-0042" not in reply.error.reason
+    assert reply.error.reason == "site north: SiteDataError (details in the site's log)"
+    # the site's own audit log says the same, and no more
+    (entry,) = read_audit(tmp_path / "run" / "sites" / "north")
+    assert (entry["outcome"], entry["reason"], entry["sent"]) == ("failed", "SiteDataError (details in the site's log)", None)
+    assert "patient-0042" not in json.dumps(entry)

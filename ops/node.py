@@ -35,7 +35,7 @@ from rich.table import Table
 from client.approval import approve, pending_plans
 from client.audit import read_audit
 from fedssl.config import ConfigError, DataConfig
-from fedssl.data.site import check_site, site_cache
+from fedssl.data.site import check_site
 from fedssl.plan import Plan
 from fedssl.sitefile import SiteFile, load_site_file
 from ops.deploy import (BIN, FAST_POLLING_ENV, OFFLINE_ENV, check_ca_certificate, check_host, check_node_key,
@@ -43,6 +43,7 @@ from ops.deploy import (BIN, FAST_POLLING_ENV, OFFLINE_ENV, check_ca_certificate
 from ops.processes import Supervisor
 
 WORKER_SOCKET = "worker.sock"  # in the state folder
+CHECK_CACHE = "check"  # in the work folder: the windows of the start's data check
 FLWR_HOME = "flwr-home"  # in the state folder: where the SuperNode unpacks the apps it runs
 FLOWER_EXIT = re.compile(r"Exit Code: (\d+)")  # how Flower names why it exits (its status is only 1)
 
@@ -85,8 +86,9 @@ def check_node(site: SiteFile) -> Iterator[str]:
     yield f"CA certificate {site.ca_certificate}: {check_ca_certificate(site.ca_certificate)}"
     yield check_superlink_tls(site.superlink, site.ca_certificate)
     labels = Path(site.labels_csv) if site.labels_csv else None
-    # built where the site's rounds look for its windows: a plan with the default data settings finds them
-    _, summary = check_site(Path(site.records), DataConfig(), site_cache(Path(site.work), site.site), labels)
+    # with the default data settings, in a cache of its own: the rounds' cache, built with the plan's
+    # settings, is never replaced by a restart, and a restart reads this one back in seconds
+    _, summary = check_site(Path(site.records), DataConfig(), Path(site.work) / CHECK_CACHE, labels)
     yield f"data: {summary}"
 
 

@@ -50,7 +50,7 @@ def load_site(site: SiteConfig, data: DataConfig, workdir: Path, seed: int) -> W
     """
     workdir = Path(workdir)
     # the site's paths, refused unless they are its own folders inside the workdir
-    cache = site_cache(workdir, site.name)
+    cache = inside(workdir / "cache", site.name)
     lock = inside(workdir / "cache", f".{site.name}.lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     with lock.open("w") as handle:
@@ -62,11 +62,6 @@ def load_site(site: SiteConfig, data: DataConfig, workdir: Path, seed: int) -> W
             folder = Path(site.folder)
         labels_csv = Path(site.labels_csv) if site.labels_csv else None
         return build_site(folder, data, cache, labels_csv)
-
-
-def site_cache(workdir: Path, name: str) -> Path:
-    """Where `load_site` keeps site `name`'s windows and data report under `workdir`."""
-    return inside(Path(workdir) / "cache", name)
 
 
 def seed_for(name: str, seed: int) -> int:
@@ -122,7 +117,7 @@ def build_site(folder: Path, cfg: DataConfig, cache_dir: Path, labels_csv: Path 
 
 def check_site(folder: Path, cfg: DataConfig, cache_dir: Path, labels_csv: Path | None = None) -> tuple[dict, str]:
     """What `fedssl check-site` and `fedssl node` report before any training: the site's windows
-    built into `cache_dir` (where a round then finds them), the data report and a one-line summary."""
+    built into `cache_dir`, the data report and a one-line summary."""
     windows = build_site(folder, cfg, cache_dir, labels_csv)
     report = json.loads((cache_dir / "report.json").read_text())
     return report, (f"{len(windows)} windows of {windows.window_samples} samples from {len(windows.records)} "

@@ -10,13 +10,11 @@ import dataclasses
 import functools
 import json
 import os
-import ssl
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 import wfdb
+import yaml
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
@@ -37,9 +36,8 @@ from fedssl.data.synthetic import write_synthetic_site
 from fedssl.data.windows import STANDARD_LEADS, RecordInfo, WindowSet
 from fedssl.export import export_run
 from fedssl.objectives import build_objective
-from fedssl.sitefile import SiteFile, save_site_file
-from ops.bundle import stage_app
-from ops.deploy import FAST_POLLING_ENV, Certificates, NodeKey, make_node_key
+from ops.coordinator import flwr, load_coordinator_file
+from ops.deploy import OFFLINE_ENV, superlink_unavailable
 from ops.processes import TOKEN_VARIABLE, free_port, marked_processes, pid_alive, stop_pids, terminate
 from server.app import app as server_app
 
@@ -491,39 +489,49 @@ def finished_run(finished_federation) -> Path:
 SITES = ("hospital_a", "clinic_b", "cardiology_c")
 
 
-CONNECTION = "fedssl-deploy"
-
-
 STOP_LIMIT = 60  # s a stop may take before a process still running counts as left behind
 
 
 BIN = Path(sys.executable).parent
 
 
+def fedssl_command(*argv: object) -> list[str]:
+    """The command line of this installation's `fedssl argv`."""
+    return [str(BIN / "fedssl"), *map(str, argv)]
+
+
 class Deployment:
-    """The processes of one loopback deployment; all carry `FEDSSL_FLOWER_RUN=<token>`."""
+    """The processes of one loopback deployment run with fedssl's commands; all carry
+    `FEDSSL_FLOWER_RUN=<token>`. The coordinator's folder is `root/coordinator` (its
+    coordinator.yaml names this deployment's port and the certificates in `certs/`)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.token = uuid.uuid4().hex
         self.port = free_port()
+        self.superlink = f"127.0.0.1:{self.port}"
+        self.coordinator = root / "coordinator"
+        self.ca = self.coordinator / "certs" / "ca.crt"
         self.logs = root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.processes: list[subprocess.Popen] = []
         self.seen: set[int] = set()
         self.env = {
             **os.environ,
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # SuperExec is found via PATH
-            "FLWR_HOME": str(root / "flwr-home"),
             TOKEN_VARIABLE: self.token,
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            **FAST_POLLING_ENV,  # as `fedssl certs` tells a deployment to start its SuperLink and SuperNodes
+            **OFFLINE_ENV,
+            "FLWR_HOME": str(root / "flwr-home"),  # for a raw Flower command; fedssl's commands set their own
             "PYTHONUNBUFFERED": "1",
             "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
         }
         self.env.pop("RAY_ADDRESS", None)
+
+    def coordinator_file(self) -> Path:
+        """`root/coordinator/coordinator.yaml`: the SuperLink on this deployment's loopback port."""
+        path = self.coordinator / "coordinator.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"host: 127.0.0.1\nport: {self.port}\ncertificates: certs\n")
+        return path
 
     def start(self, name: str, command: list[str], cwd: Path | None = None, **env: str) -> subprocess.Popen:
         with (self.logs / f"{name}.log").open("ab") as log:
@@ -547,77 +555,25 @@ class Deployment:
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text(errors="replace")
 
-    def flwr(self, name: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return self.run(name, [str(BIN / "flwr"), *args], timeout)
-
     def watch(self) -> None:
         self.seen |= set(marked_processes(self.token))
 
-    def configure_cli(self, ca_cert: Path) -> None:
-        """The `flwr` CLI's connection (FLWR_HOME/config.toml) to this deployment's SuperLink."""
-        (self.root / "flwr-home").mkdir(exist_ok=True)
-        (self.root / "flwr-home" / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{ca_cert}"\n')
-
-    def start_superlink(self, certs: Certificates, database: Path, **env: str) -> subprocess.Popen:
-        """`flower-superlink` with TLS, node authentication and a state database; waits until healthy."""
-        superlink = self.start("superlink", [
-            str(BIN / "flower-superlink"),
-            "--ssl-ca-certfile", str(certs.ca_cert),
-            "--ssl-certfile", str(certs.server_cert),
-            "--ssl-keyfile", str(certs.server_key),
-            "--enable-supernode-auth",
-            "--database", str(database),
-            "--disable-runtime-dependency-installation",
-            "--host", "127.0.0.1", "--port", str(self.port),
-        ], cwd=database.parent, **env)
-        deadline = time.monotonic() + 60
-        while not superlink_healthy(self.port, certs.ca_cert):
-            assert superlink.poll() is None, self.log("superlink")
-            assert time.monotonic() < deadline, "SuperLink not healthy within 60 s\n" + self.log("superlink")
-            time.sleep(0.3)
+    def start_coordinator(self, command: list[str], **env: str) -> subprocess.Popen:
+        """`command` (a `fedssl coordinator`) in the coordinator's folder, once its SuperLink answers."""
+        process = self.start("coordinator", command, cwd=self.coordinator, **env)
+        wait_for(lambda: superlink_unavailable(self.superlink, self.ca, timeout=1) is None, "the SuperLink", 120,
+                 [process])
         self.watch()
-        return superlink
+        return process
 
-    def register(self, site: str, key: NodeKey) -> int:
-        """`flwr supernode register <site>.key.pub --name <site>`; the node id."""
-        result = self.flwr(f"register-{site}", "supernode", "register", str(key.public_key), CONNECTION,
-                           "--name", site, "--format", "json")
-        assert result.returncode == 0, result.stdout
-        return int(flwr_json(result)["node-id"])
-
-    def supernode(self, *extra: str, key: Path | None, site: str, cwd: Path) -> list[str]:
-        """A `flower-supernode` command for `site`, with its site file, records, window cache and
-        state under `cwd`."""
-        site_file = save_site_file(SiteFile(site=site, records=str(cwd / "records"), work=str(cwd / "cache"),
-                                            state=str(cwd / "state")), cwd / "site.yaml")
-        command = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
-                   "--port", str(free_port()), "--host", "127.0.0.1", *extra, "--node-config",
-                   f"site-file='{site_file}'"]
-        return command + (["--auth-supernode-private-key", str(key)] if key else [])
-
-    def start_hospital(self, site: str, key: NodeKey, home: Path, ca_cert: Path, **env: str) -> subprocess.Popen:
-        """The SuperNode of the hospital at `home` (its own FLWR_HOME, records, cache and state folder)."""
-        command = self.supernode("--root-certificates", str(ca_cert), key=key.private_key, site=site, cwd=home)
-        return self.start(f"supernode-{site}", command, cwd=home, FLWR_HOME=str(home / "flwr-home"), **env)
-
-    def submit(self, name: str, run_config: dict) -> subprocess.Popen:
-        """Start `flwr run --stream` of a staged copy of the app with `run_config` (logs/<name>.log)."""
-        app = self.root / "coordinator" / "app"
-        if not app.exists():
-            stage_app(app)
-        overrides = self.root / "coordinator" / f"{name}.toml"
-        overrides.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in run_config.items()))
-        return self.start(name, [str(BIN / "flwr"), "run", str(app), CONNECTION, "--stream",
-                                 "--run-config", str(overrides)])
-
-    def flwr_run(self, name: str, run_config: dict, timeout: float) -> subprocess.CompletedProcess:
-        """`flwr run` to its end (killed at `timeout`)."""
-        return self.finish(name, self.submit(name, run_config), timeout)
+    def online(self) -> int:
+        """How many SuperNodes the SuperLink counts online."""
+        nodes = flwr(load_coordinator_file(self.coordinator / "coordinator.yaml"), "supernode", "ls",
+                     environ=self.env)["nodes"]
+        return sum(n["status"] == "online" for n in nodes)
 
     def stop(self) -> list[int]:
-        """Stop every process by pid (SuperNodes first, then the SuperLink); return survivors.
+        """Stop every process by pid (the last started first: nodes before the coordinator); return survivors.
 
         Survivors are the processes still running after `STOP_LIMIT` s of stopping that carry
         the deployment's mark or that it started: not every pid in `seen`, which by then may be
@@ -627,7 +583,7 @@ class Deployment:
         self.watch()
         for process in reversed(self.processes):
             if process.poll() is None:
-                terminate(process, grace=15)
+                terminate(process, grace=30)
         deadline = time.monotonic() + STOP_LIMIT
         while (left := self.running()) and time.monotonic() < deadline:
             self.seen |= set(left)
@@ -640,30 +596,29 @@ class Deployment:
         return sorted(marked | {p.pid for p in self.processes if p.poll() is None})
 
 
-def hospitals(root: Path, scenario_text: str) -> tuple[dict[str, NodeKey], Path]:
-    """Each site's key pair and WFDB folder under root/hospitals/<site>; the scenario naming them."""
-    keys, sites = {}, []
-    for index, site in enumerate(SITES):
-        home = root / "hospitals" / site
-        keys[site] = make_node_key(home / "keys", site)
-        write_synthetic_site(home / "records", SyntheticSiteConfig(records=6, sample_rate=250 * (index + 1),
-                                                                   duration_seconds=4.0), seed=index)
-        sites.append(f"  - name: {site}\n    folder: {home / 'records'}")
-    scenario_path = root / "coordinator" / "scenario.yaml"
-    scenario_path.parent.mkdir(parents=True, exist_ok=True)
-    scenario_path.write_text(scenario_text.format(sites="\n".join(sites)))
-    return keys, scenario_path
+def hospital_records(home: Path, seed: int) -> None:
+    """Six 10-s WFDB records in `home/records`, as a 12-lead cart writes them (`fedssl node` checks
+    a site's records with the default 10-s windows before it starts)."""
+    write_synthetic_site(home / "records", SyntheticSiteConfig(records=6, sample_rate=250 * (1 + seed % 3),
+                                                               duration_seconds=10.0), seed=seed)
 
 
-def superlink_healthy(port: int, ca: Path) -> bool:
-    context = ssl.create_default_context(cafile=str(ca))
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context))
-    try:
-        with opener.open(f"https://127.0.0.1:{port}/health", timeout=1) as response:
-            return response.status == 200
-    except OSError:
-        return False
+def write_site_file(home: Path, site: str, superlink: str, ca: Path, **changes) -> Path:
+    """`home/site.yaml` of a hospital whose records, work and state folders and key are under
+    `home` (`changes` replace or add values, e.g. a policy); its path."""
+    values = {"site": site, "records": "records", "work": "work", "state": "state", "superlink": superlink,
+              "ca_certificate": str(ca), "node_key": f"keys/{site}.key", "port": free_port(), "worker": False,
+              **changes}
+    (home / "site.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+    return home / "site.yaml"
 
 
-def flwr_json(result: subprocess.CompletedProcess) -> dict:
-    return json.loads(result.stdout[result.stdout.index("{"):])
+def wait_for(condition: Callable[[], bool], what: str, limit: float, alive: Iterable[subprocess.Popen] = ()) -> float:
+    """Seconds until `condition()`, while the `alive` processes run; `limit` s only guards against a hang."""
+    started = time.monotonic()
+    while not condition():
+        for process in alive:
+            assert process.poll() is None, f"{process.args[:3]} exited while waiting for {what}"
+        assert time.monotonic() - started < limit, f"no {what} within {limit:.0f} s: hung"
+        time.sleep(0.5)
+    return time.monotonic() - started

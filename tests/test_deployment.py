@@ -42,14 +42,13 @@ from cryptography.x509.verification import VerificationError
 from client.approval import is_approved, request_approval
 from client.audit import read_audit
 from fedssl.cli import main
-from fedssl.config import SyntheticSiteConfig, load_scenario
-from fedssl.data.synthetic import write_synthetic_site
+from fedssl.config import load_scenario
 from fedssl.plan import Plan
 from fedssl.runfolder import RunFolder
-from ops.coordinator import flwr, load_coordinator_file
 from ops.deploy import make_certificates, make_node_key, verify_server_certificate
 from ops.processes import free_port
-from tests.conftest import BIN, SITES, Deployment, superlink_healthy
+from tests.conftest import (BIN, SITES, Deployment, fedssl_command, hospital_records, wait_for,
+                            write_site_file)
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNBOOK = ROOT / "docs" / "deployment.md"
@@ -82,22 +81,13 @@ RAN: list[list[str]] = []  # the arguments of every `fedssl` command this module
 def fedssl(*argv: object) -> list[str]:
     """The command line of `fedssl argv` (recorded: the runbook check below)."""
     RAN.append([str(a) for a in argv])
-    return [str(BIN / "fedssl"), *RAN[-1]]
+    return fedssl_command(*argv)
 
 
 def fedssl_here(*argv: object) -> int:
     """`fedssl argv` in this process (recorded); its exit code."""
     RAN.append([str(a) for a in argv])
     return main(RAN[-1])
-
-
-def site_file(home: Path, site: str, superlink: str, ca: Path, **changes) -> Path:
-    """`home/site.yaml` of a hospital whose records, work and state folders are under `home`."""
-    values = {"site": site, "records": "records", "work": "work", "state": "state", "superlink": superlink,
-              "ca_certificate": str(ca), "node_key": f"keys/{site}.key", "port": free_port(), "worker": False,
-              **changes}
-    (home / "site.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
-    return home / "site.yaml"
 
 
 # -- key material -------------------------------------------------------------------------------
@@ -176,9 +166,8 @@ def hospital(tmp_path):
     """A hospital's folder with records, a key, the coordinator's CA, and a site file for them."""
     certs = make_certificates(tmp_path / "certs")
     make_node_key(tmp_path / "keys", "hospital_a")
-    write_synthetic_site(tmp_path / "records", SyntheticSiteConfig(records=2, sample_rate=250, duration_seconds=4.0),
-                         seed=0)
-    return tmp_path, certs, site_file(tmp_path, "hospital_a", f"127.0.0.1:{free_port()}", certs.ca_cert)
+    hospital_records(tmp_path, seed=0)
+    return tmp_path, certs, write_site_file(tmp_path, "hospital_a", f"127.0.0.1:{free_port()}", certs.ca_cert)
 
 
 @pytest.mark.parametrize("problem, expected", [
@@ -236,22 +225,6 @@ def test_coordinator_commands_refuse_what_would_not_work_in_seconds(tmp_path, ca
 
 # -- a real federation on loopback ----------------------------------------------------------------
 
-def online(coordinator: Path, env: dict[str, str]) -> int:
-    nodes = flwr(load_coordinator_file(coordinator), "supernode", "ls", environ=env)["nodes"]
-    return sum(n["status"] == "online" for n in nodes)
-
-
-def wait_for(condition, what: str, limit: float, alive: list[subprocess.Popen] = ()) -> float:
-    """Seconds until `condition()`, while the `alive` processes run; `limit` s only guards a hang."""
-    started = time.monotonic()
-    while not condition():
-        for process in alive:
-            assert process.poll() is None, f"{process.args[:3]} exited while waiting for {what}"
-        assert time.monotonic() - started < limit, f"no {what} within {limit:.0f} s"
-        time.sleep(0.5)
-    return time.monotonic() - started
-
-
 def site_row(status: str, site: str) -> str:
     """The line of `fedssl status`'s sites table that names `site` ('' if none)."""
     return next((line for line in status.splitlines() if re.search(rf"│ {site}\s+│", line)), "")
@@ -262,31 +235,25 @@ def deployment(tmp_path_factory):
     root = tmp_path_factory.mktemp("deployment")
     started = time.monotonic()
     d = Deployment(root)
-    coordinator = root / "coordinator"
-    coordinator.mkdir()
+    coordinator = d.coordinator
     assert fedssl_here("certs", coordinator / "certs", "--host", "localhost") == 0
-    (coordinator / "coordinator.yaml").write_text(f"host: 127.0.0.1\nport: {d.port}\ncertificates: certs\n")
+    d.coordinator_file()
     (coordinator / "scenario.yaml").write_text(SCENARIO)
-    ca, superlink = coordinator / "certs" / "ca.crt", f"127.0.0.1:{d.port}"
     homes = {site: root / "hospitals" / site for site in (*SITES, "rogue", "approver")}
-    for index, (site, home) in enumerate(homes.items()):
+    for seed, (site, home) in enumerate(homes.items()):
         assert fedssl_here("node-key", home / "keys", "--site", site) == 0
-        # 10-s records, as a 12-lead cart writes them: `fedssl node` checks them with the default windows
-        write_synthetic_site(home / "records", SyntheticSiteConfig(records=6, sample_rate=250 * (1 + index % 3),
-                                                                   duration_seconds=10.0), seed=index)
+        hospital_records(home, seed)
         policy = {"policy": {"objectives": ["simclr"]}} if site == DECLINING else {}
-        site_file(home, site, superlink, ca, **policy)
+        write_site_file(home, site, d.superlink, d.ca, **policy)
     out: dict = {"root": root, "homes": homes, "coordinator": coordinator,
                  "run_dir": coordinator / "runs" / "deployment-test"}
     try:
-        d.start("coordinator", fedssl("coordinator", "coordinator.yaml"), cwd=coordinator)
-        wait_for(lambda: superlink_healthy(d.port, ca), "healthy SuperLink", 60, d.processes)
-        d.watch()
+        d.start_coordinator(fedssl("coordinator", "coordinator.yaml"))
 
         # refused alongside the run: a key the coordinator never registered, a plaintext SuperNode
         refused = {"rogue": d.start("rogue", fedssl("node", homes["rogue"] / "site.yaml"), cwd=homes["rogue"]),
                    "plaintext": d.start("plaintext", [str(BIN / "flower-supernode"), "--insecure", "--superlink",
-                                                      superlink, "--max-retries", "2", "--max-wait-time", "20",
+                                                      d.superlink, "--max-retries", "2", "--max-wait-time", "20",
                                                       "--host", "127.0.0.1", "--port", str(free_port())],
                                         FLWR_HOME=str(homes["rogue"] / "plaintext-flwr-home"))}
         registering = {site: d.start(f"register-{site}", fedssl("register", f"../hospitals/{site}/keys/{site}.key.pub",
@@ -295,8 +262,7 @@ def deployment(tmp_path_factory):
         nodes = {site: d.start(f"node-{site}", fedssl("node", "site.yaml"), cwd=homes[site]) for site in SITES}
         # a resume with nothing to resume is refused at once, while the nodes start
         out["resume"] = d.run("resume", fedssl("launch", "scenario.yaml", "--resume"), timeout=120, cwd=coordinator)
-        wait_for(lambda: online(coordinator / "coordinator.yaml", d.env) == 3, "3 nodes online", 180,
-                 list(nodes.values()))
+        wait_for(lambda: d.online() == 3, "3 nodes online", 180, nodes.values())
 
         launch = d.start("launch", fedssl("launch", "scenario.yaml"), cwd=coordinator)
         # meanwhile: the federation as the coordinator sees it once the ServerApp runs, and at a site

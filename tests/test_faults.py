@@ -1,19 +1,20 @@
-"""Faults of a real deployment on loopback (TLS, node authentication, three hospitals), one SuperLink:
+"""Faults of a real deployment on loopback (TLS, node authentication, three hospitals), run with
+fedssl's commands (`fedssl coordinator`, `fedssl register`, `fedssl node`, `fedssl launch`):
 
-1. Bounded wait: only two of the three registered SuperNodes run; a run needing all three
+1. Bounded wait: only two of the three registered nodes run; a run needing all three
    (`min_sites: 3`, `connect_timeout: 8`) fails by itself after the connect timeout, naming the
-   missing `cardiology_c`.
-2. A SuperNode killed mid-round: with the third hospital up, a three-round FedAdam run; right
-   after round 1 the test SIGKILLs cardiology_c's SuperNode and its app processes. Round 2 ends
+   missing `cardiology_c`, and `fedssl launch` says so and exits 1.
+2. A node killed mid-round: with the third hospital up, a three-round FedAdam run; right after
+   round 1 the test SIGKILLs cardiology_c's `fedssl node` and everything it started. Round 2 ends
    with the other two (`min_sites: 2`) on the error reply Flower gives for a node that stopped
-   sending heartbeats, not at `round_timeout`; the node is restarted after round 2 (same key, same
-   state folder) and rejoins round 3 with its heads and privacy ledger. cardiology_c trains with
-   DP-SGD, and its records are found through its site file only (the scenario's folder for it
-   does not exist).
-3. Resume after the SuperLink is killed: after round 2's checkpoint the test SIGKILLs the SuperLink
-   and the ServerApp, starts the SuperLink again on the same state database (the SuperNodes
-   reconnect by themselves) and submits the run again with `resume = true`: round 3 runs, and the
-   run ends at the configured three rounds with rounds 1-2 untouched.
+   sending heartbeats, not at `round_timeout`; `fedssl node` is started again after round 2 (same
+   site file: same key, same state folder) and the site rejoins round 3 with its heads and privacy
+   ledger. cardiology_c trains with DP-SGD. Every site's records are found through its site file
+   only (the scenario's folders do not exist).
+3. Resume after the coordinator is killed: after round 2's checkpoint the test SIGKILLs `fedssl
+   coordinator` with its SuperLink and ServerApp, starts it again (same state database: the nodes
+   reconnect by themselves) and runs `fedssl launch --resume`: round 3 runs, and the run ends at
+   the configured three rounds with rounds 1-2 untouched.
 
 The assertions are on what happened (rounds, replies, error codes, the server's own account of
 its wait), never on how long it took, so the machine's load cannot decide them. The one wait
@@ -46,11 +47,12 @@ from fedssl.data.synthetic import write_synthetic_site
 from fedssl.privacy import LEDGER_FILE
 from fedssl.runfolder import RoundRecord, RunFolder
 from fedssl.sitefile import SiteFile, save_site_file
-from ops.deploy import make_certificates
+from ops.deploy import make_certificates, make_node_key
 from ops.processes import marked_processes, send_signal
 from server.checkpoint import ServerCheckpoint
 from server.presence import PatientGrid
-from tests.conftest import CONNECTION, SITES, Deployment, flwr_json, hospitals
+from tests.conftest import (SITES, Deployment, fedssl_command, hospital_records, wait_for,
+                            write_site_file)
 
 SCENARIO = """
 name: faults-test
@@ -88,21 +90,6 @@ def _kill_tree(tag: str) -> list[int]:
     return pids
 
 
-def _wait_for(condition, what: str, alive=(), limit: float = FAULTY_LIMIT) -> None:
-    """Wait until `condition()` while the `alive` processes run; `limit` s only guards against a hang."""
-    deadline = time.monotonic() + limit
-    while not condition():
-        for process in alive:
-            assert process.poll() is None, f"{process.args[:2]} exited while waiting for {what}"
-        assert time.monotonic() < deadline, f"no {what} within {limit:.0f} s: hung"
-        time.sleep(0.2)
-
-
-def online_nodes(d: Deployment) -> int:
-    nodes = flwr_json(d.flwr("nodes", "supernode", "ls", CONNECTION, "--format", "json"))["nodes"]
-    return sum(n["status"] == "online" for n in nodes)
-
-
 def _rounds(run_dir: Path) -> list[RoundRecord]:
     return RunFolder(run_dir).rounds()
 
@@ -111,63 +98,66 @@ def _rounds(run_dir: Path) -> list[RoundRecord]:
 def faults(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     started = time.monotonic()
-    certs = make_certificates(root / "coordinator" / "certs")
-    keys, scenario = hospitals(root, SCENARIO)
-    text = scenario.read_text()
-    # cardiology_c: DP-SGD; its records only through its site file (the scenario's path is elsewhere)
-    records = root / "hospitals" / KILLED / "records"
-    text = text.replace(f"folder: {records}", f"folder: /nonexistent/{KILLED}/records{DP}")
+    d = Deployment(root)
+    make_certificates(d.coordinator / "certs")
+    d.coordinator_file()
+    homes = {site: root / "hospitals" / site for site in SITES}
+    # the sites' records only through their site files (the scenario's folders do not exist); cardiology_c: DP-SGD
+    sites = "\n".join(f"  - name: {site}\n    folder: /nonexistent/{site}/records{DP if site == KILLED else ''}"
+                      for site in SITES)
     paths = {}
     for name, federation in (("bounded", BOUNDED), ("faulty", FAULTY)):
-        paths[name] = root / "coordinator" / f"{name}.yaml"
-        paths[name].write_text(text.replace("FEDERATION", federation))
-    homes = {site: root / "hospitals" / site for site in SITES}
+        paths[name] = d.coordinator / f"{name}.yaml"
+        paths[name].write_text(SCENARIO.format(sites=sites).replace("FEDERATION", federation))
     data = load_scenario(paths["faulty"]).data
-    for site in SITES:  # each hospital checks its data beforehand (`fedssl check-site`): rounds find a warm cache
-        load_site(SiteConfig(site, folder=str(homes[site] / "records")), data, homes[site] / "cache", 0)
-    d = Deployment(root)
-    d.configure_cli(certs.ca_cert)
-    database = root / "coordinator" / "state.db"
-    out: dict = {"root": root, "homes": homes, "run_dir": root / "coordinator" / "run"}
+    for seed, (site, home) in enumerate(homes.items()):
+        make_node_key(home / "keys", site)
+        hospital_records(home, seed)
+        write_site_file(home, site, d.superlink, d.ca)
+        # the site's windows with the run's settings, built beforehand: rounds find a warm cache
+        load_site(SiteConfig(site, folder=str(home / "records")), data, home / "work", 0)
+    out: dict = {"root": root, "homes": homes, "run_dir": d.coordinator / "faulty"}
     coordinator, killed = uuid.uuid4().hex, uuid.uuid4().hex
 
-    def start_killed_site():
-        return d.start_hospital(KILLED, keys[KILLED], homes[KILLED], certs.ca_cert, **{TAG: killed})
+    def start_node(site: str, **env: str):
+        return d.start(f"node-{site}", fedssl_command("node", "site.yaml"), cwd=homes[site], **env)
+
+    def launch(log: str, scenario: str, *options: str):
+        """`fedssl launch` of the scenario into the coordinator's run folder of the same name."""
+        return d.start(log, fedssl_command("launch", paths[scenario], "--run-dir", scenario, *options),
+                       cwd=d.coordinator)
 
     try:
-        d.start_superlink(certs, database, **{TAG: coordinator})
-        for site in SITES:
-            d.register(site, keys[site])
-        for site in SITES[:2]:
-            d.start_hospital(site, keys[site], homes[site], certs.ca_cert)
+        d.start_coordinator(fedssl_command("coordinator", "coordinator.yaml"), **{TAG: coordinator})
+        registering = [d.start(f"register-{site}", fedssl_command("register", homes[site] / "keys" / f"{site}.key.pub",
+                                                                  "--site", site), cwd=d.coordinator) for site in SITES]
+        assert all(process.wait(timeout=120) == 0 for process in registering)
+        nodes = [start_node(site) for site in SITES[:2]]
+        wait_for(lambda: d.online() == 2, "2 nodes online", MARGIN, nodes)
 
         # 1. bounded wait: cardiology_c never connects
-        out["bounded"] = d.flwr_run("bounded", {"scenario": str(paths["bounded"]),
-                                                "run-dir": str(root / "coordinator" / "bounded")},
-                                    timeout=CONNECT_TIMEOUT + MARGIN)
-        out["bounded_ls"] = d.flwr("bounded-ls", "ls", CONNECTION, "--format", "json")
+        out["bounded"] = d.finish("bounded", launch("bounded", "bounded"), timeout=CONNECT_TIMEOUT + MARGIN)
 
         # 2. cardiology_c joins, then dies right after round 1 and comes back after round 2
         run_dir = out["run_dir"]
-        start_killed_site()
-        config = {"scenario": str(paths["faulty"]), "run-dir": str(run_dir)}
-        first = d.submit("faulty", config)
-        _wait_for(lambda: len(_rounds(run_dir)) >= 1, "round 1", alive=[first])
+        start_node(KILLED, **{TAG: killed})
+        first = launch("faulty", "faulty")
+        wait_for(lambda: len(_rounds(run_dir)) >= 1, "round 1", FAULTY_LIMIT, [first])
         out["killed_pids"] = _kill_tree(killed)
         out["ledger_before"] = json.loads((homes[KILLED] / "state" / LEDGER_FILE).read_text())
-        _wait_for(lambda: len(_rounds(run_dir)) >= 2, "round 2", alive=[first])
-        start_killed_site()  # same key, same state folder
+        wait_for(lambda: len(_rounds(run_dir)) >= 2, "round 2", FAULTY_LIMIT, [first])
+        start_node(KILLED)  # same site file: same key, same state folder
 
         # 3. the coordinator dies after round 2's checkpoint and is started again
-        _wait_for(lambda: ServerCheckpoint.load(run_dir).round >= 2, "round 2's checkpoint", alive=[first])
+        wait_for(lambda: ServerCheckpoint.load(run_dir).round >= 2, "round 2's checkpoint", FAULTY_LIMIT, [first])
         out["coordinator_pids"] = _kill_tree(coordinator)
         out["lines_before"] = _rounds(run_dir)
         out["checkpoint_before"] = ServerCheckpoint.load(run_dir)
-        out["first"] = d.finish("faulty", first, timeout=30)
-        d.start_superlink(certs, database, **{TAG: coordinator})
+        out["first"] = d.finish("faulty", first, timeout=60)
+        d.start_coordinator(fedssl_command("coordinator", "coordinator.yaml"), **{TAG: coordinator})
         # SuperNodes retry with a back-off of at most 20 s (flwr's MAX_RETRY_DELAY)
-        _wait_for(lambda: online_nodes(d) == 3, "the SuperNodes to reconnect", limit=MARGIN)
-        out["resumed"] = d.flwr_run("resumed", {**config, "resume": True}, timeout=FAULTY_LIMIT)
+        wait_for(lambda: d.online() == 3, "the nodes to reconnect", MARGIN)
+        out["resumed"] = d.finish("faulty-resumed", launch("faulty-resumed", "faulty", "--resume"), timeout=FAULTY_LIMIT)
     finally:
         out["survivors"] = d.stop()
         out["seconds"] = time.monotonic() - started
@@ -183,8 +173,7 @@ def test_too_few_sites_stop_the_run_naming_the_missing_one(faults):
     assert int(waited.group(1)) >= CONNECT_TIMEOUT  # it waited the configured time for the third site
     assert "fedssl | done:" not in log
     # the ServerApp ended the run by itself (a run cut off by the test's hang guard would be running)
-    runs = flwr_json(faults["bounded_ls"])["runs"]
-    assert [r["status"] for r in runs] == ["finished:failed"], runs
+    assert re.search(r"fedssl \| run \d+: finished:failed", log) and faults["bounded"].returncode == 1, log[-3000:]
 
 
 def test_round_completes_without_the_killed_node(faults):
@@ -216,7 +205,8 @@ def test_killed_node_rejoins_with_its_site_state(faults):
 
 def test_run_resumes_after_the_superlink_is_killed(faults):
     assert faults["coordinator_pids"]
-    assert "fedssl | done:" not in faults["first"].stdout  # the first submission died with its SuperLink
+    first = faults["first"]  # the first launch lost its SuperLink and never saw the run end
+    assert first.returncode != 0 and "fedssl | done:" not in first.stdout, first.stdout[-3000:]
     resumed = faults["resumed"].stdout
     assert faults["resumed"].returncode == 0, resumed[-3000:]
     assert "resuming after round 2 of 3" in resumed and "m_t, v_t" in resumed  # FedAdam's moments

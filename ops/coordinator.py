@@ -271,7 +271,7 @@ def launch(coordinator: CoordinatorFile, scenario: Path, run_dir: Path, *, resum
     run.launch_config.write_text(f"scenario = {json.dumps(str(scenario.resolve()))}\n"
                                  f"run-dir = {json.dumps(str(run.root))}\nresume = {str(resume).lower()}\n")
     command = [str(BIN / "flwr"), "run", str(app), CONNECTION, "--stream", "--run-config", str(run.launch_config)]
-    run_id = None
+    run_id, shown = None, StreamFilter(echo)
     with run.launch_log.open("a") as log, subprocess.Popen(
             command, env=environment(coordinator, environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1) as flwr_run:
@@ -281,10 +281,8 @@ def launch(coordinator: CoordinatorFile, scenario: Path, run_dir: Path, *, resum
                 run_id = int(words[0].split()[0])
                 record_launch(coordinator, run_id, run.root, scenario)
                 echo(f"{STREAM_MARK}run {run_id} submitted; run folder {run.root}")
-            elif STREAM_MARK in line:
-                echo(line[line.index(STREAM_MARK):].rstrip())
-            elif "ERROR :" in (plain := COLOUR.sub("", line)):  # why a run fails (the ServerApp's exception)
-                echo(plain.rstrip())
+            else:
+                shown(line)
     if run_id is None:
         last = [line for line in run.launch_log.read_text(errors="replace").splitlines() if line.strip()][-3:]
         raise RuntimeError(f"`flwr run` did not start the run: {' '.join(' '.join(last).split())} "
@@ -292,6 +290,28 @@ def launch(coordinator: CoordinatorFile, scenario: Path, run_dir: Path, *, resum
     state = run_state(coordinator, run_id, environ)
     echo(f"{STREAM_MARK}run {run_id}: {state}; run folder {run.root}")
     return 0 if state == COMPLETED else 1
+
+
+class StreamFilter:
+    """What `fedssl launch` shows of `flwr run --stream`'s output: the ServerApp's own `fedssl | ...`
+    lines, Flower's error lines and the last line of a traceback (the exception that ended the run,
+    e.g. the sites that were missing), never the rest."""
+
+    def __init__(self, echo) -> None:
+        self.echo = echo
+        self._in_traceback = False
+
+    def __call__(self, line: str) -> None:
+        plain = COLOUR.sub("", line).rstrip()
+        if STREAM_MARK in plain:
+            self.echo(plain[plain.index(STREAM_MARK):])
+        elif plain.startswith("Traceback (most recent call last)"):
+            self._in_traceback = True
+        elif self._in_traceback and plain and not plain.startswith(" "):  # the exception, after the frames
+            self._in_traceback = False
+            self.echo(plain)
+        elif "ERROR :" in plain:
+            self.echo(plain)
 
 
 def record_launch(coordinator: CoordinatorFile, run_id: int, run_dir: Path, scenario: Path) -> None:

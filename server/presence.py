@@ -56,7 +56,7 @@ def missing_sites_message(expected: Sequence[str], online: Sequence[tuple[int, s
         text += (f"; {len(unnamed)} online SuperNode(s) without a name (ids {', '.join(map(str, unnamed))}: "
                  "register each key with `fedssl register KEY.pub --site <site>` so that "
                  "missing sites can be named)")
-    return text + ". Check that their SuperNodes run, reach the SuperLink and are registered (`flwr supernode ls`)."
+    return text + ". Check that their nodes run, reach the SuperLink and are registered (`fedssl status`)."
 
 
 def utc_iso(seconds: float) -> str:

@@ -45,6 +45,7 @@ from fedssl.cli import main
 from fedssl.config import load_scenario
 from fedssl.plan import Plan
 from fedssl.runfolder import RunFolder
+from ops.coordinator import StreamFilter
 from ops.deploy import make_certificates, make_node_key, verify_server_certificate
 from ops.processes import free_port
 from tests.conftest import (BIN, SITES, Deployment, fedssl_command, hospital_records, wait_for,
@@ -221,6 +222,18 @@ def test_coordinator_commands_refuse_what_would_not_work_in_seconds(tmp_path, ca
     (tmp_path / "rsa.pub").write_text("ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQ fedssl-x\n")
     assert fedssl_here("register", tmp_path / "rsa.pub", "--site", "x", "--coordinator", coordinator) == 2
     assert "is not an OpenSSH public key" in capsys.readouterr().err
+
+
+def test_launch_shows_the_serverapps_lines_and_the_exception_that_ended_a_run():
+    shown: list[str] = []
+    stream = StreamFilter(shown.append)
+    for line in ["INFO :      [ROUND 1/2]", "\x1b[92mINFO \x1b[0m:      fedssl | round 1/2 | loss 2.69",
+                 "\x1b[91mERROR \x1b[0m:     ServerApp raised an exception", "Traceback (most recent call last):",
+                 '  File "server/presence.py", line 163, in get_node_ids', "    raise SitesMissing(...)",
+                 "server.presence.SitesMissing: only 2 of the 3 sites needed", "INFO :      Run finished"]:
+        stream(line + "\n")
+    assert shown == ["fedssl | round 1/2 | loss 2.69", "ERROR :     ServerApp raised an exception",
+                     "server.presence.SitesMissing: only 2 of the 3 sites needed"]
 
 
 # -- a real federation on loopback ----------------------------------------------------------------

@@ -205,9 +205,10 @@ def _node(args: argparse.Namespace) -> int:
         _print_tables(audit_table(site))
     elif len(rest) == 2:
         print(f"{site.site}: approved plan {approve_plan(site, rest[1])}; its rounds will train here")
+    elif (table := pending_table(site)) is not None:
+        _print_tables(table)
     else:
-        table = pending_table(site)
-        _print_tables(table) if table else print(f"{site.site}: no plan is waiting for approval")
+        print(f"{site.site}: no plan is waiting for approval")
     return 0
 
 

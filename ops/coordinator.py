@@ -41,8 +41,8 @@ from fedssl.config import ConfigError, check_name, from_dict
 from fedssl.runfolder import RoundRecord, RunFolder
 from fedssl.storage import atomic_write
 from ops.bundle import stage_app
-from ops.deploy import (BIN, FAST_POLLING_ENV, OFFLINE_ENV, check_ca_certificate, check_host,
-                        public_key_fingerprint, superlink_unavailable, verify_server_certificate)
+from ops.deploy import (BIN, check_ca_certificate, check_host, flower_environment, public_key_fingerprint,
+                        superlink_unavailable, verify_server_certificate)
 from ops.processes import COLOUR, Supervisor
 
 CONNECTION = "fedssl"  # the flwr CLI's name for this coordinator's SuperLink
@@ -133,10 +133,8 @@ def load_coordinator_file(path: str | Path) -> CoordinatorFile:
 
 
 def environment(coordinator: CoordinatorFile, environ: dict[str, str]) -> dict[str, str]:
-    """`environ` for Flower's commands: offline, fast polling, this installation's Flower first on
-    PATH (the SuperLink starts flower-superexec from it), the coordinator's own flwr CLI home."""
-    return {**environ, **OFFLINE_ENV, **FAST_POLLING_ENV, "FLWR_HOME": str(cli_home(coordinator)),
-            "PATH": f"{BIN}:{environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1"}
+    """`environ` for Flower's commands, with the coordinator's own flwr CLI home."""
+    return flower_environment(environ, cli_home(coordinator))
 
 
 def cli_home(coordinator: CoordinatorFile) -> Path:

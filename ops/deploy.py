@@ -50,6 +50,14 @@ OFFLINE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"} 
 BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr of this installation
 
 
+def flower_environment(environ: dict[str, str], flwr_home: Path) -> dict[str, str]:
+    """`environ` for the Flower commands `fedssl node` and the coordinator's commands run: offline,
+    fast polling, their own Flower home, and this installation's Flower first on PATH (a SuperLink
+    or SuperNode starts flower-superexec from it)."""
+    return {**environ, **OFFLINE_ENV, **FAST_POLLING_ENV, "FLWR_HOME": str(flwr_home),
+            "PATH": f"{BIN}{os.pathsep}{environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1"}
+
+
 @dataclass(frozen=True)
 class Certificates:
     ca_cert: Path

@@ -38,8 +38,8 @@ from fedssl.config import ConfigError, DataConfig
 from fedssl.data.site import check_site
 from fedssl.plan import Plan
 from fedssl.sitefile import SiteFile, load_site_file
-from ops.deploy import (BIN, FAST_POLLING_ENV, OFFLINE_ENV, check_ca_certificate, check_host, check_node_key,
-                        check_superlink_tls)
+from ops.deploy import (BIN, check_ca_certificate, check_host, check_node_key, check_superlink_tls,
+                        flower_environment)
 from ops.processes import Supervisor
 
 WORKER_SOCKET = "worker.sock"  # in the state folder
@@ -116,15 +116,6 @@ def worker_command(site: SiteFile, site_path: Path) -> list[str]:
             "--site-file", str(site_path)]
 
 
-def node_environment(site: SiteFile, environ: dict[str, str]) -> dict[str, str]:
-    """`environ` with the node's own Flower home, offline and fast-polling settings, and this
-    installation's Flower commands first on PATH (the SuperNode finds flower-superexec there)."""
-    return {**environ, **OFFLINE_ENV, **FAST_POLLING_ENV,
-            "FLWR_HOME": str(Path(site.state) / FLWR_HOME),
-            "PATH": f"{BIN}:{environ.get('PATH', '')}",
-            "PYTHONUNBUFFERED": "1"}
-
-
 def exit_reason(status: int, output: list[str], site: SiteFile, log: Path) -> str:
     """Why the SuperNode exited, in one line that says what to do."""
     codes = [int(m.group(1)) for line in output if (m := FLOWER_EXIT.search(line))]
@@ -159,7 +150,7 @@ def run_node(site_path: Path, environ: dict[str, str]) -> int:
         except ValueError as err:  # the same one line on stderr (fedssl/cli.py), and in the site's log
             log.note(f"not started: {err}")
             raise
-        env = node_environment(site, environ)
+        env = flower_environment(environ, Path(site.state) / FLWR_HOME)
         supervisor = Supervisor(log)
         for name, command in commands.items():
             supervisor.start(name, command, env)

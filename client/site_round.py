@@ -13,11 +13,12 @@ import zlib
 from logging import ERROR, INFO
 from pathlib import Path
 
-from flwr.app import ArrayRecord, Error, MetricRecord, RecordDict
+from flwr.app import Error, MetricRecord, RecordDict
 from flwr.common import log
 
 from client.state import (load_fedema_state, load_local_state, load_privacy_ledger,
                           save_fedema_state, save_local_state)
+from client.wire import received_state, reply_records
 from fedssl.config import ConfigError, Scenario, SiteConfig, load_scenario
 from fedssl.data.site import load_site
 from fedssl.data.windows import WindowSet
@@ -71,7 +72,7 @@ def train_site(scenario: Scenario, site: SiteConfig, content: RecordDict, contex
     objective = build_objective(scenario)
     # new-heads 1: the site had no heads of its own to continue (its first round, or a lost state folder)
     new_heads = fed.share == "encoder" and not load_local_state(objective, state_folder)
-    received = cast_floating(content["arrays"].to_torch_state_dict(), "float32")  # float16 on the wire
+    received = cast_floating(received_state(content), "float32")  # float16 on the wire
     start, extra = received, {}
     if fed.local_update == "fedema":
         previous, scale = load_fedema_state(state_folder)
@@ -107,7 +108,7 @@ def train_site(scenario: Scenario, site: SiteConfig, content: RecordDict, contex
                             SITE_INDEX_KEY: scenario.sites.index(site), COMPUTE_SECONDS_KEY: float(result.seconds),
                             NEW_HEADS_KEY: int(new_heads),
                             **{k: float(v) for k, v in result.losses.items()}, **extra})
-    return {"arrays": ArrayRecord(cast_floating(shared, fed.transfer_dtype)), "metrics": metrics}
+    return {**reply_records(shared, fed.transfer_dtype), "metrics": metrics}
 
 
 def evaluate_site(scenario: Scenario, site: SiteConfig, content: RecordDict, context: SiteContext) -> dict:
@@ -116,7 +117,7 @@ def evaluate_site(scenario: Scenario, site: SiteConfig, content: RecordDict, con
     with positives and negatives on both sides) replies with `num-examples` 0, which the server
     leaves out of the mean, instead of failing the round."""
     encoder = build_objective(scenario).encoder
-    encoder.load_state_dict(encoder_state(content["arrays"].to_torch_state_dict()))
+    encoder.load_state_dict(encoder_state(received_state(content)))
     evaluation = scenario.evaluation
     train, test = site_windows(scenario, site, context).split_by_patient(evaluation.test_fraction, scenario.seed)
     try:

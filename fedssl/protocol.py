@@ -1,10 +1,11 @@
 """The message protocol between the fedssl ServerApp (server/) and ClientApp (client/).
 
 Every name a message carries between the two apps is defined here once: the config keys the
-server sends with a round, the metric keys a site replies with, and the codes of a site's error
-replies. Both apps import this module and neither imports the other, so a key renamed on one side
-cannot silently stop matching on the other. It holds names and one pure function, no Flower
-types: the science core stays importable without a federation framework.
+server sends with a round, the names of the packed shared weights and their manifest (both ways),
+the metric keys a site replies with, and the codes of a site's error replies. Both apps import
+this module and neither imports the other, so a key renamed on one side cannot silently stop
+matching on the other. It holds names and one pure function, no Flower types: the science core
+stays importable without a federation framework.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from collections.abc import Mapping, Sequence
 SERVER_ROUND_KEY = "server-round"  # the round number, added by Flower's FedAvg family
 NUM_ROUNDS_KEY = "num-rounds"  # the federation's planned rounds
 PROXIMAL_MU_KEY = "proximal-mu"  # FedProx's proximal weight, added by Flower's FedProx
+
+# -- both ways: the shared weights packed (fedssl/packing.py), one transfer object per message ----
+PACKED_KEY = "packed"  # the one Array of the message's ArrayRecord: every shared tensor, flattened
+MANIFEST_KEY = "manifest"  # in the message's ConfigRecord: the JSON manifest that cuts it into tensors
 
 # -- site -> server: the reply's one MetricRecord ------------------------------------------------
 WEIGHT_KEY = "num-examples"  # training (or probe-test) windows: FedAvg's n_k, Flower's default key

@@ -17,16 +17,22 @@ take it past its target epsilon: it replies with an Error of code `PRIVACY_BUDGE
 Run config (`[tool.flwr.app.config]`): `scenario` (YAML path), `run-dir` (run folder).
 Node config: `site` (deployment: the site's name in the scenario; in simulation the site is
 `scenario.sites[partition-id]`), optional `state-folder` (default `<run-dir>/sites/<site>`),
-`data-folder` (window cache, default `<run-dir>/data`) and `records-folder` (the site's WFDB
-records on this machine, replacing the scenario's folder for this site).
+`data-folder` (window cache, default `<run-dir>/data`), `records-folder` (the site's WFDB
+records on this machine, replacing the scenario's folder for this site) and `worker-socket` (the
+site's warm worker, client/worker.py: this per-message process then only forwards the message).
 """
 
 from __future__ import annotations
 
+from logging import WARNING
+
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
+from flwr.common import log
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+from client.worker import SOCKET_KEY, WorkerUnreachable, ask_worker
 
 app = ClientApp()
 
@@ -56,7 +62,13 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 def answer(kind: str, msg: Message, context: Context) -> Message:
-    """Hand the message to the site's work (client/site_round.py) and wrap what it returns."""
+    """Hand the message to the site's work (client/site_round.py) and wrap what it returns: in the
+    site's warm worker when the node config names its socket and one listens there, else here."""
+    if SOCKET_KEY in context.node_config:
+        try:
+            return Message(ask_worker(str(context.node_config[SOCKET_KEY]), msg, context), reply_to=msg)
+        except WorkerUnreachable as err:
+            log(WARNING, "fedssl | %s: answering the %s message in this process", err, kind)
     from client.site_round import respond  # torch and the site's data: only once a message needs them
 
     content = respond(kind, msg.content, context.run_config, context.node_config)

@@ -63,6 +63,7 @@ federation: {{rounds: {rounds}, min_sites: {sites}, connect_timeout: 300}}
 evaluation:
   synthetic: {{records: 40, sample_rate: 250}}
   every_round: false
+  bootstrap: 100  # the final probe is not timed: a cheap interval keeps the ServerApp short
   local_baselines: false
 sites:
 {site_list}

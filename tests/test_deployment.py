@@ -2,7 +2,8 @@
 
 The integration test starts one `flower-superlink` with TLS, SuperNode authentication and a
 sqlite state database, registers three hospitals' public keys with `flwr supernode register`,
-starts three `flower-supernode` processes (own key, own data folder, own state folder), checks
+starts three `flower-supernode` processes (own key, own data folder, own state folder; the first
+hospital's messages answered by its warm worker, `python -m client.worker`), checks
 that a SuperNode with an unregistered key and a plaintext SuperNode are refused, and runs two
 rounds of the hybrid objective with `flwr run`. Every process carries an environment marker and
 is stopped by pid. Run it (like everything that starts Flower) under the shared lock:
@@ -16,6 +17,7 @@ import math
 import re
 import sqlite3
 import ssl
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import VerificationError
 
+from client.worker import SOCKET_KEY
 from fedssl.cli import main
 from fedssl.runfolder import RunFolder
 from ops.deploy import make_certificates, make_node_key, verify_server_certificate
@@ -149,8 +152,15 @@ def deployment(tmp_path_factory):
         }
 
         outcome["registered"] = {site: d.register(site, keys[site]) for site in SITES}
+        worker_socket = root / "hospitals" / SITES[0] / "worker.sock"
+        d.start(f"worker-{SITES[0]}", [sys.executable, "-m", "client.worker", "--socket", str(worker_socket)])
+        deadline = time.monotonic() + 120  # it listens before its imports: messages wait for them there
+        while not worker_socket.exists():
+            assert time.monotonic() < deadline, d.log(f"worker-{SITES[0]}")
+            time.sleep(0.2)
         for site in SITES:  # each hospital its own Flower home, cache and state folder
-            d.start_hospital(site, keys[site], root / "hospitals" / site, certs.ca_cert)
+            d.start_hospital(site, keys[site], root / "hospitals" / site, certs.ca_cert,
+                             node_config=f"{SOCKET_KEY}='{worker_socket}'" if site == SITES[0] else "")
 
         outcome["flwr_run"] = d.flwr_run("flwr-run", {"scenario": str(scenario_path), "run-dir": str(run_dir)},
                                          timeout=300)
@@ -193,6 +203,13 @@ def test_sites_keep_their_state_and_data_locally(deployment):
         assert (home / "cache").is_dir()
     assert not (deployment["run_dir"] / "sites").exists()  # nothing site-local at the coordinator
     assert deployment["database"].is_file()
+
+
+def test_the_first_hospital_answered_through_its_worker(deployment):
+    worker_log = (deployment["root"] / "logs" / f"worker-{SITES[0]}.log").read_text()
+    assert worker_log.count("fedssl | site worker: train message of run") == 2, worker_log[-3000:]
+    node_log = (deployment["root"] / "logs" / f"supernode-{SITES[0]}.log").read_text()
+    assert "no site worker at" not in node_log  # no message fell back to the per-message process
 
 
 def test_registered_nodes_and_refused_connections(deployment):

@@ -3,10 +3,12 @@
     .venv/bin/python benchmarks/communication.py [--scenario simulations/quickstart.yaml] [--auroc]
 
 Bytes: one round's messages of the default encoder (st_mem tiny, hybrid objective) are built as
-the ServerApp and the ClientApp build them (the global model + config down, the shared weights +
-metrics up) and counted as Flower 1.41 sends them: every object of the message (Message,
-RecordDict, ArrayRecord, Array, ArrayChunk) deflated, identical objects once (the weights are
-perturbed as training would, so that no two arrays coincide). That is compared with
+the ServerApp and the ClientApp build them (the global model, packed into one Array, + config
+with its manifest down; the packed shared weights, their manifest and the metrics up) and counted
+as Flower 1.41 sends them: every object of the message (Message, RecordDict, ArrayRecord, Array,
+ArrayChunk, ConfigRecord, MetricRecord) deflated, identical objects once (the weights are
+perturbed as training would). The number of objects is what the deployment engine moves one
+request each. That is compared with
 the encoder's parameter bytes in float32, for `federation.share` encoder and all, and
 `federation.transfer_dtype` float32 and float16. gRPC framing (a few bytes per object) is left out.
 
@@ -31,15 +33,18 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.task_identity import TaskIdentity
 
+from client.wire import reply_records
 from fedssl.config import Scenario, load_scenario, save_scenario
-from fedssl.federated import SHARE_MODES, TRANSFER_DTYPES, cast_floating, shared_state
+from fedssl.federated import SHARE_MODES, TRANSFER_DTYPES, shared_state
 from fedssl.objectives import build_objective
 from fedssl.protocol import SITE_INDEX_KEY
+from server.strategy import on_the_wire
 
 
-def wire_bytes(message: Message) -> int:
-    """Bytes Flower pushes for `message`: each distinct object of its tree, deflated."""
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
+def wire_objects(message: Message) -> dict[str, int]:
+    """What Flower pushes for `message`: its distinct objects and their bytes, deflated."""
+    objects = get_all_nested_objects(message).values()
+    return {"objects": len(objects), "bytes": sum(len(obj.deflate()) for obj in objects)}
 
 
 def trained_state(scenario: Scenario, share: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -50,16 +55,16 @@ def trained_state(scenario: Scenario, share: str, seed: int = 0) -> dict[str, to
             for k, v in shared_state(build_objective(scenario), share).items()}
 
 
-def round_bytes(scenario: Scenario, share: str, dtype: str) -> dict[str, int]:
-    """Bytes of one site's round: the train message down and its reply up."""
-    state = cast_floating(trained_state(scenario, share), dtype)
-    down = Message(RecordDict({"arrays": ArrayRecord(state),
-                               "config": ConfigRecord({"num-rounds": scenario.federation.rounds, "server-round": 1})}),
-                   dst_node_id=1, message_type="train")
+def round_bytes(scenario: Scenario, share: str, dtype: str) -> dict[str, dict[str, int]]:
+    """Objects and bytes of one site's round: the train message down and its reply up."""
+    state = trained_state(scenario, share)
+    config = ConfigRecord({"num-rounds": scenario.federation.rounds, "server-round": 1})
+    (down,) = on_the_wire([Message(RecordDict({"arrays": ArrayRecord(state), "config": config}), dst_node_id=1,
+                                   message_type="train")], dtype)
     metrics = {"num-examples": 500, "examples-seen": 640, SITE_INDEX_KEY: 0, "loss": 1.0, "generative": 1.0,
-               "contrastive": 1.0, "dp-sgd": 0, "epsilon": 0.0, "delta": 0.0}  # what client/app.py sends
-    up = Message(RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)}), reply_to=down)
-    return {"down": wire_bytes(down), "up": wire_bytes(up)}
+               "contrastive": 1.0, "dp-sgd": 0, "epsilon": 0.0, "delta": 0.0}  # what a site sends
+    up = Message(RecordDict({**reply_records(state, dtype), "metrics": MetricRecord(metrics)}), reply_to=down)
+    return {"down": wire_objects(down), "up": wire_objects(up)}
 
 
 def transfer_auroc(path: Path, local_baselines: bool) -> dict:
@@ -98,9 +103,10 @@ def main() -> None:
     for share in SHARE_MODES:
         for dtype in TRANSFER_DTYPES:
             sent = round_bytes(scenario, share, dtype)
-            total = sent["down"] + sent["up"]
-            rows.append({"share": share, "transfer_dtype": dtype, "down_bytes": sent["down"], "up_bytes": sent["up"],
-                         "per_site_per_round_bytes": total,
+            total = sent["down"]["bytes"] + sent["up"]["bytes"]
+            rows.append({"share": share, "transfer_dtype": dtype, "down_bytes": sent["down"]["bytes"],
+                         "up_bytes": sent["up"]["bytes"], "down_objects": sent["down"]["objects"],
+                         "up_objects": sent["up"]["objects"], "per_site_per_round_bytes": total,
                          "ratio_to_encoder_float32_bytes": round(total / encoder_bytes, 4)})
     result = {"encoder": f"{scenario.model.encoder} {scenario.model.size}", "objective": scenario.objective.name,
               "encoder_parameter_bytes_float32": encoder_bytes, "rounds": rows}

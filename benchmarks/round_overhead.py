@@ -1,14 +1,17 @@
 """Flower's round overhead: (round wall time - slowest site's compute) / slowest site's compute.
 
     .venv/bin/python benchmarks/round_overhead.py [--sizes tiny small]
-        [--engines simulation deployment deployment-flower-defaults]
-        [--sites 2] [--rounds 3] [--local-steps 30] [--batch-size 16]
+        [--engines simulation deployment deployment-warm deployment-flower-defaults]
+        [--sites 2] [--rounds 3] [--local-steps 30 [6]] [--batch-size 16]
 
 Runs the same small federation (synthetic sites, hybrid objective, st_mem encoder of each size)
 on Flower's simulation engine (`flower-superlink --simulation`, the sites in Ray actors) and on
 the deployment engine on loopback (a plain `flower-superlink` and one real `flower-supernode`
-per site, insecure: TLS is not what is measured) with fedssl's `FAST_POLLING_ENV`, and
-(`deployment-flower-defaults`) the same with Flower's default SuperExec poll of 1 s. A round's
+per site, insecure: TLS is not what is measured) with fedssl's `FAST_POLLING_ENV`: cold
+(`deployment`: each message's `flwr-clientapp` process does the site's whole work) and warm
+(`deployment-warm`: each site also runs its worker, `python -m client.worker`, and its SuperNode's
+node config names the worker's socket, so the per-message process only forwards the message),
+and (`deployment-flower-defaults`) cold with Flower's default SuperExec poll of 1 s. A round's
 wall time is the ServerApp's `seconds` in metrics.jsonl (sending the global model, the sites'
 work, the replies, validation and aggregation; the probe is not in it) and each site's compute
 is its `compute_seconds` (its training loop alone), so the overhead is everything else:
@@ -37,6 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from client.worker import SOCKET_KEY
 from fedssl.runfolder import RoundRecord, RunFolder
 from fedssl.sitefile import SiteFile, save_site_file
 from ops.deploy import FAST_POLLING_ENV
@@ -60,6 +64,7 @@ federation: {{rounds: {rounds}, min_sites: {sites}, connect_timeout: 300}}
 evaluation:
   synthetic: {{records: 40, sample_rate: 250}}
   every_round: false
+  bootstrap: 100  # the final probe is not timed: a cheap interval keeps the ServerApp short
   local_baselines: false
 sites:
 {site_list}
@@ -68,13 +73,14 @@ sites:
 
 class LoopbackDeployment(LocalSimulation):
     """The deployment engine on loopback: a SuperLink without `--simulation` and one insecure
-    `flower-supernode` per site, each with its own FLWR_HOME, all carrying the run's marker."""
+    `flower-supernode` per site, each with its own FLWR_HOME, all carrying the run's marker. With
+    `workers`, each site's warm worker is started (and has imported what it needs) first."""
 
     superlink_options = ()
 
-    def __init__(self, run_dir: Path, sites: list[str], **kwargs) -> None:
+    def __init__(self, run_dir: Path, sites: list[str], *, workers: bool = False, **kwargs) -> None:
         super().__init__(run_dir, **kwargs)
-        self.sites = sites
+        self.sites, self.workers = sites, workers
 
     def start(self) -> None:
         super().start()
@@ -85,13 +91,34 @@ class LoopbackDeployment(LocalSimulation):
             # the site's records as the runner materialised them, its cache and state where simulation keeps them
             site_file = save_site_file(SiteFile(site=site, records=str(run.data / "records" / site), work=str(run.data),
                                                 state=str(run.site(site))), home / "site.yaml")
+            node_config = f"site-file='{site_file}'"
+            if self.workers:
+                node_config += f" {SOCKET_KEY}='{self.start_worker(site, home / 'worker.sock')}'"
             command = [self.executable("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                       "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", f"site-file='{site_file}'"]
-            node = subprocess.Popen(command, env={**self.env, "FLWR_HOME": str(home / "flwr-home")}, cwd=home,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, text=True, errors="replace")
-            self.seen_pids.add(node.pid)
-            threading.Thread(target=stamp_lines, args=(node.stdout, self.site_log(site)), daemon=True).start()
+                       "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", node_config]
+            self.start_logged(site, command, home, FLWR_HOME=str(home / "flwr-home"))
+
+    def start_worker(self, site: str, socket_path: Path) -> Path:
+        """Start the site's worker; its socket once it is ready (imports done), as `fedssl node` does."""
+        worker = self.start_logged(site, [sys.executable, "-m", "client.worker", "--socket", str(socket_path)],
+                                   socket_path.parent)
+        deadline = time.monotonic() + 300
+        while "site worker ready at" not in self.site_log(site).read_text(errors="replace"):
+            if worker.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the worker of {site} did not start; see {self.site_log(site)}")
+            time.sleep(0.2)
+        return socket_path
+
+    def start_logged(self, site: str, command: list[str], cwd: Path, **env: str) -> subprocess.Popen:
+        """Start one of the site's processes, its output time-stamped into the site's log."""
+        process = subprocess.Popen(command, env={**self.env, **env}, cwd=cwd, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                   text=True, errors="replace")
+        self.seen_pids.add(process.pid)
+        self.site_log(site).parent.mkdir(parents=True, exist_ok=True)
+        self.site_log(site).touch()  # there before the process writes to it: start_worker reads it
+        threading.Thread(target=stamp_lines, args=(process.stdout, self.site_log(site)), daemon=True).start()
+        return process
 
     def site_log(self, site: str) -> Path:
         return self.run_dir / "logs" / f"supernode-{site}.log"
@@ -101,8 +128,8 @@ class LoopbackDeployment(LocalSimulation):
 
 
 def stamp_lines(stream, path: Path) -> None:
-    """Copy a SuperNode's output (its SuperExec's and ClientApps' too) to `path`, each line prefixed
-    with the wall-clock time it arrived: Flower's log lines carry no time."""
+    """Copy a SuperNode's output (its SuperExec's and ClientApps' too) or a worker's to `path`, each
+    line prefixed with the wall-clock time it arrived: Flower's log lines carry no time."""
     with path.open("a") as log_file:
         for line in stream:
             log_file.write(f"{time.time():.3f} {line}")
@@ -160,16 +187,17 @@ def deployment_breakdown(run_dir: Path, sites: list[str], rounds: list[RoundReco
     return {phase: round(statistics.median(row[phase] for row in rows), 3) for phase in rows[0]} if rows else {}
 
 
-def write_scenario(folder: Path, size: str, args: argparse.Namespace) -> Path:
+def write_scenario(folder: Path, size: str, local_steps: int, args: argparse.Namespace) -> Path:
     sites = "\n".join(f"  - name: site_{i}\n    synthetic: {{records: 30, sample_rate: 250}}" for i in range(args.sites))
     path = folder / f"{size}.yaml"
-    path.write_text(SCENARIO.format(size=size, batch_size=args.batch_size, local_steps=args.local_steps,
+    path.write_text(SCENARIO.format(size=size, batch_size=args.batch_size, local_steps=local_steps,
                                     rounds=args.rounds, sites=args.sites, site_list=sites))
     return path
 
 
 def run_federation(engine: str, scenario_path: Path, run_dir: Path, flower_env: dict[str, str]) -> list[RoundRecord]:
-    """Run the scenario on `engine` with `flower_env` in every Flower process; its rounds' records."""
+    """Run the scenario on `engine` (an --engines name) with `flower_env` in every Flower process;
+    its rounds' records."""
     from fedssl.config import load_scenario, save_scenario
 
     scenario = load_scenario(scenario_path)
@@ -181,7 +209,8 @@ def run_federation(engine: str, scenario_path: Path, run_dir: Path, flower_env: 
     if engine == "simulation":
         federation = LocalSimulation(run_dir, echo=lambda line: None)
     else:
-        federation = LoopbackDeployment(run_dir, [s.name for s in scenario.sites], echo=lambda line: None)
+        federation = LoopbackDeployment(run_dir, [s.name for s in scenario.sites], workers=engine == "deployment-warm",
+                                        echo=lambda line: None)
     federation.env.update(flower_env)
     with federation:
         federation.run(saved, num_sites=len(scenario.sites), timeout=1800)
@@ -218,9 +247,11 @@ def import_seconds(repeats: int = 2) -> float:
 
 def site_work_seconds(scenario_path: Path, data_dir: Path) -> dict:
     """What a ClientApp does around its training loop, timed in this (warm) process: set-up (scenario,
-    cached windows, objective, received weights) and (de)serialising the shared weights."""
-    from flwr.app import ArrayRecord, RecordDict
+    cached windows, objective, received weights) and (de)serialising the packed shared weights."""
+    from flwr.app import RecordDict
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    from client.wire import received_state, reply_records
 
     from fedssl.config import load_scenario
     from fedssl.data.site import load_site
@@ -237,12 +268,14 @@ def site_work_seconds(scenario_path: Path, data_dir: Path) -> dict:
     setup = time.perf_counter() - start
 
     start = time.perf_counter()
-    content = RecordDict({"arrays": ArrayRecord(state)})  # what a train message carries
-    payload = sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
-    content["arrays"].to_torch_state_dict()
+    content = RecordDict(reply_records(state, "float32"))  # the weights as a message carries them: packed
+    objects = get_all_nested_objects(content)
+    payload = sum(len(obj.deflate()) for obj in objects.values())
+    received_state(content)
     serialise = time.perf_counter() - start
     return {"site_setup_seconds": round(setup, 3), "serialise_seconds": round(serialise, 3),
-            "parameters": sum(v.numel() for v in state.values()), "message_bytes": payload}
+            "parameters": sum(v.numel() for v in state.values()), "message_bytes": payload,
+            "message_objects": len(objects)}
 
 
 def expected_polling_seconds(task_poll: float, reply_poll: float) -> dict:
@@ -255,20 +288,25 @@ def expected_polling_seconds(task_poll: float, reply_poll: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=["tiny", "small", "base"])
-    parser.add_argument("--engines", nargs="+", default=["simulation", "deployment", "deployment-flower-defaults"],
-                        choices=["simulation", "deployment", "deployment-flower-defaults"])
+    parser.add_argument("--engines", nargs="+", default=["simulation", "deployment", "deployment-warm"],
+                        choices=["simulation", "deployment", "deployment-warm", "deployment-flower-defaults"])
     parser.add_argument("--sites", type=int, default=2, help="sites (one core each; this machine has 2)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--local-steps", type=int, default=30)
+    parser.add_argument("--local-steps", type=int, nargs="+", default=[30],
+                        help="local steps per round: one for every size, or one per size in --sizes' order")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out", help="folder for the run folders (default: a temporary one)")
     args = parser.parse_args()
-    if args.rounds < 2 or args.sites < 1 or args.local_steps < 1:
+    if args.rounds < 2 or args.sites < 1 or min(args.local_steps) < 1:
         parser.error("--rounds must be >= 2 (round 1 is a warm-up), --sites and --local-steps >= 1")
+    if len(args.local_steps) not in (1, len(args.sizes)):
+        parser.error("--local-steps: one value, or one per size")
+    steps = args.local_steps * len(args.sizes) if len(args.local_steps) == 1 else args.local_steps
+    local_steps = dict(zip(args.sizes, steps))
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="fedssl-round-overhead-"))
     out.mkdir(parents=True, exist_ok=True)
 
-    result = {"sites": args.sites, "rounds": args.rounds, "local_steps": args.local_steps,
+    result = {"sites": args.sites, "rounds": args.rounds, "local_steps": local_steps,
               "batch_size": args.batch_size, "tuned_env": TUNED_ENV,
               "clientapp_import_seconds": import_seconds(),
               # fedssl: FAST_POLLING_ENV and PatientGrid's reply polling; Flower alone: 1 s and its Grid's 3 s
@@ -278,13 +316,13 @@ def main() -> None:
                   "flower_alone": expected_polling_seconds(SUPEREXEC_DEFAULT_POLL, GRID_DEFAULT_POLL)},
               "sizes": {}}
     for size in args.sizes:
-        scenario_path = write_scenario(out, size, args)
+        scenario_path = write_scenario(out, size, local_steps[size], args)
         entry = {}
         for engine in args.engines:
             flower_env = FLOWER_DEFAULT_ENV if engine.endswith("flower-defaults") else TUNED_ENV
             started = time.perf_counter()
             run_dir = out / f"{size}-{engine}"
-            rounds = run_federation(engine.split("-")[0], scenario_path, run_dir, flower_env)
+            rounds = run_federation(engine.removesuffix("-flower-defaults"), scenario_path, run_dir, flower_env)
             entry[engine] = {**overhead(rounds), "federation_seconds": round(time.perf_counter() - started, 1)}
             if engine.startswith("deployment"):
                 sites = [f"site_{i}" for i in range(args.sites)]
@@ -293,7 +331,7 @@ def main() -> None:
                   f"({entry[engine]['median_overhead_seconds']} s per round)", file=sys.stderr)
         entry["site_work"] = site_work_seconds(scenario_path, out / f"{size}-{args.engines[0]}" / "data")
         result["sizes"][size] = entry
-    result["target_deployment_ratio"] = 0.10
+    result["target_deployment_ratio"], result["target_deployment_seconds"] = 0.10, 5.0
     result["out"] = str(out)
     print(json.dumps(result, indent=2))
 

@@ -20,25 +20,28 @@ from dataclasses import dataclass
 from logging import ERROR, INFO
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Error, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Error, MetricRecord, RecordDict
 from flwr.common import log
 
 from client import audit
 from client.approval import is_approved, request_approval
 from client.state import (load_fedema_state, load_local_state, load_privacy_ledger,
                           save_fedema_state, save_local_state)
+from client.wire import received_state, reply_records
 from fedssl.config import ConfigError, Scenario, SiteConfig
 from fedssl.data.site import load_site
 from fedssl.data.windows import WindowSet
 from fedssl.evaluate import linear_probe
 from fedssl.federated import cast_floating, encoder_state, fedema_start, shared_state
 from fedssl.objectives import build_objective
+from fedssl.packing import read_manifest
 from fedssl.plan import Plan, policy_problems
 from fedssl.privacy import PrivacyBudgetExceeded, PrivacyLedger
 from fedssl.protocol import (COMPUTE_SECONDS_KEY, DELTA_KEY, DP_SGD_KEY, EPSILON_KEY, EXAMPLES_SEEN_KEY,
-                             FEDEMA_MU_KEY, NEW_HEADS_KEY, PLAN_DECLINED_CODE, PLAN_KEY, PRIVACY_BUDGET_CODE,
-                             PRIVACY_BUDGET_REASON, PROBE_AUROC_KEY, PROXIMAL_MU_KEY, SERVER_ROUND_KEY,
-                             SITE_ERROR_CODE, SITE_INDEX_KEY, WEIGHT_KEY, payload_sha256, site_reason)
+                             FEDEMA_MU_KEY, MANIFEST_KEY, NEW_HEADS_KEY, PLAN_DECLINED_CODE, PLAN_KEY,
+                             PRIVACY_BUDGET_CODE, PRIVACY_BUDGET_REASON, PROBE_AUROC_KEY, PROXIMAL_MU_KEY,
+                             SERVER_ROUND_KEY, SITE_ERROR_CODE, SITE_INDEX_KEY, WEIGHT_KEY, payload_sha256,
+                             site_reason)
 from fedssl.runfolder import RunFolder
 from fedssl.sitefile import SitePolicy, load_site_file
 from fedssl.train import train_local
@@ -165,14 +168,17 @@ def failure(err: Exception, site: str) -> tuple[str, int, str]:
 def audit_entry(heard: dict, outcome: str, reason: str | None, work: Work | None = None) -> dict:
     """The audit log's line (client/audit.py) of a message: what was heard, what came of it, what
     was done (null without `work`) and what was sent (null when no arrays left)."""
-    arrays = work.reply.get("arrays") if work else None
+    sent = sent_summary(work.reply) if work and "arrays" in work.reply else None
     return {**heard, "outcome": outcome, "reason": reason, **{k: getattr(work, k, None) for k in AUDITED},
-            "sent": None if arrays is None else sent_summary(arrays)}
+            "sent": sent}
 
 
-def sent_summary(arrays: ArrayRecord) -> dict:
-    """Each array's name, shape and dtype, their bytes and `payload_sha256`, as they leave the site."""
-    return {"arrays": [[name, list(a.shape), a.dtype] for name, a in arrays.items()],
+def sent_summary(reply: dict) -> dict:
+    """What left the site: each shared tensor's name, shape and dtype (the packed payload's
+    manifest), the payload's bytes and its `payload_sha256`, which the server records as received."""
+    arrays = reply["arrays"]
+    return {"arrays": [[name, list(shape), dtype] for name, shape, dtype in
+                       read_manifest(str(reply["config"][MANIFEST_KEY]))],
             "bytes": sum(len(a.data) for a in arrays.values()),
             "sha256": payload_sha256((name, a.data) for name, a in arrays.items())}
 
@@ -187,7 +193,7 @@ def train_site(scenario: Scenario, node: Node, content: RecordDict) -> Work:
     objective = build_objective(scenario)
     # new-heads 1: the site had no heads of its own to continue (its first round, or a lost state folder)
     new_heads = fed.share == "encoder" and not load_local_state(objective, state_folder)
-    received = cast_floating(content["arrays"].to_torch_state_dict(), "float32")  # float16 on the wire
+    received = cast_floating(received_state(content), "float32")  # float16 on the wire
     start, extra = received, {}
     if fed.local_update == "fedema":
         previous, scale = load_fedema_state(state_folder)
@@ -224,7 +230,7 @@ def train_site(scenario: Scenario, node: Node, content: RecordDict) -> Work:
                             SITE_INDEX_KEY: site_index(scenario, site), COMPUTE_SECONDS_KEY: float(result.seconds),
                             NEW_HEADS_KEY: int(new_heads),
                             **{k: float(v) for k, v in result.losses.items()}, **extra})
-    return Work({"arrays": ArrayRecord(cast_floating(shared, fed.transfer_dtype)), "metrics": metrics},
+    return Work({**reply_records(shared, fed.transfer_dtype), "metrics": metrics},
                 records=len(data.records), windows=len(data), steps=result.steps, examples=int(result.examples),
                 epsilon=spent[EPSILON_KEY] if ledger else None)
 
@@ -235,7 +241,7 @@ def evaluate_site(scenario: Scenario, node: Node, content: RecordDict) -> Work:
     with positives and negatives on both sides) replies with `num-examples` 0, which the server
     leaves out of the mean, instead of failing the round."""
     encoder = build_objective(scenario).encoder
-    encoder.load_state_dict(encoder_state(content["arrays"].to_torch_state_dict()))
+    encoder.load_state_dict(encoder_state(received_state(content)))
     evaluation = scenario.evaluation
     data = site_windows(scenario, node)
     train, test = data.split_by_patient(evaluation.test_fraction, scenario.seed)

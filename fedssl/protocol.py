@@ -1,10 +1,11 @@
 """The message protocol between the fedssl ServerApp (server/) and ClientApp (client/).
 
 Every name a message carries between the two apps is defined here once: the config keys the
-server sends with a round, the metric keys a site replies with, and the codes and reasons of a
-site's error replies. Both apps import this module and neither imports the other, so a key renamed
-on one side cannot silently stop matching on the other. It holds names and pure functions, no
-Flower types: the science core stays importable without a federation framework.
+server sends with a round, the names of the packed shared weights and their manifest (both ways),
+the metric keys a site replies with, and the codes and reasons of a site's error replies. Both apps
+import this module and neither imports the other, so a key renamed on one side cannot silently stop
+matching on the other. It holds names and pure functions, no Flower types: the science core stays
+importable without a federation framework.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ PROXIMAL_MU_KEY = "proximal-mu"  # FedProx's proximal weight, added by Flower's 
 # the run's plan (fedssl/plan.py) as canonical JSON, in every train and evaluate message: all a site
 # knows of the run; the same text, so the same fingerprint, every round
 PLAN_KEY = "plan"
+
+# -- both ways: the shared weights packed (fedssl/packing.py), one transfer object per message ----
+PACKED_KEY = "packed"  # the one Array of the message's ArrayRecord: every shared tensor, flattened
+MANIFEST_KEY = "manifest"  # in the message's ConfigRecord: the JSON manifest that cuts it into tensors
 
 # -- site -> server: the reply's one MetricRecord ------------------------------------------------
 WEIGHT_KEY = "num-examples"  # training (or probe-test) windows: FedAvg's n_k, Flower's default key

@@ -5,8 +5,9 @@ Flower's `Strategy.start` loop calls, for every round r: `configure_train(r)`, t
 `aggregate_evaluate(r, replies)`, and `evaluate_fn(r, arrays)`. `FedSSLStrategy` fills those hooks:
 
 - `configure_train`: the base strategy samples the sites (with central DP Flower's fixed-clipping
-  wrapper plans the round's private release); the global model goes out in the transfer dtype.
-- `aggregate_train`: the SHA-256 of each reply as received -> widen float16 -> validate
+  wrapper plans the round's private release); the global model goes out packed into one array
+  (fedssl/packing.py) in the transfer dtype.
+- `aggregate_train`: the SHA-256 of each reply as received -> unpack -> widen float16 -> validate
   (server/validation.py) -> central DP over a fixed denominator (server/central_dp.py) -> the base
   strategy's aggregation -> the round's `RoundRecord` (fedssl/runfolder.py), built from what those
   steps returned; a site that declined (its privacy budget, its policy) is named with its reason.
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 from logging import INFO, WARNING
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum,
@@ -43,15 +44,16 @@ from flwr.serverapp.strategy import (FedAdam, FedAvg, FedAvgM, FedMedian, FedPro
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedssl.config import ConfigError, FederationConfig
-from fedssl.federated import LOCAL_UPDATES, SHARE_MODES, TRANSFER_DTYPES, cast_floating, encoder_state
+from fedssl.federated import LOCAL_UPDATES, SHARE_MODES, TRANSFER_DTYPES, encoder_state
+from fedssl.packing import pack
 from fedssl.protocol import (COMPUTE_SECONDS_KEY, DECLINE_CODES, DELTA_KEY, DP_SGD_KEY, EPSILON_KEY,
-                             FEDERATED_AUROC_KEY, NEW_HEADS_KEY, PER_SITE_METRICS, PROBE_AUROC_KEY,
-                             TRAINING_METRICS, WEIGHT_KEY, payload_sha256, reason_site, reply_site)
+                             FEDERATED_AUROC_KEY, MANIFEST_KEY, NEW_HEADS_KEY, PACKED_KEY, PER_SITE_METRICS,
+                             PROBE_AUROC_KEY, TRAINING_METRICS, WEIGHT_KEY, payload_sha256, reason_site, reply_site)
 from fedssl.runfolder import RoundRecord, RunFolder
 from server.central_dp import CENTRAL_DP, SITE_WEIGHT_KEY, CentralDP
 from server.checkpoint import ServerCheckpoint, optimizer_state
 from server.robust import robust_options
-from server.validation import (Rejection, model_layout, node_sites, reply_metrics, validate_replies,
+from server.validation import (Rejection, model_layout, node_sites, reply_metrics, unpack_replies, validate_replies,
                                widen_float16)
 
 # Strategies that need nothing from the sites beyond shared weights and `num-examples`
@@ -130,7 +132,7 @@ class FedSSLStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """Sample the sites and send them the global model (in the transfer dtype)."""
+        """Sample the sites and send them the global model (packed, in the transfer dtype)."""
         server_round += self.done
         started = time.perf_counter()
         planner = self.central_dp or self.base
@@ -149,14 +151,17 @@ class FedSSLStrategy(Strategy):
         self.node_sites.update(node_sites(replies, self.sites))
         # 0. what each site sent as it arrived, to compare with the site's audit log (client/audit.py)
         received = received_payloads(replies, self.sites)
-        # 1. the sites' float16 arrays back to float32, what the global model is kept in
+        # 1. each site's packed weights back into one array per tensor, which the steps below work on
+        unpacked, rejected = unpack_replies(server_round, replies, self.sites)
+        # 2. the sites' float16 arrays back to float32, what the global model is kept in
         if self.transfer_dtype == "float16":
-            for msg in replies:
+            for msg in unpacked:
                 widen_float16(msg)
-        # 2. validation: what reaches the aggregate (error replies pass, for Flower to log)
+        # 3. validation: what reaches the aggregate (error replies pass, for Flower to log)
         global_arrays = {k: a.numpy() for k, a in sent.global_arrays.items()}
-        kept, rejected = validate_replies(server_round, replies, global_arrays, self.layout, self.max_update_ratio,
-                                          WEIGHT_KEY, self.sites)
+        kept, invalid = validate_replies(server_round, unpacked, global_arrays, self.layout, self.max_update_ratio,
+                                         WEIGHT_KEY, self.sites)
+        rejected += invalid
         for rejection in rejected:
             log_rejection(rejection)
         trained = [msg for msg in kept if not msg.has_error()]
@@ -166,16 +171,16 @@ class FedSSLStrategy(Strategy):
         if len(trained) < len(sent.instructions):
             log(WARNING, "fedssl | round %d: only %d of %d sites replied", server_round, len(trained),
                 len(sent.instructions))
-        # 3. central DP: every sampled site's clipped update (a zero update for a site without one), each
-        # weighted 1, into 4. the base strategy's mean, then noised and accounted
+        # 4. central DP: every sampled site's clipped update (a zero update for a site without one), each
+        # weighted 1, into 5. the base strategy's mean, then noised and accounted
         if self.central_dp:
             arrays, spent = self.central_dp.aggregate_train(server_round, sent.instructions, trained,
                                                             sent.global_arrays)
-        # 4. otherwise the base strategy's aggregation alone
+        # 5. otherwise the base strategy's aggregation alone
         else:
             arrays, _ = self.base.aggregate_train(server_round, kept)  # Flower logs the error replies
             spent = None
-        # 5. the round's record from what the steps returned
+        # 6. the round's record from what the steps returned
         self._record = round_record(server_round, trained, replies, rejected, self.sites, self.node_sites,
                                     seconds=time.perf_counter() - sent.started, central=spent, plan=self.plan,
                                     received=received)
@@ -186,7 +191,7 @@ class FedSSLStrategy(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """The base strategy's sites (none unless `evaluation.federated`), sent the global encoder."""
+        """The base strategy's sites (none unless `evaluation.federated`), sent the global encoder (packed)."""
         instructions = self.base.configure_evaluate(server_round + self.done, arrays, config, grid)
         return on_the_wire(instructions, self.transfer_dtype)
 
@@ -420,13 +425,15 @@ def progress_line(record: RoundRecord, rounds: int) -> str:
 # -- the model on the wire and in the checkpoints -------------------------------------------------
 
 def on_the_wire(messages: Iterable[Message], transfer_dtype: str) -> list[Message]:
-    """`messages` with the global model in `transfer_dtype` (`federation.transfer_dtype`); the
-    strategy's own copy, which it aggregates into, stays float32."""
+    """`messages` with the global model packed (fedssl/packing.py) in `transfer_dtype`
+    (`federation.transfer_dtype`): one Array, its manifest in the message's ConfigRecord. The
+    strategy's own copy, which it aggregates into, stays one float32 Array per tensor."""
     messages = list(messages)
-    if transfer_dtype != "float32":
-        for content in {id(m.content): m.content for m in messages}.values():  # often one shared RecordDict
-            for name, record in list(content.array_records.items()):
-                content[name] = ArrayRecord(cast_floating(record.to_torch_state_dict(), transfer_dtype))
+    for content in {id(m.content): m.content for m in messages}.values():  # often one shared RecordDict
+        (name, record), = content.array_records.items()
+        flat, manifest = pack(record.to_torch_state_dict(), transfer_dtype)
+        content[name] = ArrayRecord({PACKED_KEY: Array(flat)})
+        next(iter(content.config_records.values()))[MANIFEST_KEY] = manifest
     return messages
 
 

@@ -2,7 +2,13 @@
 
 Pure functions of a round's replies, the global model sent that round and the layout of the
 shared model; `FedSSLStrategy.aggregate_train` (server/strategy.py) runs them before aggregation.
-`validate_replies` leaves out every reply that
+
+A site sends its shared weights packed (fedssl/packing.py): one flat Array and a manifest in the
+reply's one ConfigRecord. `unpack_replies` turns each back into one Array per tensor, which is
+what the checks below, central DP and Flower's strategies work on, and leaves out a reply whose
+packing is malformed (no manifest, a manifest that does not fit the array, anything else in its
+ConfigRecord); a manifest of another model unpacks, and the key, shape and dtype checks below
+reject it. `validate_replies` then leaves out every reply that
 
 - does not hold exactly one ArrayRecord and one MetricRecord (and nothing else),
 - lacks a positive, finite weight (`num-examples`), or has a metric that is not a finite scalar,
@@ -32,7 +38,8 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-from fedssl.protocol import reason_site, reply_site
+from fedssl.packing import PackingError, unpack
+from fedssl.protocol import MANIFEST_KEY, PACKED_KEY, reason_site, reply_site
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,39 @@ class Rejection:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def unpack_replies(server_round: int, replies: list[Message], sites: Sequence[str] = ()
+                   ) -> tuple[list[Message], list[Rejection]]:
+    """Unpack the shared weights of each reply in place (error replies pass untouched); the
+    replies that could be unpacked, and a rejection for each that could not."""
+    unpacked, rejected = [], []
+    for msg in replies:
+        reason = None if msg.has_error() else unpack_reply(msg.content)
+        if reason:
+            rejected.append(rejection(server_round, msg, reason, sites))
+        else:
+            unpacked.append(msg)
+    return unpacked, rejected
+
+
+def unpack_reply(content: RecordDict) -> str | None:
+    """Replace the packed Array and its manifest in `content` by one Array per tensor; or why not."""
+    if len(content.array_records) != 1 or len(content.config_records) != 1:
+        return (f"expected the packed weights in one ArrayRecord and their manifest in one ConfigRecord, got "
+                f"{len(content.array_records)} ArrayRecord(s) and {len(content.config_records)} ConfigRecord(s)")
+    (name, packed), = content.array_records.items()
+    (config_name, config), = content.config_records.items()
+    if list(packed) != [PACKED_KEY] or list(config) != [MANIFEST_KEY]:
+        return (f"expected one Array {PACKED_KEY!r} and a ConfigRecord holding only {MANIFEST_KEY!r}, got "
+                f"Arrays {list(packed)[:3]} and config keys {list(config)[:3]}")
+    try:
+        state = unpack(packed[PACKED_KEY].numpy(), config[MANIFEST_KEY])
+    except (PackingError, TypeError, ValueError, OSError) as err:  # OSError etc.: undecodable Array bytes
+        return f"cannot unpack the weights: {err}"[:300]
+    content[name] = ArrayRecord(state)
+    del content[config_name]
+    return None
 
 
 def widen_float16(msg: Message) -> None:
@@ -94,10 +134,13 @@ def validate_replies(server_round: int, replies: list[Message], global_arrays: d
                 reasons[i] = f"update norm {norm:.4g} exceeds {max_norm_ratio:g} x the round's median {median:.4g}"
 
     kept = [msg for i, msg in enumerate(replies) if i not in reasons]
-    rejected = [Rejection(server_round, replies[i].metadata.src_node_id, reply_site(reply_metrics(replies[i]), sites),
-                          reason)
-                for i, reason in sorted(reasons.items())]
+    rejected = [rejection(server_round, replies[i], reason, sites) for i, reason in sorted(reasons.items())]
     return kept, rejected
+
+
+def rejection(server_round: int, msg: Message, reason: str, sites: Sequence[str]) -> Rejection:
+    """`msg` left out of round `server_round` for `reason`, naming its node and, if it says validly, its site."""
+    return Rejection(server_round, msg.metadata.src_node_id, reply_site(reply_metrics(msg), sites), reason)
 
 
 def record_problem(content: RecordDict, weight_key: str) -> str | None:

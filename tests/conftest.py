@@ -23,13 +23,14 @@ import pytest
 import torch
 import wfdb
 import yaml
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 from scipy.io import savemat
 
 from client.app import app as client_app
+from client.wire import reply_records
 from fedssl.config import (DataConfig, EvaluationConfig, FederationConfig, ModelConfig, ObjectiveConfig, Scenario,
                            SiteConfig, SyntheticSiteConfig, TrainConfig, load_scenario, save_scenario)
 from fedssl.data.synthetic import write_synthetic_site
@@ -297,12 +298,14 @@ def play_round(strategy, arrays: dict[str, torch.Tensor], replies: list, server_
     return aggregated
 
 
-def training_reply(arrays: dict[str, torch.Tensor], **metrics):
-    """A site's training reply: its update and its metrics (`num_examples` for `num-examples`)."""
-    from flwr.app import ArrayRecord, MetricRecord, RecordDict
+def site_reply(arrays: dict[str, torch.Tensor], metrics: dict, dtype: str = "float32") -> RecordDict:
+    """A site's reply as client/site_round.py builds it: `arrays` packed in `dtype`, and `metrics`."""
+    return RecordDict({**reply_records(arrays, dtype), "metrics": MetricRecord(metrics)})
 
-    metrics = {k.replace("_", "-"): v for k, v in metrics.items()}
-    return RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)})
+
+def training_reply(arrays: dict[str, torch.Tensor], **metrics) -> RecordDict:
+    """A site's training reply: its update and its metrics (`num_examples` for `num-examples`)."""
+    return site_reply(arrays, {k.replace("_", "-"): v for k, v in metrics.items()})
 
 
 def load_scenario_text(folder):

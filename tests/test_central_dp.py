@@ -19,7 +19,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import get_privacy_spent
 
@@ -29,7 +29,7 @@ from fedssl.runfolder import RunFolder
 from server.central_dp import CENTRAL_DP, CentralDP, SiteLevelAccountant
 from server.checkpoint import ServerCheckpoint
 from server.strategy import check_federation, make_strategy
-from tests.conftest import NodeGrid, simulate_in_process
+from tests.conftest import NodeGrid, simulate_in_process, site_reply
 
 CENTRAL_DP_FEDERATION = """
 name: central-dp
@@ -110,10 +110,9 @@ def run_round(tmp_path, fed: FederationConfig, updates: dict[int, torch.Tensor |
         if update is None:
             replies.append(Message(Error(code=PRIVACY_BUDGET_CODE, reason=PRIVACY_BUDGET_REASON), reply_to=sent[node]))
             continue
-        metrics = MetricRecord({"num-examples": 10 * (index + 1), "loss": float(index + 1), "site-index": index,
-                                "dp-sgd": 0, "epsilon": 0.0, "delta": 0.0})
-        replies.append(Message(RecordDict({"arrays": ArrayRecord({"encoder.w": update}), "metrics": metrics}),
-                               reply_to=sent[node]))
+        metrics = {"num-examples": 10 * (index + 1), "loss": float(index + 1), "site-index": index,
+                   "dp-sgd": 0, "epsilon": 0.0, "delta": 0.0}
+        replies.append(Message(site_reply({"encoder.w": update}, metrics), reply_to=sent[node]))
     arrays, _ = strategy.aggregate_train(1, replies)
     return arrays.to_torch_state_dict()["encoder.w"], strategy
 

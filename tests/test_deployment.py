@@ -256,8 +256,9 @@ def deployment(tmp_path_factory):
     for seed, (site, home) in enumerate(homes.items()):
         assert fedssl_here("node-key", home / "keys", "--site", site) == 0
         hospital_records(home, seed)
-        policy = {"policy": {"objectives": ["simclr"]}} if site == DECLINING else {}
-        write_site_file(home, site, d.superlink, d.ca, **policy)
+        # the sites that train answer through their warm workers; the declining one in each message's process
+        role = {"policy": {"objectives": ["simclr"]}} if site == DECLINING else {"worker": site in SITES}
+        write_site_file(home, site, d.superlink, d.ca, **role)
     out: dict = {"root": root, "homes": homes, "coordinator": coordinator,
                  "run_dir": coordinator / "runs" / "deployment-test"}
     try:
@@ -398,6 +399,13 @@ def test_a_plan_waiting_for_approval_is_listed_and_approved(deployment):
     assert plan.fingerprint in pending and "objective hybrid, encoder" in pending and "2 rounds of 2 local steps" in pending
     assert f"approved plan {plan.fingerprint}" in deployment["approve"].stdout
     assert is_approved(homes["approver"] / "state", plan.fingerprint)
+
+
+def test_the_training_sites_answer_through_their_warm_workers(deployment):
+    for site in sorted(set(SITES) - {DECLINING}):
+        log = deployment["node_logs"][site]
+        assert log.count("worker | ") and len(re.findall(r"site worker: train message of run \d+ answered", log)) == 2, site
+        assert "answering the train message in this process" not in log, site
 
 
 def test_nodes_stop_cleanly_and_leave_no_process(deployment):

@@ -19,13 +19,15 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client import app as client_app
 from client.site_round import privacy_metrics
+from client.wire import reply_records
 from fedssl.config import FederationConfig, load_scenario
+from fedssl.packing import unpack
 from fedssl.privacy import LEDGER_FILE, PrivacyLedger, compute_epsilon
-from fedssl.protocol import PRIVACY_BUDGET_CODE, PRIVACY_BUDGET_REASON
+from fedssl.protocol import MANIFEST_KEY, PACKED_KEY, PRIVACY_BUDGET_CODE, PRIVACY_BUDGET_REASON
 from fedssl.runfolder import RunFolder
 from server.strategy import make_strategy
 from server.validation import validate_replies
-from tests.conftest import play_round, simulate_in_process
+from tests.conftest import play_round, simulate_in_process, site_reply
 
 DP_FEDERATION = """
 name: dp-federation
@@ -96,21 +98,25 @@ def test_a_site_past_its_budget_declines_and_the_run_goes_on(dp_federation):
     assert (result.run_dir / "encoder.pt").is_file()
 
 
-def test_sites_clip_their_updates_when_the_server_sends_a_clipping_norm(monkeypatch, flower_messages):
-    sent = {"encoder.w": torch.zeros(4)}
-    trained = {"encoder.w": torch.full((4,), 3.0)}  # update norm 6
+def test_sites_clip_their_packed_updates_when_the_server_sends_a_clipping_norm(monkeypatch, flower_messages):
+    """Flower's `fixedclipping_mod` clips the packed flat arrays: the update's norm over all its
+    tensors, so each tensor is scaled alike."""
+    sent = {"encoder.w": torch.zeros(4), "encoder.b": torch.zeros(1)}
+    trained = {"encoder.w": torch.full((4,), 2.0), "encoder.b": torch.full((1,), 3.0)}  # update norm 5
 
     def train_round(msg, context):
-        return Message(RecordDict({"arrays": ArrayRecord(trained), "metrics": MetricRecord({"num-examples": 1})}),
-                       reply_to=msg)
+        return Message(site_reply(trained, {"num-examples": 1}), reply_to=msg)
 
     monkeypatch.setattr(client_app, "train_round", train_round)
-    for config, norm in (({}, 6.0), ({KEY_CLIPPING_NORM: 2.0}, 2.0)):
-        msg = Message(RecordDict({"arrays": ArrayRecord(sent), "config": ConfigRecord({"server-round": 1, **config})}),
-                      dst_node_id=1, message_type="train")
-        out = client_app.train(msg, None)
-        update = out.content["arrays"].to_torch_state_dict()["encoder.w"]
-        assert update.norm().item() == pytest.approx(norm, rel=1e-5) and update.dtype == torch.float32
+    for config, scale in (({}, 1.0), ({KEY_CLIPPING_NORM: 2.0}, 2.0 / 5.0)):
+        content = RecordDict(reply_records(sent, "float32"))  # the global model, packed as the server sends it
+        content["config"] = ConfigRecord({**content["config"], "server-round": 1, **config})
+        out = client_app.train(Message(content, dst_node_id=1, message_type="train"), None)
+        update = unpack(out.content["arrays"][PACKED_KEY].numpy(), out.content["config"][MANIFEST_KEY])
+        assert update.keys() == trained.keys()
+        for key, value in update.items():
+            assert value.dtype == torch.float32
+            torch.testing.assert_close(value, scale * trained[key], rtol=1e-6, atol=0)
 
 
 def test_scenario_keeps_the_site_privacy_override(dp_federation):
@@ -146,9 +152,9 @@ def test_mixed_dp_and_plain_sites_pass_validation_and_are_recorded_per_site(tmp_
 
     run = RunFolder(tmp_path / "run")
     strategy = make_strategy(FederationConfig(rounds=2, min_sites=2), ("north", "south"), reference, run)
-    play_round(strategy, reference, [r.content for r in replies], 1, nodes=(11, 22))
+    play_round(strategy, reference, [site_reply(arrays, dp), site_reply(arrays, plain)], 1, nodes=(11, 22))
     declined = Error(code=PRIVACY_BUDGET_CODE, reason=PRIVACY_BUDGET_REASON)
-    play_round(strategy, reference, [declined, replies[1].content], 2, nodes=(11, 22))
+    play_round(strategy, reference, [declined, site_reply(arrays, plain)], 2, nodes=(11, 22))
     first, second = run.rounds()
     assert first.epsilon == {"north": pytest.approx(ledger.epsilon())}  # plain sites are left out
     assert first.losses == {"loss": pytest.approx(1.75)}  # per-site metrics are not averaged

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from fedssl.config import ConfigError, FederationConfig
 from fedssl.federated import cast_floating, shared_state
 from fedssl.objectives import build_objective
 from fedssl.runfolder import RunFolder
 from server.strategy import NoSiteReplied, make_strategy
-from tests.conftest import NodeGrid, load_scenario_text
+from tests.conftest import NodeGrid, load_scenario_text, site_reply
 
 
 def test_cast_round_trip_keeps_non_float_entries_and_float16_precision():
@@ -32,21 +32,20 @@ def test_cast_round_trip_keeps_non_float_entries_and_float16_precision():
     assert torch.equal(cast_floating(back, "float16")["weight"], wire["weight"])  # a second trip changes nothing
 
 
-def round_one(tmp_path, transfer_dtype: str, reply_dtype: torch.dtype):
-    """Configure round 1 of a two-site FedAvg and aggregate two replies sent in `reply_dtype`."""
+def round_one(tmp_path, transfer_dtype: str, reply_dtype: str):
+    """Configure round 1 of a two-site FedAvg and two replies packed in `reply_dtype`."""
     state = shared_state(build_objective(load_scenario_text(tmp_path)), "encoder")
     strategy = make_strategy(FederationConfig(min_sites=2, transfer_dtype=transfer_dtype), ("north", "south"), state,
                              RunFolder(tmp_path))
     sent = list(strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), NodeGrid()))
     updates = [{k: v + 0.01 * (i + 1) for k, v in state.items()} for i in range(2)]
-    replies = [Message(RecordDict({"arrays": ArrayRecord({k: v.to(reply_dtype) for k, v in update.items()}),
-                                   "metrics": MetricRecord({"num-examples": 8, "loss": 1.0})}), reply_to=m)
+    replies = [Message(site_reply(update, {"num-examples": 8, "loss": 1.0}, reply_dtype), reply_to=m)
                for update, m in zip(updates, sent)]
     return state, sent, strategy, replies
 
 
 def test_server_sends_float16_and_aggregates_in_float32(tmp_path, flower_messages):
-    state, sent, strategy, replies = round_one(tmp_path, "float16", torch.float16)
+    state, sent, strategy, replies = round_one(tmp_path, "float16", "float16")
     arrays, _ = strategy.aggregate_train(1, replies)
     assert len(sent) == 2
     for msg in sent:
@@ -60,7 +59,7 @@ def test_server_sends_float16_and_aggregates_in_float32(tmp_path, flower_message
 
 
 def test_float16_updates_are_rejected_when_the_transfer_is_float32(tmp_path, flower_messages, caplog):
-    _, sent, strategy, replies = round_one(tmp_path, "float32", torch.float16)
+    _, sent, strategy, replies = round_one(tmp_path, "float32", "float16")
     assert {a.dtype for a in sent[0].content["arrays"].values()} == {"float32"}
     with pytest.raises(NoSiteReplied):  # nothing to aggregate
         strategy.aggregate_train(1, replies)

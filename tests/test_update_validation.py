@@ -18,10 +18,11 @@ from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum, Mult
 from fedssl.config import ConfigError, FederationConfig
 from fedssl.federated import shared_state
 from fedssl.objectives import build_objective
+from fedssl.protocol import MANIFEST_KEY, PACKED_KEY
 from fedssl.runfolder import RunFolder
 from server.robust import robust_options
 from server.strategy import STRATEGIES, FedSSLStrategy, NoSiteReplied, check_federation
-from tests.conftest import NodeGrid, small_scenario
+from tests.conftest import NodeGrid, site_reply, small_scenario
 
 NODES = [11, 12, 13, 14]
 
@@ -55,14 +56,19 @@ def scaled(encoder: dict, update: dict, factor: float) -> dict:
 
 
 def run_round(strategy: Strategy, encoder: dict, updates: list, metrics: list[dict] | None = None):
-    """One round: `updates[i]` (state dict or full RecordDict) is the reply of node NODES[i]."""
+    """One round: `updates[i]` (state dict or full RecordDict) is the reply of node NODES[i], a state
+    dict sent as a site sends it to fedssl's strategy (packed) or to Flower's own (an Array per tensor)."""
     sent = {m.metadata.dst_node_id: m
             for m in strategy.configure_train(1, ArrayRecord(encoder), ConfigRecord(), NodeGrid(NODES))}
     replies = []
     for i, update in enumerate(updates):
         metric = metrics[i] if metrics else {"num-examples": 8, "loss": 1.0}
-        content = update if isinstance(update, RecordDict) else RecordDict(
-            {"arrays": ArrayRecord(update), "metrics": MetricRecord(metric)})
+        if isinstance(update, RecordDict):
+            content = update
+        elif isinstance(strategy, FedSSLStrategy):
+            content = site_reply(update, metric)
+        else:
+            content = RecordDict({"arrays": ArrayRecord(update), "metrics": MetricRecord(metric)})
         replies.append(Message(content, reply_to=sent[NODES[i]]))
     arrays, _ = strategy.aggregate_train(1, replies)
     return None if arrays is None else arrays.to_torch_state_dict()
@@ -101,21 +107,31 @@ def _replace(key_index, value_fn):
     return corrupt
 
 
-def _records(arrays_fn=None, metrics=None, extra=None):
+def _records(metrics=None, extra=None, dtype="float32", manifest=None):
+    """The reply packed in `dtype`, with other `metrics`, `extra` records, or another `manifest`
+    (a function of the one the site made; None: no manifest)."""
     def corrupt(encoder, update):
-        content = RecordDict({"arrays": ArrayRecord(arrays_fn(update) if arrays_fn else update),
-                              "metrics": MetricRecord(metrics or {"num-examples": 8, "loss": 1.0})})
+        content = site_reply(update, metrics or {"num-examples": 8, "loss": 1.0}, dtype)
         for name, record in (extra or {}).items():
             content[name] = record
+        if manifest:
+            content["config"] = ConfigRecord(manifest(content["config"][MANIFEST_KEY]))
         return content
     return corrupt
+
+
+def _wider(manifest: str) -> dict:
+    """A manifest whose first tensor has one more column than was packed."""
+    entries = json.loads(manifest)
+    entries[0][1][-1] += 1
+    return {MANIFEST_KEY: json.dumps(entries)}
 
 
 BAD_UPDATES = {
     "nan": (_nan, "non-finite values"),
     "inf": (_replace(0, lambda v: torch.full_like(v, float("inf"))), "non-finite values"),
     "wrong shape": (_replace(1, lambda v: v[..., :-1].contiguous()), "shape"),
-    "wrong dtype": (_replace(2, lambda v: v.double()), "dtype float64, expected float32"),
+    "wrong dtype": (_records(dtype="float64"), "dtype float64, expected float32"),
     "missing key": (lambda e, u: {k: v for k, v in list(u.items())[1:]}, "encoder keys differ"),
     "extra key": (lambda e, u: {**u, "decoder.weight": torch.zeros(64, 12)}, "encoder keys differ"),
     "scaled x100": (lambda e, u: scaled(e, u, 100.0), "exceeds 5 x the round's median"),
@@ -125,6 +141,11 @@ BAD_UPDATES = {
     "other metric names": (_records(metrics={"num-examples": 8, "loss": 1.0, "x": 2.0}), "metric names"),
     "config record": (_records(extra={"paths": ConfigRecord({"record": "/data/site/r1.hea"})}), "ConfigRecord"),
     "two array records": (_records(extra={"more": ArrayRecord({"x": torch.zeros(3)})}), "2 ArrayRecord"),
+    "no manifest": (_records(manifest=lambda m: {}), f"holding only {MANIFEST_KEY!r}"),
+    "more than the manifest": (_records(manifest=lambda m: {MANIFEST_KEY: m, "record": "/data/site/r1.hea"}),
+                               f"holding only {MANIFEST_KEY!r}"),
+    "manifest not JSON": (_records(manifest=lambda m: {MANIFEST_KEY: m[:-1]}), "the manifest is not JSON"),
+    "manifest does not fit": (_records(manifest=_wider), "the manifest describes"),
 }
 
 
@@ -180,8 +201,7 @@ def test_error_replies_pass_through_and_all_rejected_is_no_update(encoder, tmp_p
     sent = list(strategy.configure_train(1, ArrayRecord(encoder), ConfigRecord(), NodeGrid(NODES)))
     nan = _nan(encoder, honest(encoder, 0))
     replies = [Message(Error(code=1000, reason="site south: boom"), reply_to=sent[0]),
-               Message(RecordDict({"arrays": ArrayRecord(nan), "metrics": MetricRecord({"num-examples": 8})}),
-                       reply_to=sent[1])]
+               Message(site_reply(nan, {"num-examples": 8}), reply_to=sent[1])]
     with pytest.raises(NoSiteReplied, match=r"round 1: no site returned an update \(1 error reply\)"):
         strategy.aggregate_train(1, replies)  # the run stops: the next round would fail alike
     assert f"rejected the update of node {sent[1].metadata.dst_node_id}: " in caplog.text
@@ -267,13 +287,10 @@ def test_robust_options():
 
 def test_array_record_dtype_is_checked_on_the_decoded_array(encoder, tmp_path):
     """A reply whose Array metadata claims float32 but whose bytes are float64 is still caught."""
-    update = honest(encoder, 0)
-    key = next(iter(update))
-    lying = Array(update[key].double().numpy())
+    content = site_reply(honest(encoder, 0), {"num-examples": 8, "loss": 1.0})
+    lying = Array(content["arrays"][PACKED_KEY].numpy().astype("float64"))
     lying.dtype = "float32"
-    records = ArrayRecord({k: Array(v.numpy()) for k, v in update.items()})
-    records[key] = lying
-    content = RecordDict({"arrays": records, "metrics": MetricRecord({"num-examples": 8, "loss": 1.0})})
+    content["arrays"] = ArrayRecord({PACKED_KEY: lying})
     strategy = validated(fedavg(2), encoder, tmp_path)
     run_round(strategy, encoder, [content, honest(encoder, 1)])
     assert len(rejected(strategy)) == 1 and "dtype float64" in rejected(strategy)[0]["reason"]

@@ -404,7 +404,7 @@ def test_a_plan_waiting_for_approval_is_listed_and_approved(deployment):
 def test_the_training_sites_answer_through_their_warm_workers(deployment):
     for site in sorted(set(SITES) - {DECLINING}):
         log = deployment["node_logs"][site]
-        assert log.count("worker | ") and len(re.findall(r"site worker: train message of run \d+ answered", log)) == 2, site
+        assert "worker | " in log and len(re.findall(r"site worker: train message of run \d+ answered", log)) == 2, site
         assert "answering the train message in this process" not in log, site
 
 

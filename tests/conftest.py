@@ -522,8 +522,10 @@ class Deployment:
         self.env = {
             **os.environ,
             TOKEN_VARIABLE: self.token,
+            # for a raw Flower command (fedssl's commands set their own): offline, flower-superexec on PATH
             **OFFLINE_ENV,
-            "FLWR_HOME": str(root / "flwr-home"),  # for a raw Flower command; fedssl's commands set their own
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "FLWR_HOME": str(root / "flwr-home"),
             "PYTHONUNBUFFERED": "1",
             "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
         }

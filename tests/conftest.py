@@ -612,8 +612,7 @@ def write_site_file(home: Path, site: str, superlink: str, ca: Path, **changes) 
     """`home/site.yaml` of a hospital whose records, work and state folders and key are under
     `home` (`changes` replace or add values, e.g. a policy); its path."""
     values = {"site": site, "records": "records", "work": "work", "state": "state", "superlink": superlink,
-              "ca_certificate": str(ca), "node_key": f"keys/{site}.key", "port": free_port(), "worker": False,
-              **changes}
+              "ca_certificate": str(ca), "node_key": f"keys/{site}.key", "port": free_port(), **changes}
     (home / "site.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
     return home / "site.yaml"
 

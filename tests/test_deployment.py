@@ -54,6 +54,7 @@ from tests.conftest import (BIN, SITES, Deployment, fedssl_command, hospital_rec
 ROOT = Path(__file__).resolve().parents[1]
 RUNBOOK = ROOT / "docs" / "deployment.md"
 DECLINING = SITES[2]  # cardiology_c: its policy accepts simclr only
+TRAINING = tuple(site for site in SITES if site != DECLINING)
 KILLED = DECLINING  # and its machine dies after its last reply
 OFFLINE_LIMIT = 150  # s; Flower marks a node offline 2 heartbeats (30 s each) after its last one
 
@@ -256,9 +257,12 @@ def deployment(tmp_path_factory):
     for seed, (site, home) in enumerate(homes.items()):
         assert fedssl_here("node-key", home / "keys", "--site", site) == 0
         hospital_records(home, seed)
-        # the sites that train answer through their warm workers; the declining one in each message's process
-        role = {"policy": {"objectives": ["simclr"]}} if site == DECLINING else {"worker": site in SITES}
-        write_site_file(home, site, d.superlink, d.ca, **role)
+        # the sites that train answer through their warm workers (the default), the others in each
+        # message's own process; cardiology_c's policy accepts simclr only
+        changes = {} if site in TRAINING else {"worker": False}
+        if site == DECLINING:
+            changes["policy"] = {"objectives": ["simclr"]}
+        write_site_file(home, site, d.superlink, d.ca, **changes)
     out: dict = {"root": root, "homes": homes, "coordinator": coordinator,
                  "run_dir": coordinator / "runs" / "deployment-test"}
     try:
@@ -327,8 +331,7 @@ def test_launched_run_completes_with_the_sites_that_accept_its_plan(deployment):
     assert re.search(r"fedssl \| run \d+: finished:completed", launch.stdout)
     rounds = RunFolder(deployment["run_dir"]).rounds()
     assert [r.round for r in rounds] == [1, 2]
-    trained = sorted(set(SITES) - {DECLINING})
-    assert all(math.isfinite(r.losses["loss"]) and sorted(r.site_windows) == trained for r in rounds)
+    assert all(math.isfinite(r.losses["loss"]) and sorted(r.site_windows) == sorted(TRAINING) for r in rounds)
     assert (deployment["run_dir"] / "encoder.pt").is_file()
 
 
@@ -343,7 +346,7 @@ def test_a_site_whose_policy_forbids_the_plan_declines_with_its_reason(deploymen
 
 def test_each_sites_audit_log_holds_the_hash_the_coordinator_received(deployment):
     rounds = {r.round: r for r in RunFolder(deployment["run_dir"]).rounds()}
-    for site in sorted(set(SITES) - {DECLINING}):
+    for site in TRAINING:
         sent = {e["round"]: e["sent"]["sha256"] for e in read_audit(deployment["homes"][site] / "state")
                 if e["message"] == "train" and e["outcome"] == "trained"}
         assert sent == {r: record.received[site] for r, record in rounds.items()}, site
@@ -381,7 +384,8 @@ def test_unregistered_key_plaintext_node_and_resume_without_checkpoint_are_refus
     rogue, plaintext = deployment["refused"]["rogue"], deployment["refused"]["plaintext"]
     assert rogue.returncode not in (0, None), rogue.stdout[-2000:]
     assert "key not registered: ask the coordinator to run `fedssl register rogue.key.pub --site rogue`" in rogue.stdout
-    assert plaintext.returncode not in (0, None) and "SuperNode ID" not in plaintext.stdout, plaintext.stdout[-2000:]
+    # it gave up by itself (not stopped by the test) and never got a node id
+    assert plaintext.returncode > 0 and "SuperNode ID" not in plaintext.stdout, plaintext.stdout[-2000:]
     resume = deployment["resume"]
     assert resume.returncode == 2 and "--resume" in resume.stdout and "holds no checkpoint" in resume.stdout
 
@@ -402,7 +406,7 @@ def test_a_plan_waiting_for_approval_is_listed_and_approved(deployment):
 
 
 def test_the_training_sites_answer_through_their_warm_workers(deployment):
-    for site in sorted(set(SITES) - {DECLINING}):
+    for site in TRAINING:
         log = deployment["node_logs"][site]
         assert "worker | " in log and len(re.findall(r"site worker: train message of run \d+ answered", log)) == 2, site
         assert "answering the train message in this process" not in log, site

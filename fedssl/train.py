@@ -166,8 +166,10 @@ def train_local(objective: Objective, data: WindowSet, cfg: TrainConfig, *, step
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     schedule_steps = planned_steps or steps
+    # fused: AdamW's update in one pass per parameter; the default per-tensor loop took ~2 % of a
+    # tiny conv_transformer + CPC step. Same update, to float32 rounding.
     optimizer = torch.optim.AdamW(objective.parameters(), lr=learning_rate_at(first_step, schedule_steps, cfg),
-                                  weight_decay=cfg.weight_decay)
+                                  weight_decay=cfg.weight_decay, fused=True)
     with closing(training_step(objective, data, cfg, steps=steps, proximal=proximal, privacy=privacy,
                                ledger=ledger, planned_steps=planned_steps)) as step:
         windows, lead_mask = torch.from_numpy(data.windows), torch.from_numpy(data.lead_mask)

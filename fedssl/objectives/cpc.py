@@ -47,9 +47,11 @@ class CPC(Objective):
         z = self.encoder.stem_tokens(x, lead_mask)
         tokens = self.encoder.local_features(z) + self.encoder.positions(b, n)  # causal convolutions
         context = self.encoder.mix(tokens, self.encoder.token_valid(lead_mask, n), causal=True)
-        prediction = self.predict(context).view(b, n, self.steps_ahead, -1)[:, :, :k_max]
-        logits = torch.einsum("btkd,bsd->btks", F.normalize(prediction, dim=-1), F.normalize(z, dim=-1))
-        logits = logits / self.temperature  # (B, t, k, s): prediction at t for step k against every z_s
+        prediction = self.predict(context).view(b, n * self.steps_ahead, -1)  # (B, t and k, width)
+        # cosine similarity over the temperature, the temperature applied to the n z_s rather than
+        # to the n * K * n logits: (B, t, k, s), the prediction at t for step k against every z_s
+        candidates = F.normalize(z, dim=-1) / self.temperature
+        logits = (F.normalize(prediction, dim=-1) @ candidates.mT).view(b, n, self.steps_ahead, n)[:, :, :k_max]
         t, k = torch.arange(n, device=x.device)[:, None], torch.arange(1, k_max + 1, device=x.device)[None]
         target = t + k  # (n, k_max): the index of the true z_{t+k}
         inside = target < n

@@ -20,6 +20,9 @@ initialisation and the batches; intervals are 95 % percentile bootstraps over se
     PYTHONPATH=$PWD python benchmarks/learning_efficiency.py --data ../shared/data --budget 20 --seeds 3 \
         --speed-seconds 2 --arms st_mem+hybrid resnet1d+simclr conv+simclr conv+cpc conv+jepa --doc out.md
 
+(`--speed-only` stops after the speed measurement, e.g. `--speed-only --speed-repeats 5 --arms st_mem+hybrid
+conv+cpc`.)
+
 prints JSON and, with --doc, writes the markdown table (docs/learning_efficiency.md holds it, with the
 learning-rate arms and the reading of both).
 """
@@ -161,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--speed-repeats", type=int, default=3)
     parser.add_argument("--arms", nargs="*", default=[a.name for a in ARMS])
     parser.add_argument("--doc", type=Path, help="write the markdown table here")
+    parser.add_argument("--speed-only", action="store_true",
+                        help="measure samples/s per core only (no pretraining, no probe): prints its JSON")
     args = parser.parse_args(argv)
     if not (args.data / "cinc2020").is_dir():
         print(f"no real ECGs at {args.data} (needs cinc2020/, cinc2021/, ludb/)", file=sys.stderr)
@@ -174,6 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         for arm in arms:
             speeds[arm.name].append(samples_per_second(arm, labelled, args.speed_seconds))
     speed = {name: statistics.median(v) for name, v in speeds.items()}
+    if args.speed_only:
+        print(json.dumps({"batch": BATCH, "speed_seconds": args.speed_seconds, "arms": {
+            name: {"samples_per_second": round(speed[name], 1), "speed_runs": [round(s, 1) for s in speeds[name]],
+                   "speed_vs_today": round(speed[name] / speed[TODAY], 2) if TODAY in speed else None}
+            for name in speed}}, indent=1))
+        return 0
 
     curves: dict[str, list[list[dict]]] = {a.name: [] for a in arms}
     random_init: dict[str, list[float]] = {}

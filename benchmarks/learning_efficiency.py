@@ -47,7 +47,7 @@ from fedssl.data.windows import RecordInfo, WindowSet
 from fedssl.evaluate import linear_probe
 from fedssl.monitor import embedding_health
 from fedssl.objectives import build_objective
-from fedssl.train import train_local
+from fedssl.train import reuse_freed_memory, train_local
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -98,6 +98,7 @@ def load_data(data_root: Path, cache: Path) -> tuple[WindowSet, WindowSet]:
 
 def samples_per_second(arm: Arm, windows: WindowSet, seconds: float) -> float:
     """Training samples per CPU second of one thread, forward + backward + step, for `seconds`."""
+    reuse_freed_memory()  # as train_local does
     objective = build_objective(scenario(arm, 0)).train()
     optimizer = torch.optim.AdamW(objective.parameters(), lr=arm.learning_rate, fused=True)  # as train_local's
     x, mask = torch.from_numpy(windows.windows[:BATCH]), torch.from_numpy(windows.lead_mask[:BATCH])

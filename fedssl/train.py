@@ -41,9 +41,10 @@ def reuse_freed_memory() -> None:
     back to the kernel and faulting fresh zeroed pages in again.
 
     Every step allocates and frees the same activations. glibc serves blocks above its mmap
-    threshold (128 kB at first) with new pages and trims freed memory at the top of the heap, so a
-    tiny conv_transformer + CPC step took ~6,600 page faults, ~15 % of its CPU time. Blocks up to
-    32 MB (glibc's ceiling for the threshold) now come from the heap, which is only trimmed above
+    threshold (128 kB until it has freed a larger mapped block) with new pages, and trims freed
+    memory at the top of the heap: a site's tiny conv_transformer + CPC step (batch 32, 10-s
+    windows) took ~7,700 page faults, ~18 % of its CPU time. Blocks up to 32 MB (the most glibc's
+    own adjustment raises the threshold to) now come from the heap, which is trimmed only above
     1 GB free. The arithmetic is untouched. A no-op where malloc is not glibc's."""
     try:
         mallopt = ctypes.CDLL(None).mallopt

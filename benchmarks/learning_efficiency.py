@@ -20,6 +20,9 @@ initialisation and the batches; intervals are 95 % percentile bootstraps over se
     PYTHONPATH=$PWD python benchmarks/learning_efficiency.py --data ../shared/data --budget 20 --seeds 3 \
         --speed-seconds 2 --arms st_mem+hybrid resnet1d+simclr conv+simclr conv+cpc conv+jepa --doc out.md
 
+(`--speed-only` stops after the speed measurement, e.g. `--speed-only --speed-repeats 5 --arms st_mem+hybrid
+conv+cpc`.)
+
 prints JSON and, with --doc, writes the markdown table (docs/learning_efficiency.md holds it, with the
 learning-rate arms and the reading of both).
 """
@@ -44,7 +47,7 @@ from fedssl.data.windows import RecordInfo, WindowSet
 from fedssl.evaluate import linear_probe
 from fedssl.monitor import embedding_health
 from fedssl.objectives import build_objective
-from fedssl.train import train_local
+from fedssl.train import reuse_freed_memory, train_local
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -95,8 +98,9 @@ def load_data(data_root: Path, cache: Path) -> tuple[WindowSet, WindowSet]:
 
 def samples_per_second(arm: Arm, windows: WindowSet, seconds: float) -> float:
     """Training samples per CPU second of one thread, forward + backward + step, for `seconds`."""
+    reuse_freed_memory()  # as train_local does
     objective = build_objective(scenario(arm, 0)).train()
-    optimizer = torch.optim.AdamW(objective.parameters(), lr=arm.learning_rate)
+    optimizer = torch.optim.AdamW(objective.parameters(), lr=arm.learning_rate, fused=True)  # as train_local's
     x, mask = torch.from_numpy(windows.windows[:BATCH]), torch.from_numpy(windows.lead_mask[:BATCH])
 
     def step() -> None:
@@ -161,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--speed-repeats", type=int, default=3)
     parser.add_argument("--arms", nargs="*", default=[a.name for a in ARMS])
     parser.add_argument("--doc", type=Path, help="write the markdown table here")
+    parser.add_argument("--speed-only", action="store_true",
+                        help="measure samples/s per core only (no pretraining, no probe): prints its JSON")
     args = parser.parse_args(argv)
     if not (args.data / "cinc2020").is_dir():
         print(f"no real ECGs at {args.data} (needs cinc2020/, cinc2021/, ludb/)", file=sys.stderr)
@@ -174,6 +180,12 @@ def main(argv: list[str] | None = None) -> int:
         for arm in arms:
             speeds[arm.name].append(samples_per_second(arm, labelled, args.speed_seconds))
     speed = {name: statistics.median(v) for name, v in speeds.items()}
+    if args.speed_only:
+        print(json.dumps({"batch": BATCH, "speed_seconds": args.speed_seconds, "arms": {
+            name: {"samples_per_second": round(speed[name], 1), "speed_runs": [round(s, 1) for s in speeds[name]],
+                   "speed_vs_today": round(speed[name] / speed[TODAY], 2) if TODAY in speed else None}
+            for name in speed}}, indent=1))
+        return 0
 
     curves: dict[str, list[list[dict]]] = {a.name: [] for a in arms}
     random_init: dict[str, list[float]] = {}

@@ -270,14 +270,21 @@ class ResNet1D(nn.Module):
 class ChannelNorm(nn.Module):
     """LayerNorm over the channels of each time step of a (B, C, T) feature map (as ConvNeXt's
     channels-first LayerNorm). Unlike GroupNorm it never mixes time steps, so a token depends on
-    its own receptive field only: causal attention stays causal and hidden spans stay hidden."""
+    its own receptive field only: causal attention stays causal and hidden spans stay hidden.
 
-    def __init__(self, channels: int) -> None:
+    The output is (B, C, T) either way; `channels_first` says how it lies in memory: contiguous
+    (B, C, T) for a convolution to read next (and the GELU before it: on the transposed view,
+    GELU's backward ran ~8 times slower, and the convolution copied its input anyway), or as the
+    transposed view of a contiguous (B, T, C), which the stem's last norm hands on as tokens."""
+
+    def __init__(self, channels: int, channels_first: bool = True) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(channels)  # on (B, T, C), so Opacus' LayerNorm formula applies
+        self.channels_first = channels_first
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x.transpose(1, 2)).transpose(1, 2)
+        out = self.norm(x.transpose(1, 2)).transpose(1, 2)
+        return out.contiguous() if self.channels_first else out
 
 
 class TokenConvBlock(nn.Module):
@@ -332,7 +339,8 @@ class ConvTransformer(nn.Module):
                  for i, (kernel, stride) in enumerate(zip(kernels, STEM_STRIDES))]  # T / stride outputs
         layers: list[nn.Module] = []
         for i, conv in enumerate(convs, start=1):
-            layers += [conv, ChannelNorm(channels[i])] + ([nn.GELU()] if i < len(convs) else [])
+            last = i == len(convs)  # its norm's output becomes the tokens (B, tokens, width)
+            layers += [conv, ChannelNorm(channels[i], channels_first=not last)] + ([] if last else [nn.GELU()])
         self.stem = nn.Sequential(*layers)
         self.local = nn.ModuleList(TokenConvBlock(width) for _ in range(LOCAL_BLOCKS))
         self.pos_embed = nn.Embedding(self.tokens, width)

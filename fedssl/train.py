@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import time
@@ -32,6 +33,25 @@ class TrainResult:
 
 
 LR_SCHEDULES = ("cosine", "constant")
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
+
+
+def reuse_freed_memory() -> None:
+    """Have malloc keep the memory a training step frees for the next step, instead of handing it
+    back to the kernel and faulting fresh zeroed pages in again.
+
+    Every step allocates and frees the same activations. glibc serves blocks above its mmap
+    threshold (128 kB until it has freed a larger mapped block) with new pages, and trims freed
+    memory at the top of the heap: a site's tiny conv_transformer + CPC step (batch 32, 10-s
+    windows) took ~7,700 page faults, ~18 % of its CPU time. Blocks up to 32 MB (the most glibc's
+    own adjustment raises the threshold to) now come from the heap, which is trimmed only above
+    1 GB free. The arithmetic is untouched. A no-op where malloc is not glibc's."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError, TypeError):  # no mallopt (macOS, Windows)
+        return
+    mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
 def learning_rate_at(step: int, planned_steps: int, cfg: TrainConfig) -> float:
@@ -163,11 +183,14 @@ def train_local(objective: Objective, data: WindowSet, cfg: TrainConfig, *, step
     if len(data) == 0:
         raise ValueError("no training windows")
     torch.set_num_threads(cfg.threads)
+    reuse_freed_memory()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     schedule_steps = planned_steps or steps
+    # fused: AdamW's update in one pass per parameter; the default per-tensor loop took ~2 % of a
+    # tiny conv_transformer + CPC step. Same update, to float32 rounding.
     optimizer = torch.optim.AdamW(objective.parameters(), lr=learning_rate_at(first_step, schedule_steps, cfg),
-                                  weight_decay=cfg.weight_decay)
+                                  weight_decay=cfg.weight_decay, fused=True)
     with closing(training_step(objective, data, cfg, steps=steps, proximal=proximal, privacy=privacy,
                                ledger=ledger, planned_steps=planned_steps)) as step:
         windows, lead_mask = torch.from_numpy(data.windows), torch.from_numpy(data.lead_mask)

@@ -35,6 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
+from cryptography.x509.verification import VerificationError
 from rich.table import Table
 
 from fedssl.config import ConfigError, check_name, from_dict
@@ -141,10 +142,9 @@ def cli_home(coordinator: CoordinatorFile) -> Path:
     """The flwr CLI's home for this coordinator, with its one connection `fedssl` (written anew on
     every use: it follows the coordinator file)."""
     home = Path(coordinator.state) / "flwr-home"
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = {json.dumps(coordinator.address)}\nroot-certificates = {json.dumps(str(coordinator.ca))}\n')
+    config = (f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+              f'address = {json.dumps(coordinator.address)}\nroot-certificates = {json.dumps(str(coordinator.ca))}\n')
+    atomic_write(home / "config.toml", lambda f: f.write(config.encode()))  # whole, for commands run side by side
     return home
 
 
@@ -168,7 +168,7 @@ def run_coordinator(path: Path, environ: dict[str, str]) -> int:
     print(f"CA certificate {coordinator.ca}: {check_ca_certificate(coordinator.ca)}")
     try:  # the flwr CLI of `fedssl register/launch/status` connects on this host name
         verify_server_certificate(coordinator.server_pem, coordinator.ca, coordinator.address.rpartition(":")[0].strip("[]"))
-    except Exception as err:  # noqa: BLE001 - cryptography raises several kinds; all mean the same here
+    except (VerificationError, ValueError, OSError) as err:
         raise ConfigError(f"server certificate {coordinator.server_pem} does not verify with {coordinator.ca} for "
                           f"{coordinator.address}: {err}; make both with `fedssl certs`") from None
     for folder in (coordinator.database_file.parent, coordinator.log_file.parent, coordinator.runs_folder):

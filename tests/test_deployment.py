@@ -220,6 +220,12 @@ def test_coordinator_commands_refuse_what_would_not_work_in_seconds(tmp_path, ca
     err = capsys.readouterr().err
     assert err.startswith("fedssl launch: --resume:") and "holds no checkpoint" in err
     assert not (tmp_path / "app").exists()  # refused before anything was staged or submitted
+    make_certificates(tmp_path / "other")  # a SuperLink certificate of another CA
+    coordinator.write_text("ca_certificate: certs/ca.crt\nserver_certificate: other/server.pem\n"
+                           "server_key: other/server.key\n")
+    assert fedssl_here("coordinator", coordinator) == 2
+    assert "does not verify with" in capsys.readouterr().err
+    coordinator.write_text(f"certificates: certs\nport: {free_port()}\n")
     (tmp_path / "rsa.pub").write_text("ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQ fedssl-x\n")
     assert fedssl_here("register", tmp_path / "rsa.pub", "--site", "x", "--coordinator", coordinator) == 2
     assert "is not an OpenSSH public key" in capsys.readouterr().err

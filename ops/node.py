@@ -1,9 +1,9 @@
 """The hospital's node: `fedssl node SITE.yaml` and its bookkeeping commands.
 
 `fedssl node SITE.yaml` is the hospital's client daemon. It reads the site file
-(fedssl/sitefile.py), checks what a round will need before anything connects (the site's records,
-as `fedssl check-site` does; the node key; the coordinator's CA certificate and, if the SuperLink
-answers, that its certificate verifies for the address), then runs Flower's SuperNode (and, with
+(fedssl/sitefile.py), checks what a round will need before anything connects (the node key; the
+coordinator's CA certificate and, if the SuperLink answers, that its certificate verifies for the
+address; the site's records, as `fedssl check-site` reads them), then runs Flower's SuperNode (and, with
 `worker: true`, the warm training worker) in the foreground until it is stopped (SIGTERM, Ctrl-C)
 or the SuperNode exits. The SuperNode is given the site file as node config (`site-file`), so the
 ClientApp reads the site's folders and policy from the file the hospital wrote, and no scenario
@@ -36,7 +36,7 @@ from client.approval import approve, pending_plans
 from client.audit import read_audit
 from fedssl.config import ConfigError, DataConfig
 from fedssl.data.site import check_site
-from fedssl.plan import Plan
+from fedssl.plan import SHORT, Plan
 from fedssl.sitefile import SiteFile, load_site_file
 from ops.deploy import (BIN, check_ca_certificate, check_host, check_node_key, check_superlink_tls,
                         flower_environment)
@@ -216,7 +216,7 @@ def audit_table(site: SiteFile) -> Table:
     for entry in read_audit(Path(site.state)):
         sent = entry.get("sent")
         cells = {**entry,
-                 "plan": str(entry.get("plan") or "")[:12],
-                 "sent": f"{sent['bytes']} B sha256 {sent['sha256'][:12]}" if sent else "nothing"}
+                 "plan": str(entry.get("plan") or "")[:SHORT],
+                 "sent": f"{sent['bytes']} B sha256 {sent['sha256'][:SHORT]}" if sent else "nothing"}
         table.add_row(*("" if cells.get(c) is None else str(cells[c]) for c in AUDIT_COLUMNS))
     return table

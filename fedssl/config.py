@@ -463,14 +463,19 @@ def to_dict(config: Any) -> Any:
     return config
 
 
+def read_yaml(path: Path, what: str) -> Any:
+    """The plain values of YAML file `path` (an empty file is an empty mapping); a ConfigError
+    naming `what` and the file if it cannot be read or parsed."""
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read {what} {path}: {err}") from None
+
+
 def load_scenario(path: str | Path) -> Scenario:
     """Read a scenario YAML file; relative folders and labels CSVs are resolved against the file."""
     path = Path(path)
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read scenario {path}: {err}") from None
-    scenario = from_dict(Scenario, values)
+    scenario = from_dict(Scenario, read_yaml(path, "scenario"))
     def resolved(relative: str | None) -> str | None:
         return None if relative is None else str((path.parent / relative).resolve())
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import yaml
 
-from fedssl.config import ConfigError, check_name, from_dict, to_dict
+from fedssl.config import ConfigError, check_name, from_dict, read_yaml, to_dict
 
 SHARE_CHOICES = ("encoder", "all")
 
@@ -95,10 +95,7 @@ class SiteFile:
 def load_site_file(path: str | Path) -> SiteFile:
     """Read and check a site file; a ConfigError names the file and the key."""
     path = Path(path)
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read site file {path}: {err}") from None
+    values = read_yaml(path, "site file")
     try:
         site = from_dict(SiteFile, values)
     except ConfigError as err:

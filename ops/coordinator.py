@@ -34,11 +34,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import yaml
 from cryptography.x509.verification import VerificationError
 from rich.table import Table
 
-from fedssl.config import ConfigError, check_name, from_dict
+from fedssl.config import ConfigError, check_name, from_dict, read_yaml
 from fedssl.runfolder import RoundRecord, RunFolder
 from fedssl.storage import atomic_write
 from ops.bundle import stage_app
@@ -115,10 +114,7 @@ class CoordinatorFile:
 def load_coordinator_file(path: str | Path) -> CoordinatorFile:
     """Read and check a coordinator file; a ConfigError names the file and the key."""
     path = Path(path)
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read coordinator file {path}: {err}") from None
+    values = read_yaml(path, "coordinator file")
     try:
         coordinator = from_dict(CoordinatorFile, values)
         check_host(coordinator.host)

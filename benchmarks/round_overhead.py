@@ -9,8 +9,8 @@ on Flower's simulation engine (`flower-superlink --simulation`, the sites in Ray
 the deployment engine on loopback (a plain `flower-superlink` and one real `flower-supernode`
 per site, insecure: TLS is not what is measured) with fedssl's `FAST_POLLING_ENV`: cold
 (`deployment`: each message's `flwr-clientapp` process does the site's whole work) and warm
-(`deployment-warm`: each site also runs its worker, `python -m client.worker`, and its SuperNode's
-node config names the worker's socket, so the per-message process only forwards the message),
+(`deployment-warm`: each SuperNode runs with `--isolation process` and its site's worker,
+`python -m client.worker`, runs every message's ClientApp in one long-lived process),
 and (`deployment-flower-defaults`) cold with Flower's default SuperExec poll of 1 s. A round's
 wall time is the ServerApp's `seconds` in metrics.jsonl (sending the global model, the sites'
 work, the replies, validation and aggregation; the probe is not in it) and each site's compute
@@ -40,7 +40,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from client.worker import SOCKET_KEY
 from fedssl.runfolder import RoundRecord, RunFolder
 from fedssl.sitefile import SiteFile, save_site_file
 from ops.deploy import FAST_POLLING_ENV
@@ -91,23 +90,24 @@ class LoopbackDeployment(LocalSimulation):
             # the site's records as the runner materialised them, its cache and state where simulation keeps them
             site_file = save_site_file(SiteFile(site=site, records=str(run.data / "records" / site), work=str(run.data),
                                                 state=str(run.site(site))), home / "site.yaml")
-            node_config = f"site-file='{site_file}'"
-            if self.workers:
-                node_config += f" {SOCKET_KEY}='{self.start_worker(site, home / 'worker.sock')}'"
+            runtime_port = free_port()
+            isolation = ["--isolation", "process"] if self.workers else []
             command = [self.executable("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                       "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", node_config]
+                       "--host", "127.0.0.1", "--port", str(runtime_port), "--node-config", f"site-file='{site_file}'",
+                       *isolation]
+            if self.workers:
+                self.start_worker(site, f"127.0.0.1:{runtime_port}", home)
             self.start_logged(site, command, home, FLWR_HOME=str(home / "flwr-home"))
 
-    def start_worker(self, site: str, socket_path: Path) -> Path:
-        """Start the site's worker; its socket once it is ready (imports done), as `fedssl node` does."""
-        worker = self.start_logged(site, [sys.executable, "-m", "client.worker", "--socket", str(socket_path)],
-                                   socket_path.parent)
+    def start_worker(self, site: str, runtime_api_address: str, home: Path) -> None:
+        """Start the site's worker and wait until it is ready (imports done), as `fedssl node` does."""
+        worker = self.start_logged(site, [sys.executable, "-m", "client.worker", "--runtime-api-address",
+                                          runtime_api_address], home)
         deadline = time.monotonic() + 300
-        while "site worker ready at" not in self.site_log(site).read_text(errors="replace"):
+        while "site worker ready for" not in self.site_log(site).read_text(errors="replace"):
             if worker.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the worker of {site} did not start; see {self.site_log(site)}")
             time.sleep(0.2)
-        return socket_path
 
     def start_logged(self, site: str, command: list[str], cwd: Path, **env: str) -> subprocess.Popen:
         """Start one of the site's processes, its output time-stamped into the site's log."""
@@ -139,7 +139,8 @@ def stamp_lines(stream, path: Path) -> None:
 def site_phases(log_path: Path) -> dict[int, dict[str, float]]:
     """{round: times} of one site, from its time-stamped SuperNode log: when its SuperNode got the
     train message and when it had downloaded its weights, when its ClientApp process logged its
-    start (after SuperExec's poll, the process spawn and Flower's imports), when training started
+    start (after SuperExec's poll, the process spawn and Flower's imports) or its worker took the
+    message, when training started
     (app, torch and data loaded, model built) and ended, when the SuperNode began sending the
     reply and when it had uploaded it."""
     rounds: dict[int, dict[str, float]] = {}
@@ -150,7 +151,7 @@ def site_phases(log_path: Path) -> dict[int, dict[str, float]]:
             current = {"received": float(stamp)}
         elif "Received successfully" in text and current:
             current["downloaded"] = float(stamp)
-        elif "Start `flwr-clientapp` process" in text and current:
+        elif ("Start `flwr-clientapp` process" in text or re.search(r"site worker: train message .* taken", text)) and current:
             current["clientapp_started"] = float(stamp)
         elif (match := re.search(r"fedssl \| site \S+ round (\d+): .*\(([\d.]+)s[,)]", text)) and current:
             current["trained"], current["round"] = float(stamp), int(match.group(1))

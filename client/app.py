@@ -23,22 +23,20 @@ answers is one line of its audit log (client/audit.py). See client/site_round.py
 Node config: deployment: `site-file` (the hospital's site.yaml, fedssl/sitefile.py: the site's name,
 its records and labels on this machine, its window cache `work`, its `state` folder and its policy);
 simulation: `partition-id` (the site is the plan's `sites[partition-id]`) with the run config's
-`run-dir` (run folder: window cache `<run-dir>/data`, state `<run-dir>/sites/<site>`). With
-`worker-socket` (set by `fedssl node`) this per-message process only forwards the message to the
-site's warm worker (client/worker.py), which answers it.
+`run-dir` (run folder: window cache `<run-dir>/data`, state `<run-dir>/sites/<site>`).
+
+The app runs wherever Flower runs a ClientApp: in Ray actors (simulation), in a `flwr-clientapp`
+process per message, or in the site's warm worker (client/worker.py, started by `fedssl node`),
+which runs it in one long-lived process for every message. It imports torch only once a message
+needs it, so a per-message process pays for Flower's imports alone until then.
 """
 
 from __future__ import annotations
 
-from logging import WARNING
-
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
-from flwr.common import log
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
-
-from client.worker import SOCKET_KEY, WorkerUnreachable, ask_worker
 
 app = ClientApp()
 
@@ -68,13 +66,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 def answer(kind: str, msg: Message, context: Context) -> Message:
-    """Hand the message to the site's work (client/site_round.py) and wrap what it returns: in the
-    site's warm worker when the node config names its socket and one listens there, else here."""
-    if SOCKET_KEY in context.node_config:
-        try:
-            return Message(ask_worker(str(context.node_config[SOCKET_KEY]), msg, context), reply_to=msg)
-        except WorkerUnreachable as err:
-            log(WARNING, "fedssl | %s: answering the %s message in this process", err, kind)
+    """Hand the message to the site's work (client/site_round.py) and wrap what it returns."""
     from client.site_round import respond  # torch and the site's data: only once a message needs them
 
     content = respond(kind, msg.content, context.run_config, context.node_config, msg.metadata.run_id)

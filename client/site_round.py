@@ -1,8 +1,8 @@
 """One site's answer to one message: the round's local training or its federated probe.
 
 Everything heavy a site does lives here (torch, its windows, the objective, DP-SGD); `client/app.py`
-is the Flower glue that hands each message to `respond`, in its own process or, with a warm worker
-on the node, in the worker's (client/worker.py), so a message costs no imports there.
+is the Flower glue that hands each message to `respond`; on a node with a warm worker
+(client/worker.py) both run in that one process, so a message costs no imports there.
 
 The site knows the run from the plan in the message alone (fedssl/plan.py), and itself from its
 node config (`node_of`): a site file in deployment, a partition id in simulation. Before it reads

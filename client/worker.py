@@ -1,22 +1,21 @@
-"""The site's warm worker: one long-lived process that answers its node's messages.
+"""The site's warm worker: one long-lived process that runs its node's ClientApp for every message.
 
-Flower 1.41's SuperNode starts a new `flwr-clientapp` process for every message. Answering in that
-process paid Python's start-up, torch's imports, the scenario and the site's windows again every
-round: about 22 s of a round's 45 s of overhead on a loaded machine (docs/performance.md, round
-overhead). The worker imports all that once and keeps the site's windows in memory; the
-per-message ClientApp (client/app.py, which imports no torch) only hands it the message over a
-local Unix socket and returns its reply.
+In its default isolation (`subprocess`) Flower 1.41's SuperNode starts a new `flwr-clientapp`
+process for every message, which pays Python's start-up, Flower's and torch's imports, the app's
+installation and the site's set-up again every round (docs/performance.md, round overhead).
+Started with `--isolation process`, the SuperNode instead leaves its tasks to a process of the
+site's choosing, which asks the SuperNode's Runtime API for them as Flower's SuperExec does. The
+worker is that process: it takes each ClientApp task, runs fedssl's ClientApp (client/app.py) in
+its own process, where Flower, torch and the site's windows stay loaded, and pushes the reply and
+the task's outcome back, as `flwr-clientapp` would.
 
-    python -m client.worker --socket /srv/fedssl/state/worker.sock [--site-file site.yaml]
+    python -m client.worker --runtime-api-address 127.0.0.1:9094
+        [--superexec-auth-secret-file SECRET] [--site-file site.yaml]
 
-The SuperNode names the socket in its node config (`worker-socket='/srv/fedssl/state/worker.sock'`);
-without that key (simulation), or with no worker listening, the ClientApp answers in its own
-process. The socket file is made with mode 0600: only the site's own user can connect. The worker
-answers one message at a time, by `client.site_round.respond` as the ClientApp would, until SIGTERM.
-
-On the socket each side sends frames (an 8-byte big-endian length, then the bytes) of Flower's own
-protobuf serialisation: the ClientApp the Context (run id, run and node config) and the Message,
-the worker a Message holding the reply's content or its Error.
+It answers one task at a time until SIGTERM. With the SuperNode's `--superexec-auth-secret-file`,
+only a process holding the same secret (the worker) can take the node's tasks. The code that
+answers is the fedssl installed beside the worker, not the app the coordinator sent: a run of any
+other app is answered with an Error.
 """
 
 from __future__ import annotations
@@ -24,163 +23,107 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
-import struct
 import sys
 import time
-import traceback
 from collections.abc import Callable
-from logging import ERROR, INFO, WARNING
+from logging import ERROR, INFO
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Error, Message
 from flwr.common import log
-from flwr.common.serde import (context_from_proto, context_to_proto, error_from_proto, error_to_proto,
-                               message_to_proto, recorddict_from_proto, recorddict_to_proto)
-from flwr.proto.message_pb2 import Context as ProtoContext
-from flwr.proto.message_pb2 import Message as ProtoMessage
-from google.protobuf.message import DecodeError
-
-from fedssl.protocol import SITE_ERROR_CODE
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.proto.runtime_pb2 import AcquireTaskRequest
+from flwr.supercore.auth.superexec_secret import load_superexec_auth_secret
+from flwr.supercore.constant import TaskType
+from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.interceptors import (RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor,
+                                         SuperExecAuthHttpInterceptor)
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 if TYPE_CHECKING:
     from fedssl.data.windows import WindowSet
 
-SOCKET_KEY = "worker-socket"  # node config: the socket of the node's worker
-FRAME_HEADER = struct.Struct(">Q")  # a frame's length in bytes
-REQUEST_TIMEOUT_SECONDS = 60.0  # the worker's wait for each read or write of a request's bytes
+APP_ID = "fedssl/fedssl"  # the publisher/name of pyproject.toml's [tool.flwr.app]: the only app answered
+TASK_POLL_SECONDS = 0.05  # how often an idle worker asks its SuperNode for a task (a local call)
+AUTHENTICATED_METHODS = ("/flwr.proto.Runtime/AcquireTask",)  # what the SuperExec secret signs
 
 
-class WorkerUnreachable(ConnectionError):
-    """No worker took the message: the ClientApp answers it in its own process."""
-
-
-class WorkerError(RuntimeError):
-    """The worker cannot serve at the socket it was given."""
-
-
-# -- the ClientApp's side -----------------------------------------------------------------------
-
-def ask_worker(path: str, msg: Message, context: Context) -> RecordDict | Error:
-    """The worker's reply to `msg`, or WorkerUnreachable if no worker takes it.
-
-    Once the worker has the message, a failure (it died, garbled its reply, or did not answer
-    within the message's time to live) is an Error reply: the worker may have done part of the
-    work, such as spending privacy budget, so the message is not answered a second time here.
-    """
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
-        try:
-            connection.connect(path)
-        except OSError as err:
-            raise WorkerUnreachable(f"no site worker at {path} ({err.strerror or err})") from None
-        connection.settimeout(msg.metadata.ttl)
-        try:
-            send_frame(connection, context_to_proto(context).SerializeToString())
-            send_frame(connection, message_to_proto(msg).SerializeToString())
-            reply = ProtoMessage.FromString(receive_frame(connection))
-        except (OSError, DecodeError) as err:
-            log(ERROR, "fedssl | the site worker at %s failed on a %s message: %s: %s", path,
-                msg.metadata.message_type, type(err).__name__, err)
-            return Error(code=SITE_ERROR_CODE, reason=f"site worker: {type(err).__name__} (details in the site's log)")
-    return error_from_proto(reply.error) if reply.HasField("error") else recorddict_from_proto(reply.content)
-
-
-def send_frame(connection: socket.socket, payload: bytes) -> None:
-    connection.sendall(FRAME_HEADER.pack(len(payload)) + payload)
-
-
-def receive_frame(connection: socket.socket) -> bytes:
-    (size,) = FRAME_HEADER.unpack(receive_exactly(connection, FRAME_HEADER.size))
-    return receive_exactly(connection, size)
-
-
-def receive_exactly(connection: socket.socket, size: int) -> bytes:
-    buffer = bytearray(size)
-    view, received = memoryview(buffer), 0
-    while received < size:
-        count = connection.recv_into(view[received:])
-        if count == 0:
-            raise ConnectionResetError(f"the other side closed the connection after {received} of {size} bytes")
-        received += count
-    return bytes(buffer)
-
-
-# -- the worker's side --------------------------------------------------------------------------
-
-def serve(path: Path, site: str | None = None) -> None:
-    """Answer the messages that reach `path` until SIGTERM; `site` names the site in the log."""
-    listener = listen(path)  # first: a socket it cannot serve stops the worker before the imports
+def serve(runtime_api_address: str, secret: bytes | None = None, site: str | None = None) -> None:
+    """Run the ClientApp tasks of the SuperNode at `runtime_api_address` until SIGTERM; `site`
+    names the site in the log."""
     signal.signal(signal.SIGTERM, stop)
-    try:
-        from client import site_round  # torch, opacus and the site's code: imported once, here
+    from client.app import app  # torch, opacus and the site's code (client/site_round.py): imported once, here
+    from client import site_round
 
-        site_round.load_site = WindowCache(site_round.load_site)
-        log(INFO, "fedssl | site worker%s ready at %s (pid %d)", f" of {site}" if site else "", path, os.getpid())
+    site_round.load_site = WindowCache(site_round.load_site)
+    interceptors = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
+    if secret:
+        interceptors.append(SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=AUTHENTICATED_METHODS))
+    tasks = runtime_client(runtime_api_address, interceptors)
+    log(INFO, "fedssl | site worker%s ready for the SuperNode at %s (pid %d)", f" of {site}" if site else "",
+        runtime_api_address, os.getpid())
+    try:
         while True:
-            connection, _ = listener.accept()
-            with connection:
-                connection.settimeout(REQUEST_TIMEOUT_SECONDS)
-                answer(connection, site_round.respond)
+            acquired = tasks.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+            if acquired.HasField("task") and acquired.token:
+                try:
+                    run_task(runtime_api_address, acquired.token, app)
+                except Exception as err:  # noqa: BLE001 - one task the SuperNode could not hand over
+                    log(ERROR, "fedssl | site worker: task %d failed: %s: %s", acquired.task.task_id,
+                        type(err).__name__, err)
+            else:
+                time.sleep(TASK_POLL_SECONDS)
     finally:
-        listener.close()
-        path.unlink(missing_ok=True)
-        log(INFO, "fedssl | site worker at %s stopped", path)
+        tasks.close()
+        log(INFO, "fedssl | site worker stopped")
 
 
 def stop(signum: int, frame) -> None:
-    """SIGTERM: leave the serving loop, even mid-message (the ClientApp then replies with an Error)."""
+    """SIGTERM: leave the serving loop, even mid-task (its outcome is still pushed, as failed)."""
     raise SystemExit(0)
 
 
-def listen(path: Path) -> socket.socket:
-    """A socket listening at `path` that only this user can connect to (mode 0600 as it is made).
-    The socket file of a worker that was killed is replaced; that of one still serving is not."""
-    if path.is_socket():
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            if probe.connect_ex(str(path)) == 0:
-                raise WorkerError(f"another worker already serves {path}")
-        path.unlink()
-    elif path.exists():
-        raise WorkerError(f"{path} exists and is not a socket; choose another --socket")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    umask = os.umask(0o177)
-    try:
-        listener.bind(str(path))
-    except OSError as err:
-        listener.close()
-        raise WorkerError(f"cannot listen at {path}: {err.strerror or err}") from None
-    finally:
-        os.umask(umask)
-    listener.listen()
-    return listener
+def runtime_client(address: str, interceptors: list) -> RuntimeHttpClient:
+    return RuntimeHttpClient.from_server_address(server_address=address, insecure=True, root_certificates=None,
+                                                 interceptors=interceptors,
+                                                 retry_invoker=make_simple_http_retry_invoker())
 
 
-def answer(connection: socket.socket, respond: Callable[..., RecordDict | Error]) -> None:
-    """Read one request from `connection`, answer it with `respond` and send the reply back."""
+def run_task(runtime_api_address: str, token: str, app: Callable[..., Message]) -> None:
+    """One ClientApp task, as `flwr-clientapp` runs it: pull the message and its context, answer it
+    with `app`, push the reply, then the task's outcome (the SuperNode waits for both)."""
     started = time.perf_counter()
+    client = runtime_client(runtime_api_address, [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                                                  RuntimeTokenHttpInterceptor(token)])
+    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))  # a long round is not a dead task
+    heartbeat.start()
+    context, status, details = None, SubStatus.FAILED, "stopped before the ClientApp answered"
     try:
-        context = context_from_proto(ProtoContext.FromString(receive_frame(connection)))
-        message = ProtoMessage.FromString(receive_frame(connection))
-    except (OSError, DecodeError) as err:
-        log(WARNING, "fedssl | site worker: no readable request: %s: %s", type(err).__name__, err)
-        return
-    kind = message.metadata.message_type
-    try:
-        reply = respond(kind, recorddict_from_proto(message.content), context.run_config, context.node_config,
-                        context.run_id)
-    except Exception as err:  # noqa: BLE001 - respond reports the site's own failures; this is a bad request
-        log(ERROR, "fedssl | site worker: %s message: %s: %s\n%s", kind, type(err).__name__, err, traceback.format_exc())
-        reply = Error(code=SITE_ERROR_CODE, reason=f"site worker: {type(err).__name__} (details in the site's log)")
-    proto = (ProtoMessage(error=error_to_proto(reply)) if isinstance(reply, Error)
-             else ProtoMessage(content=recorddict_to_proto(reply)))
-    try:
-        send_frame(connection, proto.SerializeToString())
-    except OSError as err:
-        log(WARNING, "fedssl | site worker: the ClientApp left before the reply to its %s message: %s", kind, err)
-        return
-    log(INFO, "fedssl | site worker: %s message of run %d answered in %.1fs", kind, context.run_id,
-        time.perf_counter() - started)
+        message, context, run, _ = pull_task_input(client)
+        log(INFO, "fedssl | site worker: %s message of run %d taken", message.metadata.message_type, context.run_id)
+        if run.fab_id != APP_ID:
+            reply = Message(Error(code=ErrorCode.LOAD_CLIENT_APP_EXCEPTION,
+                                  reason=f"this node runs {APP_ID} only, not {run.fab_id}"), reply_to=message)
+            details = reply.error.reason
+        else:
+            try:
+                reply = app(message=message, context=context)
+                status, details = SubStatus.COMPLETED, ""
+            except Exception as err:  # noqa: BLE001 - the site's own failures are Error replies already; this is a bug
+                log(ERROR, "fedssl | site worker: the ClientApp raised on a %s message", message.metadata.message_type,
+                    exc_info=err)
+                details = f"{type(err).__name__}: {err}"
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
+        push_message(client, reply, context)
+        log(INFO, "fedssl | site worker: %s message of run %d answered in %.1fs", message.metadata.message_type,
+            context.run_id, time.perf_counter() - started)
+    finally:
+        push_task_output(client, context, status, details)
+        heartbeat.stop()
+        client.close()
 
 
 class WindowCache:
@@ -202,8 +145,10 @@ class WindowCache:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m client.worker", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--socket", type=Path, required=True,
-                        help=f"the Unix socket to serve (the SuperNode's node config {SOCKET_KEY})")
+    parser.add_argument("--runtime-api-address", required=True,
+                        help="the Runtime API of the site's SuperNode (its --host:--port)")
+    parser.add_argument("--superexec-auth-secret-file", type=Path,
+                        help="the secret file the SuperNode was given (--superexec-auth-secret-file)")
     parser.add_argument("--site-file", type=Path, help="the site's site.yaml: checked before serving")
     args = parser.parse_args(argv)
     from fedssl.config import ConfigError
@@ -211,9 +156,11 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         site = load_site_file(args.site_file).site if args.site_file else None
-        serve(args.socket, site)
-    except (ConfigError, WorkerError) as err:
+        secret = load_superexec_auth_secret(str(args.superexec_auth_secret_file)
+                                            if args.superexec_auth_secret_file else None)
+    except (ConfigError, ValueError) as err:
         sys.exit(f"fedssl worker: {err}")
+    serve(args.runtime_api_address, secret, site)
 
 
 if __name__ == "__main__":

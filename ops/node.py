@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import re
+import secrets
 import sys
 import threading
 from collections.abc import Iterator
@@ -42,7 +44,7 @@ from ops.deploy import (BIN, check_ca_certificate, check_host, check_node_key, c
                         flower_environment)
 from ops.processes import Supervisor
 
-WORKER_SOCKET = "worker.sock"  # in the state folder
+WORKER_SECRET = "superexec.secret"  # in the state folder: lets the worker, and no one else, take the node's tasks
 CHECK_CACHE = "check"  # in the work folder: the windows of the start's data check
 FLWR_HOME = "flwr-home"  # in the state folder: where the SuperNode unpacks the apps it runs
 FLOWER_EXIT = re.compile(r"Exit Code: (\d+)")  # how Flower names why it exits (its status is only 1)
@@ -96,24 +98,34 @@ def supernode_command(site: SiteFile, site_path: Path) -> list[str]:
     """The `flower-supernode` command of the site: TLS with the coordinator's CA, authenticated
     by the node key, the site file as node config. (A SuperNode installs no app dependencies at
     run time unless `--allow-runtime-dependency-installation` is given: they come from the venv.)"""
-    values = {"site-file": site_path, **({"worker-socket": Path(site.state) / WORKER_SOCKET} if site.worker else {})}
-    for path in values.values():
-        if "'" in str(path):  # Flower's --node-config quotes values with '
-            raise ConfigError(f"{path} contains a quote ('), which Flower's node config cannot carry; "
-                              "choose a path without one")
-    node_config = " ".join(f"{key}='{path}'" for key, path in values.items())
+    if "'" in str(site_path):  # Flower's --node-config quotes values with '
+        raise ConfigError(f"{site_path} contains a quote ('), which Flower's node config cannot carry; "
+                          "choose a path without one")
+    # with a worker, the SuperNode leaves its tasks to it (`process`) instead of starting a process per message
+    isolation = ["--isolation", "process", "--superexec-auth-secret-file", str(worker_secret(site))] if site.worker else []
     return [str(BIN / "flower-supernode"),
             "--superlink", site.superlink,
             "--root-certificates", str(site.ca_certificate),
             "--auth-supernode-private-key", str(site.node_key),
-            "--node-config", node_config,
+            "--node-config", f"site-file='{site_path}'",
+            *isolation,
             "--host", "127.0.0.1", "--port", str(site.port)]
 
 
 def worker_command(site: SiteFile, site_path: Path) -> list[str]:
-    """The warm worker (client/worker.py) that answers the site's messages in one long-lived process."""
-    return [sys.executable, "-m", "client.worker", "--socket", str(Path(site.state) / WORKER_SOCKET),
-            "--site-file", str(site_path)]
+    """The warm worker (client/worker.py) that runs the site's ClientApp in one long-lived process."""
+    return [sys.executable, "-m", "client.worker", "--runtime-api-address", f"127.0.0.1:{site.port}",
+            "--superexec-auth-secret-file", str(worker_secret(site)), "--site-file", str(site_path)]
+
+
+def worker_secret(site: SiteFile) -> Path:
+    """The secret shared by the SuperNode and its worker (made once, mode 0600, in the state folder)."""
+    path = Path(site.state) / WORKER_SECRET
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as file:
+            file.write(secrets.token_bytes(32))
+    return path
 
 
 def exit_reason(status: int, output: list[str], site: SiteFile, log: Path) -> str:

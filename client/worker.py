@@ -30,6 +30,7 @@ from logging import ERROR, INFO
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import httpx
 from flwr.app import Error, Message
 from flwr.common import log
 from flwr.common.constant import ErrorCode, SubStatus
@@ -87,9 +88,17 @@ def stop(signum: int, frame) -> None:
 
 
 def runtime_client(address: str, interceptors: list) -> RuntimeHttpClient:
+    """A client of the SuperNode's Runtime API that retries as Flower's own processes do, except that
+    a refused secret is an error to report (Flower's processes interrupt themselves on it)."""
+    retry = make_simple_http_retry_invoker()
+    retry_unless_denied = retry.should_giveup
+    retry.should_giveup = lambda err: is_unauthorized(err) or retry_unless_denied(err)
     return RuntimeHttpClient.from_server_address(server_address=address, insecure=True, root_certificates=None,
-                                                 interceptors=interceptors,
-                                                 retry_invoker=make_simple_http_retry_invoker())
+                                                 interceptors=interceptors, retry_invoker=retry)
+
+
+def is_unauthorized(err: Exception) -> bool:
+    return isinstance(err, httpx.HTTPStatusError) and err.response.status_code == httpx.codes.UNAUTHORIZED
 
 
 def run_task(runtime_api_address: str, token: str, app: Callable[..., Message]) -> None:
@@ -160,7 +169,13 @@ def main(argv: list[str] | None = None) -> None:
                                             if args.superexec_auth_secret_file else None)
     except (ConfigError, ValueError) as err:
         sys.exit(f"fedssl worker: {err}")
-    serve(args.runtime_api_address, secret, site)
+    try:
+        serve(args.runtime_api_address, secret, site)
+    except httpx.HTTPStatusError as err:
+        if not is_unauthorized(err):
+            raise
+        sys.exit(f"fedssl worker: the SuperNode at {args.runtime_api_address} refused the worker's secret: give both "
+                 "the same --superexec-auth-secret-file")
 
 
 if __name__ == "__main__":

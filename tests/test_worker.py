@@ -1,170 +1,152 @@
-"""The site's warm worker (client/worker.py) and the per-message ClientApp that forwards to it.
+"""The site's warm worker (client/worker.py): the process that runs the node's ClientApp tasks.
 
-A real worker process (`python -m client.worker`) answers TINY's first site's train and evaluate
-messages exactly as the ClientApp answers them in its own process (same seeds, same arrays) and
-keeps serving; without a worker the ClientApp answers in its own process; a worker that dies or
-hangs mid-message is an Error reply, not a hang. The ClientApp's own process imports no torch.
+Against a real `flower-supernode --isolation process` (no SuperLink needed: its Runtime API serves
+the worker either way), the worker with the SuperNode's secret serves until SIGTERM, and one with
+another secret stops at once with one line. One task, with Flower's Runtime API calls replaced:
+the reply and the outcome pushed for an answer, a ClientApp that raises, and a run of another app.
+That the workers answer real rounds over TLS, with the audit log matching what the server
+received, is tests/test_deployment.py; the per-message ClientApp imports no torch.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
-import stat
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.serverapp.strategy import FedAvg
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common.constant import ErrorCode, SubStatus
 
-from client.app import app as client_app
-from client.worker import SOCKET_KEY, receive_frame
-from fedssl.config import load_scenario
-from fedssl.plan import Plan
-from fedssl.federated import shared_state
-from fedssl.objectives import build_objective
-from fedssl.protocol import COMPUTE_SECONDS_KEY, PLAN_KEY, SITE_ERROR_CODE
-from ops.processes import terminate
-from server.strategy import on_the_wire
-from tests.conftest import TINY, NodeGrid
+import client.worker as worker
+from ops.processes import free_port, terminate
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def short_dir():
-    """A folder with a short path: a Unix socket's path must fit in 108 bytes."""
-    folder = Path(tempfile.mkdtemp(prefix="fedssl-w-"))
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def worker(short_dir):
-    """A worker process serving short_dir/w.sock: (socket path, process, its log file)."""
-    path, log_path = short_dir / "w.sock", short_dir / "worker.log"
-    with log_path.open("w") as log_file:
-        process = subprocess.Popen([sys.executable, "-m", "client.worker", "--socket", str(path)], cwd=ROOT,
-                                   stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while "ready at" not in log_path.read_text():
-        assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
-        time.sleep(0.2)
-    yield path, process, log_path
+def supernode(tmp_path_factory):
+    """A SuperNode in `process` isolation with a secret (its SuperLink never answers): (its Runtime
+    API address, the secret file)."""
+    home = tmp_path_factory.mktemp("supernode")
+    secret = home / "secret"
+    secret.write_bytes(os.urandom(32))
+    address = f"127.0.0.1:{free_port()}"
+    host, port = address.split(":")
+    with (home / "supernode.log").open("w") as log_file:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{free_port()}",
+             "--isolation", "process", "--superexec-auth-secret-file", str(secret), "--host", host, "--port", port],
+            env={**os.environ, "FLWR_HOME": str(home / "flwr-home")}, stdout=log_file, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL)
+    yield address, secret
     terminate(process, grace=10)
 
 
-def node(tmp_path: Path, name: str, socket_path: Path, run_config: dict) -> Context:
-    """TINY's first site as a simulated node with its own run folder (so its own state folder),
-    answering through `socket_path`."""
-    node_config = {"partition-id": 0, "num-partitions": 2, SOCKET_KEY: str(socket_path)}
-    return Context(run_id=1, node_id=21, state=RecordDict(), node_config=node_config,
-                   run_config={**run_config, "run-dir": str(tmp_path / name)})
+def start_worker(address: str, secret: Path, log_path: Path) -> subprocess.Popen:
+    with log_path.open("w") as log_file:
+        return subprocess.Popen([sys.executable, "-m", "client.worker", "--runtime-api-address", address,
+                                 "--superexec-auth-secret-file", str(secret)], cwd=ROOT, stdout=log_file,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
-def instructions(tmp_path: Path) -> tuple[dict, list[Message]]:
-    """TINY's run config and the messages the server sends its first site: train in rounds 1 and 2
-    and a federated evaluation, each with the global model packed."""
-    (tmp_path / "scenario.yaml").write_text(TINY)
-    scenario = load_scenario(tmp_path / "scenario.yaml")
-    arrays = ArrayRecord(shared_state(build_objective(scenario), "encoder"))
-    strategy = FedAvg(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1)
-    grid = NodeGrid([21])
-    plan = Plan.of(scenario).text  # what the ServerApp adds to every message
-    messages = [*strategy.configure_train(1, arrays, ConfigRecord({"num-rounds": 2, PLAN_KEY: plan}), grid),
-                *strategy.configure_train(2, arrays, ConfigRecord({"num-rounds": 2, PLAN_KEY: plan}), grid),
-                *strategy.configure_evaluate(1, arrays, ConfigRecord({PLAN_KEY: plan}), grid)]
-    return {"run-dir": str(tmp_path / "run")}, on_the_wire(messages,
-                                                                                                 "float32")
-
-
-def test_the_worker_answers_every_message_as_the_clientapp_would_in_its_own_process(
-        worker, tmp_path, flower_messages, caplog):
-    path, _, log_path = worker
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # only the site's own user can connect
-    run_config, messages = instructions(tmp_path)
-    warm = node(tmp_path, "warm", path, run_config)
-    cold = node(tmp_path, "cold", tmp_path / "no-worker.sock", run_config)
-    for msg in messages:
-        caplog.clear()
-        by_worker = client_app(msg, warm)
-        assert "answering" not in caplog.text  # the worker took it
-        in_process = client_app(msg, cold)
-        assert "no site worker at" in caplog.text and "answering the" in caplog.text  # the fallback said so
-        assert not by_worker.has_error() and not in_process.has_error(), (by_worker, in_process)
-        assert set(by_worker.content) == set(in_process.content)
-        for name, record in by_worker.content.array_records.items():
-            for key, array in record.items():
-                assert np.array_equal(array.numpy(), in_process.content[name][key].numpy()), key
-        timing = {COMPUTE_SECONDS_KEY}
-        assert ({k: v for k, v in by_worker.content["metrics"].items() if k not in timing}
-                == {k: v for k, v in in_process.content["metrics"].items() if k not in timing})
-    answered = log_path.read_text()
-    assert answered.count("train message of run 1 answered") == 2
-    assert answered.count("evaluate message of run 1 answered") == 1
-
-
-def test_a_second_worker_on_the_socket_is_refused_and_sigterm_stops_the_first(worker):
-    path, process, _ = worker
-    second = subprocess.run([sys.executable, "-m", "client.worker", "--socket", str(path)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
-    assert second.returncode == 1 and second.stderr.strip() == f"fedssl worker: another worker already serves {path}"
-    process.send_signal(signal.SIGTERM)
+def test_a_worker_with_the_secret_serves_until_sigterm(supernode, tmp_path):
+    address, secret = supernode
+    process = start_worker(address, secret, tmp_path / "worker.log")
+    deadline = time.monotonic() + 120
+    while "ready for the SuperNode" not in (tmp_path / "worker.log").read_text():
+        assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "worker.log").read_text()
+        time.sleep(0.2)
+    time.sleep(3)  # long enough to ask the SuperNode for tasks many times
+    assert process.poll() is None, (tmp_path / "worker.log").read_text()
+    process.terminate()
     assert process.wait(timeout=30) == 0
-    assert not path.exists()  # the socket went with it
+    log = (tmp_path / "worker.log").read_text()
+    assert "site worker stopped" in log and "ERROR" not in log, log
 
 
-def test_a_bad_site_file_stops_the_worker_with_one_line(short_dir):
-    result = subprocess.run([sys.executable, "-m", "client.worker", "--socket", str(short_dir / "x.sock"),
-                             "--site-file", str(short_dir / "missing.yaml")],
+def test_a_worker_with_another_secret_stops_with_one_line(supernode, tmp_path):
+    address, _ = supernode
+    (tmp_path / "other").write_bytes(os.urandom(32))
+    result = subprocess.run([sys.executable, "-m", "client.worker", "--runtime-api-address", address,
+                             "--superexec-auth-secret-file", str(tmp_path / "other")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"fedssl worker: the SuperNode at {address} refused the worker's secret: give both the same "
+        "--superexec-auth-secret-file")
+    assert "Traceback" not in result.stderr
+
+
+def test_a_bad_site_file_stops_the_worker_with_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "client.worker", "--runtime-api-address", "127.0.0.1:1",
+                             "--site-file", str(tmp_path / "missing.yaml")],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
-    assert result.stderr.startswith(f"fedssl worker: cannot read site file {short_dir / 'missing.yaml'}")
-    assert not (short_dir / "x.sock").exists()
+    assert result.stderr.startswith(f"fedssl worker: cannot read site file {tmp_path / 'missing.yaml'}")
 
 
-def fake_worker(path: Path, hang: bool) -> threading.Event:
-    """A worker that reads one request and never replies: it closes the connection at once (it
-    died) or, with `hang`, once the returned event is set."""
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    listener.listen()
-    release = threading.Event()
-
-    def serve():
-        connection, _ = listener.accept()
-        receive_frame(connection), receive_frame(connection)
-        if hang:
-            release.wait(30)
-        connection.close()
-        listener.close()
-
-    threading.Thread(target=serve, daemon=True).start()
-    return release
+class FakeRun:
+    def __init__(self, fab_id: str) -> None:
+        self.fab_id = fab_id
 
 
-@pytest.mark.parametrize("failure", ["dies", "hangs"])
-def test_a_worker_failing_mid_message_is_an_error_reply(failure, short_dir, tmp_path, flower_messages):
-    path = short_dir / f"{failure}.sock"
-    release = fake_worker(path, hang=failure == "hangs")
-    msg = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=21, message_type="train",
-                  ttl=2.0)
-    context = node(tmp_path, "state", path, {"run-dir": str(tmp_path)})
-    started = time.monotonic()
-    reply = client_app(msg, context)
-    release.set()
-    assert reply.has_error() and reply.error.code == SITE_ERROR_CODE
-    expected = "TimeoutError" if failure == "hangs" else "ConnectionResetError"
-    assert reply.error.reason == f"site worker: {expected} (details in the site's log)"
-    assert time.monotonic() - started < 30  # the message's time to live bounds the wait
+@pytest.fixture
+def one_task(monkeypatch, flower_messages):
+    """run_task with the Runtime API replaced: it pulls a train message of run 7 from `fab_id`'s
+    run; returns what was pushed ({"reply": Message, "outcome": (status, details)})."""
+    pushed: dict = {}
+    message = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=21, message_type="train")
+    context = Context(run_id=7, node_id=21, state=RecordDict(), node_config={}, run_config={})
+
+    class Idle:
+        def __init__(self, *args) -> None: ...
+        start = stop = close = __init__
+
+    monkeypatch.setattr(worker, "runtime_client", lambda *args: Idle())
+    monkeypatch.setattr(worker, "HeartbeatSender", Idle)
+    monkeypatch.setattr(worker, "push_message", lambda client, reply, ctx: pushed.update(reply=reply))
+    monkeypatch.setattr(worker, "push_task_output",
+                        lambda client, ctx, status, details: pushed.update(outcome=(status, details)))
+
+    def run(app, fab_id=worker.APP_ID):
+        monkeypatch.setattr(worker, "pull_task_input", lambda client: (message, context, FakeRun(fab_id), None))
+        worker.run_task("127.0.0.1:1", "token", app)
+        return pushed
+    return run
+
+
+def test_a_task_pushes_the_apps_reply_then_its_outcome(one_task):
+    pushed = one_task(lambda message, context: Message(RecordDict({"metrics": ConfigRecord({"x": 1})}),
+                                                       reply_to=message))
+    assert pushed["reply"].content["metrics"]["x"] == 1
+    assert pushed["outcome"] == (SubStatus.COMPLETED, "")
+
+
+def test_a_clientapp_that_raises_is_an_error_reply_and_a_failed_task(one_task):
+    def broken(message, context):
+        raise RuntimeError("boom")
+    pushed = one_task(broken)
+    assert pushed["reply"].has_error() and pushed["reply"].error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    assert pushed["outcome"] == (SubStatus.FAILED, "RuntimeError: boom")
+
+
+def test_a_run_of_another_app_is_refused_without_running_it(one_task):
+    def never(message, context):
+        raise AssertionError("the ClientApp ran for another app")
+    pushed = one_task(never, fab_id="someone/else")
+    assert pushed["reply"].has_error() and "runs fedssl/fedssl only, not someone/else" in pushed["reply"].error.reason
+    assert pushed["outcome"][0] == SubStatus.FAILED
+
+
+def test_the_window_cache_loads_once_per_key():
+    loads = []
+    cache = worker.WindowCache(lambda *key: loads.append(key) or object())
+    first = cache("a", "data", "/w", 0)
+    assert cache("a", "data", "/w", 0) is first and len(loads) == 1
+    assert cache("a", "data", "/w", 1) is not first and len(loads) == 2
 
 
 def test_the_per_message_clientapp_imports_no_torch():

@@ -35,26 +35,15 @@ from __future__ import annotations
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
-from flwr.clientapp.mod import fixedclipping_mod
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 app = ClientApp()
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the received encoder on this site's data; reply with encoder weights + metrics.
-
-    With central DP clipped at the sites (`federation.central_dp: client`, the server sends a
-    clipping norm), Flower's `fixedclipping_mod` clips the update before it leaves the site.
-    """
-    if KEY_CLIPPING_NORM in msg.content["config"]:
-        return fixedclipping_mod(msg, context, train_round)
-    return train_round(msg, context)
-
-
-def train_round(msg: Message, context: Context) -> Message:
-    """One round's local training; an Error reply if it fails or the site declines it."""
+    """Train the received encoder on this site's data; reply with encoder weights + metrics. With
+    central DP clipped at the sites (`federation.central_dp: client`) the server sends a clipping
+    norm, and the site clips its update before the reply is packed and audited."""
     return answer("train", msg, context)
 
 

@@ -7,9 +7,8 @@ with the `reason` it gave the coordinator), how much it read and did (`records`,
 `steps`, `examples`, `epsilon` spent so far; null where nothing was done) and what left the site
 (`sent`: each array's name, shape and dtype, the bytes and their SHA-256, null when nothing was
 sent). The hash is `fedssl.protocol.payload_sha256`, as the coordinator records it for each reply
-it received (RoundRecord.received): the two logs can be compared line by line. (One exception:
-with `federation.central_dp: client`, Flower's `fixedclipping_mod` in client/app.py clips the update
-after the site's answer is logged, so the site logs the hash of its update before clipping.)
+it received (RoundRecord.received): the two logs can be compared line by line (with
+`federation.central_dp: client` too: the site clips its update before it is packed and logged).
 
 Never data, never paths: the log may be shown to anyone who asks what the site shared.
 Standard library only (no Flower, no torch): `fedssl node` reads it where no training runs.

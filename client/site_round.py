@@ -22,6 +22,7 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, Error, MetricRecord, RecordDict
 from flwr.common import log
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client import audit
 from client.approval import is_approved, request_approval
@@ -32,7 +33,7 @@ from fedssl.config import ConfigError, Scenario, SiteConfig
 from fedssl.data.site import load_site
 from fedssl.data.windows import WindowSet
 from fedssl.evaluate import linear_probe
-from fedssl.federated import cast_floating, encoder_state, fedema_start, shared_state
+from fedssl.federated import cast_floating, clip_update, encoder_state, fedema_start, shared_state
 from fedssl.objectives import build_objective
 from fedssl.packing import read_manifest
 from fedssl.plan import Plan, policy_problems
@@ -220,6 +221,8 @@ def train_site(scenario: Scenario, node: Node, content: RecordDict) -> Work:
     shared = shared_state(objective, fed.share)
     if fed.local_update == "fedema":
         save_fedema_state(state_folder, shared, scale)
+    if KEY_CLIPPING_NORM in config:  # central DP clipped at the sites: the server sent the norm
+        shared = clip_update(shared, received, float(config[KEY_CLIPPING_NORM]))
 
     log(INFO, "fedssl | site %s round %d: %d steps on %d windows, loss %.4f (%.1fs, %s)",
         site.name, server_round, result.steps, len(data), result.losses["loss"], result.seconds,

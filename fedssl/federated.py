@@ -1,4 +1,5 @@
-"""Federated math that needs no Flower: what travels, the FedProx term and FedEMA blending.
+"""Federated math that needs no Flower: what travels, its clipping for central DP, the FedProx
+term and FedEMA blending.
 
 State dicts here use the objective's own names (`encoder.blocks.0...`, `reconstruction...`):
 with `share: encoder` only the `encoder.` entries travel, with `share: all` every entry does.
@@ -54,6 +55,16 @@ def divergence(a: State, b: State) -> float:
     """Euclidean distance between two states over their floating-point entries."""
     squared = sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in a if a[k].is_floating_point())
     return math.sqrt(squared)
+
+
+def clip_update(state: State, reference: State, max_norm: float) -> State:
+    """`state` with its update `state - reference` scaled to an L2 norm of at most `max_norm` over
+    all floating-point entries together: central DP clipped at the site (McMahan et al., ICLR 2018;
+    `federation.central_dp: client`), as Flower's `fixedclipping_mod` would clip the reply, but
+    before it is packed, so the site's audit log hashes the update it really sends."""
+    norm = divergence(state, reference)
+    scale = min(1.0, max_norm / norm) if norm > 0 else 1.0
+    return {k: reference[k] + (v - reference[k]) * scale if v.is_floating_point() else v for k, v in state.items()}
 
 
 def fedema_scale(previous: State, received: State, tau: float) -> float | None:

@@ -8,7 +8,7 @@ a JSON list of `[name, shape, dtype]` that cuts the flat array back into the sta
 
 Only floating-point tensors are packed, so nothing is rounded through a float and the difference of
 two packed states is the concatenation of the per-tensor differences: its norm is the update's
-norm, which central DP clips at the site (Flower's `fixedclipping_mod` works on the flat arrays).
+norm, which central DP clipped at the server (Flower's wrapper works on the flat arrays) bounds.
 """
 
 from __future__ import annotations

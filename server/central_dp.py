@@ -1,7 +1,7 @@
 """Site-level (central) DP: Flower's fixed-clipping wrappers, accounted, over a fixed denominator.
 
 `federation.central_dp: server|client`: every sampled site's update is clipped to norm C (by the
-server here, or by the site with Flower's `fixedclipping_mod`) and Flower's
+server here, or by the site before it packs its reply: `fedssl.federated.clip_update`) and Flower's
 `DifferentialPrivacyClientSideFixedClipping` adds Gaussian noise of std `sigma * C / n` to the mean
 of the n sampled sites' updates. That is the Gaussian
 mechanism on a sum of n terms of norm <= C, so each round is (epsilon, delta)-DP with respect to

@@ -7,7 +7,9 @@ site-level epsilon of every round is in `metrics.jsonl` and the summary and equa
 mechanism's closed-form RDP, composed; `south` also trains with sample-level DP-SGD on a budget
 that only round 1 fits, so it declines rounds 2 and 3, and the run goes on: `north`'s update is
 still released (noised over the fixed denominator of two sites) and the site-level epsilon keeps
-growing. Plus fast checks of the aggregation arithmetic.
+growing. The same federation with the clipping at the sites (`central_dp: client`): each site's
+audit log holds the hash of the clipped update the server received. Plus fast checks of the
+aggregation arithmetic.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import get_privacy_spent
 
+from client.audit import read_audit
 from fedssl.config import ConfigError, FederationConfig
 from fedssl.protocol import PRIVACY_BUDGET_CODE, PRIVACY_BUDGET_REASON
 from fedssl.runfolder import RunFolder
@@ -67,6 +70,21 @@ def gaussian_epsilon(noise_multiplier: float, releases: int, delta: float) -> fl
 def central_federation(tmp_path_factory):
     result, _ = simulate_in_process(CENTRAL_DP_FEDERATION, tmp_path_factory.mktemp("central-dp"))
     return result, RunFolder(result.run_dir).rounds()
+
+
+@pytest.fixture(scope="module")
+def clipped_at_sites(tmp_path_factory):
+    text = CENTRAL_DP_FEDERATION.replace("central_dp: server", "central_dp: client")
+    result, _ = simulate_in_process(text, tmp_path_factory.mktemp("central-dp-client"))
+    return result, RunFolder(result.run_dir).rounds()
+
+
+def test_sites_that_clip_audit_the_update_the_server_received(clipped_at_sites):
+    result, rounds = clipped_at_sites
+    assert [r.central_epsilon for r in rounds] == pytest.approx([gaussian_epsilon(1.5, r, 1e-4) for r in (1, 2, 3)])
+    for site in ("north", "south"):
+        sent = [e["sent"]["sha256"] for e in read_audit(result.run_dir / "sites" / site) if e["outcome"] == "trained"]
+        assert sent == [r.received[site] for r in rounds if site in r.received] and sent, site
 
 
 def test_site_level_epsilon_is_reported_every_round(central_federation):

@@ -14,16 +14,13 @@ import json
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
 
-from client import app as client_app
 from client.site_round import privacy_metrics
-from client.wire import reply_records
 from fedssl.config import FederationConfig, load_scenario
-from fedssl.packing import unpack
+from fedssl.federated import clip_update, divergence
 from fedssl.privacy import LEDGER_FILE, PrivacyLedger, compute_epsilon
-from fedssl.protocol import MANIFEST_KEY, PACKED_KEY, PRIVACY_BUDGET_CODE, PRIVACY_BUDGET_REASON
+from fedssl.protocol import PRIVACY_BUDGET_CODE, PRIVACY_BUDGET_REASON
 from fedssl.runfolder import RunFolder
 from server.strategy import make_strategy
 from server.validation import validate_replies
@@ -98,25 +95,16 @@ def test_a_site_past_its_budget_declines_and_the_run_goes_on(dp_federation):
     assert (result.run_dir / "encoder.pt").is_file()
 
 
-def test_sites_clip_their_packed_updates_when_the_server_sends_a_clipping_norm(monkeypatch, flower_messages):
-    """Flower's `fixedclipping_mod` clips the packed flat arrays: the update's norm over all its
-    tensors, so each tensor is scaled alike."""
-    sent = {"encoder.w": torch.zeros(4), "encoder.b": torch.zeros(1)}
-    trained = {"encoder.w": torch.full((4,), 2.0), "encoder.b": torch.full((1,), 3.0)}  # update norm 5
-
-    def train_round(msg, context):
-        return Message(site_reply(trained, {"num-examples": 1}), reply_to=msg)
-
-    monkeypatch.setattr(client_app, "train_round", train_round)
-    for config, scale in (({}, 1.0), ({KEY_CLIPPING_NORM: 2.0}, 2.0 / 5.0)):
-        content = RecordDict(reply_records(sent, "float32"))  # the global model, packed as the server sends it
-        content["config"] = ConfigRecord({**content["config"], "server-round": 1, **config})
-        out = client_app.train(Message(content, dst_node_id=1, message_type="train"), None)
-        update = unpack(out.content["arrays"][PACKED_KEY].numpy(), out.content["config"][MANIFEST_KEY])
-        assert update.keys() == trained.keys()
-        for key, value in update.items():
-            assert value.dtype == torch.float32
-            torch.testing.assert_close(value, scale * trained[key], rtol=1e-6, atol=0)
+def test_sites_clip_their_update_over_all_its_tensors():
+    """Central DP clipped at the site (`clip_update`): the update's norm over all its tensors, so
+    each tensor is scaled alike; an update within the norm is sent as it is."""
+    sent = {"encoder.w": torch.full((4,), 1.0), "encoder.b": torch.full((1,), -1.0)}
+    trained = {"encoder.w": torch.full((4,), 3.0), "encoder.b": torch.full((1,), 2.0)}  # update norm 5
+    for max_norm, scale in ((10.0, 1.0), (2.0, 2.0 / 5.0)):
+        clipped = clip_update(trained, sent, max_norm)
+        for key, value in clipped.items():
+            torch.testing.assert_close(value, sent[key] + scale * (trained[key] - sent[key]), rtol=1e-6, atol=0)
+    assert divergence(clip_update(trained, sent, 2.0), sent) == pytest.approx(2.0, rel=1e-6)
 
 
 def test_scenario_keeps_the_site_privacy_override(dp_federation):

@@ -60,7 +60,7 @@ def test_unpacked_tensors_do_not_share_memory_with_the_received_array():
 
 
 def test_the_packed_difference_has_the_updates_norm():
-    """Central DP clips the flat packed arrays at the site (Flower's fixedclipping_mod): the norm
+    """Central DP clipped at the server clips the flat packed arrays (Flower's wrapper): the norm
     of their difference must be the norm of the update over all its tensors."""
     before, after = state(0), state(1)
     (flat_before, _), (flat_after, _) = pack(before, "float32"), pack(after, "float32")

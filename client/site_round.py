@@ -259,8 +259,18 @@ def evaluate_site(scenario: Scenario, node: Node, content: RecordDict) -> Work:
 
 
 def site_windows(scenario: Scenario, node: Node) -> WindowSet:
-    """The site's windows (built once from its records, then read from its cache in `node.work`)."""
-    return load_site(node.site, scenario.data, node.work, scenario.seed)
+    """The site's windows: built once from its records into its cache in `node.work`, then read
+    from that cache, or kept in memory by a process that answers the same site again (the node's
+    warm worker, client/worker.py). One entry, keyed by all the windows are built from; records
+    changed on disk while a worker runs are read after its restart."""
+    global last_windows
+    key = (node.site, scenario.data, node.work, scenario.seed)
+    if last_windows is None or last_windows[0] != key:
+        last_windows = key, load_site(*key)
+    return last_windows[1]
+
+
+last_windows: tuple[tuple, WindowSet] | None = None  # (what they were built from, the windows) of the last call
 
 
 def site_index(scenario: Scenario, site: SiteConfig) -> int:

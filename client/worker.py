@@ -21,6 +21,7 @@ other app is answered with an Error.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import signal
 import sys
@@ -28,8 +29,6 @@ import time
 from collections.abc import Callable
 from logging import ERROR, INFO
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import httpx
 from flwr.app import Error, Message
 from flwr.common import log
@@ -44,9 +43,6 @@ from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
-if TYPE_CHECKING:
-    from fedssl.data.windows import WindowSet
-
 APP_ID = "fedssl/fedssl"  # the publisher/name of pyproject.toml's [tool.flwr.app]: the only app answered
 TASK_POLL_SECONDS = 0.05  # how often an idle worker asks its SuperNode for a task (a local call)
 AUTHENTICATED_METHODS = ("/flwr.proto.Runtime/AcquireTask",)  # what the SuperExec secret signs
@@ -56,10 +52,8 @@ def serve(runtime_api_address: str, secret: bytes | None = None, site: str | Non
     """Run the ClientApp tasks of the SuperNode at `runtime_api_address` until SIGTERM; `site`
     names the site in the log."""
     signal.signal(signal.SIGTERM, stop)
-    from client.app import app  # torch, opacus and the site's code (client/site_round.py): imported once, here
-    from client import site_round
-
-    site_round.load_site = WindowCache(site_round.load_site)
+    importlib.import_module("client.site_round")  # torch, opacus and the site's code: once, before the first task
+    from client.app import app
     interceptors = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
     if secret:
         interceptors.append(SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=AUTHENTICATED_METHODS))
@@ -133,23 +127,6 @@ def run_task(runtime_api_address: str, token: str, app: Callable[..., Message]) 
         push_task_output(client, context, status, details)
         heartbeat.stop()
         client.close()
-
-
-class WindowCache:
-    """`load_site` that keeps the windows it loaded last in memory, keyed by what they are built
-    from (the site's and the data's configuration, the data folder and the seed). A worker serves
-    one site, so one entry is kept; records changed on disk while it runs are read after a restart."""
-
-    def __init__(self, load: Callable[..., WindowSet]) -> None:
-        self.load = load
-        self.key: tuple | None = None
-        self.windows: WindowSet | None = None
-
-    def __call__(self, site, data, workdir, seed) -> WindowSet:
-        key = (site, data, Path(workdir), seed)
-        if key != self.key:
-            self.windows, self.key = self.load(site, data, workdir, seed), key
-        return self.windows
 
 
 def main(argv: list[str] | None = None) -> None:

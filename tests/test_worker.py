@@ -5,7 +5,8 @@ the worker either way), the worker with the SuperNode's secret serves until SIGT
 another secret stops at once with one line. One task, with Flower's Runtime API calls replaced:
 the reply and the outcome pushed for an answer, a ClientApp that raises, and a run of another app.
 That the workers answer real rounds over TLS, with the audit log matching what the server
-received, is tests/test_deployment.py; the per-message ClientApp imports no torch.
+received, is tests/test_deployment.py. A process keeps the windows of the site it answered last;
+the per-message ClientApp imports no torch.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.constant import ErrorCode, SubStatus
 
 import client.worker as worker
+from client import site_round
+from fedssl.config import Scenario, SiteConfig
 from ops.processes import free_port, terminate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,12 +144,14 @@ def test_a_run_of_another_app_is_refused_without_running_it(one_task):
     assert pushed["outcome"][0] == SubStatus.FAILED
 
 
-def test_the_window_cache_loads_once_per_key():
+def test_a_process_keeps_the_windows_of_the_site_it_answered_last(monkeypatch):
     loads = []
-    cache = worker.WindowCache(lambda *key: loads.append(key) or object())
-    first = cache("a", "data", "/w", 0)
-    assert cache("a", "data", "/w", 0) is first and len(loads) == 1
-    assert cache("a", "data", "/w", 1) is not first and len(loads) == 2
+    monkeypatch.setattr(site_round, "load_site", lambda *key: loads.append(key) or object())
+    monkeypatch.setattr(site_round, "last_windows", None)
+    node = site_round.Node(SiteConfig("a", folder="/records"), Path("/work"), Path("/state"))
+    first = site_round.site_windows(Scenario(seed=0), node)
+    assert site_round.site_windows(Scenario(seed=0), node) is first and len(loads) == 1
+    assert site_round.site_windows(Scenario(seed=1), node) is not first and len(loads) == 2
 
 
 def test_the_per_message_clientapp_imports_no_torch():

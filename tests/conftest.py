@@ -634,12 +634,19 @@ def write_site_file(home: Path, site: str, superlink: str, ca: Path, **changes) 
     return home / "site.yaml"
 
 
-def wait_for(condition: Callable[[], bool], what: str, limit: float, alive: Iterable[subprocess.Popen] = ()) -> float:
-    """Seconds until `condition()`, while the `alive` processes run; `limit` s only guards against a hang."""
+# s between checks that run the flwr CLI (`Deployment.online`, `fedssl status`): each costs about a
+# second of CPU, which the other test workers need more than the wait needs promptness
+CLI_POLL = 3.0
+
+
+def wait_for(condition: Callable[[], bool], what: str, limit: float, alive: Iterable[subprocess.Popen] = (),
+             every: float = 0.5) -> float:
+    """Seconds until `condition()` (checked every `every` s), while the `alive` processes run;
+    `limit` s only guards against a hang."""
     started = time.monotonic()
     while not condition():
         for process in alive:
             assert process.poll() is None, f"{process.args[:3]} exited while waiting for {what}"
         assert time.monotonic() - started < limit, f"no {what} within {limit:.0f} s: hung"
-        time.sleep(0.5)
+        time.sleep(every)
     return time.monotonic() - started

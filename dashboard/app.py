@@ -170,6 +170,9 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8050, token:
     except OSError as err:
         sock.close()
         raise OSError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    # listening before the address is printed: a browser opened on it at once waits in the backlog
+    # until uvicorn accepts, instead of being refused while uvicorn starts (seen on a busy machine)
+    sock.listen()
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     print(f"dashboard of {run_dir.resolve()} on http://{shown}:{bound}/"

@@ -45,6 +45,23 @@ from server.app import app as server_app
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+# The modules that take longest, longest first: federations of real Flower processes, then the
+# heaviest in-process computations (measured with `--durations`)
+LONGEST_MODULES = ("test_faults.py", "test_deployment.py", "test_objectives.py", "test_privacy.py",
+                   "test_federation.py", "test_bad_paths.py", "test_federated_variants.py", "test_baselines.py")
+
+
+def pytest_collection_modifyitems(items):
+    """Run the longest modules first. xdist (`--dist loadfile --no-loadscope-reorder`) hands whole
+    modules to the workers in collection order, so a long module handed out last runs alone while
+    the other workers idle: in alphabetical order test_faults.py started two thirds of the way in."""
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_MODULES.index(name) if name in LONGEST_MODULES else len(LONGEST_MODULES)
+
+    items.sort(key=rank)  # stable: the other modules, and the tests within each, keep their order
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     torch.set_num_threads(1)
@@ -617,12 +634,19 @@ def write_site_file(home: Path, site: str, superlink: str, ca: Path, **changes) 
     return home / "site.yaml"
 
 
-def wait_for(condition: Callable[[], bool], what: str, limit: float, alive: Iterable[subprocess.Popen] = ()) -> float:
-    """Seconds until `condition()`, while the `alive` processes run; `limit` s only guards against a hang."""
+# s between checks that run the flwr CLI (`Deployment.online`, `fedssl status`): each costs about a
+# second of CPU, which the other test workers need more than the wait needs promptness
+CLI_POLL = 3.0
+
+
+def wait_for(condition: Callable[[], bool], what: str, limit: float, alive: Iterable[subprocess.Popen] = (),
+             every: float = 0.5) -> float:
+    """Seconds until `condition()` (checked every `every` s), while the `alive` processes run;
+    `limit` s only guards against a hang."""
     started = time.monotonic()
     while not condition():
         for process in alive:
             assert process.poll() is None, f"{process.args[:3]} exited while waiting for {what}"
         assert time.monotonic() - started < limit, f"no {what} within {limit:.0f} s: hung"
-        time.sleep(0.5)
+        time.sleep(every)
     return time.monotonic() - started

@@ -48,7 +48,7 @@ from fedssl.runfolder import RunFolder
 from ops.coordinator import StreamFilter
 from ops.deploy import make_certificates, make_node_key, verify_server_certificate
 from ops.processes import free_port
-from tests.conftest import (BIN, SITES, Deployment, fedssl_command, hospital_records, wait_for,
+from tests.conftest import (BIN, CLI_POLL, SITES, Deployment, fedssl_command, hospital_records, wait_for,
                             write_site_file)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -286,7 +286,7 @@ def deployment(tmp_path_factory):
         nodes = {site: d.start(f"node-{site}", fedssl("node", "site.yaml"), cwd=homes[site]) for site in SITES}
         # a resume with nothing to resume is refused at once, while the nodes start
         out["resume"] = d.run("resume", fedssl("launch", "scenario.yaml", "--resume"), timeout=120, cwd=coordinator)
-        wait_for(lambda: d.online() == 3, "3 nodes online", 180, nodes.values())
+        wait_for(lambda: d.online() == 3, "3 nodes online", 180, nodes.values(), every=CLI_POLL)
 
         launch = d.start("launch", fedssl("launch", "scenario.yaml"), cwd=coordinator)
         # meanwhile: the federation as the coordinator sees it once the ServerApp runs, and at a site
@@ -316,7 +316,7 @@ def deployment(tmp_path_factory):
             out["status_after_kill"] = status
             return "offline" in site_row(status, KILLED)
 
-        wait_for(shows_offline, f"{KILLED} offline in `fedssl status`", OFFLINE_LIMIT)
+        wait_for(shows_offline, f"{KILLED} offline in `fedssl status`", OFFLINE_LIMIT, every=CLI_POLL)
         out["offline_after"] = time.monotonic() - killed_at
         out["refused"] = {name: d.finish(name, process, timeout=60) for name, process in refused.items()}
     finally:

@@ -51,7 +51,7 @@ from ops.deploy import make_certificates, make_node_key
 from ops.processes import marked_processes, send_signal
 from server.checkpoint import ServerCheckpoint
 from server.presence import PatientGrid
-from tests.conftest import (SITES, Deployment, fedssl_command, hospital_records, wait_for,
+from tests.conftest import (CLI_POLL, SITES, Deployment, fedssl_command, hospital_records, wait_for,
                             write_site_file)
 
 SCENARIO = """
@@ -133,7 +133,7 @@ def faults(tmp_path_factory):
                                                                   "--site", site), cwd=d.coordinator) for site in SITES]
         assert all(process.wait(timeout=120) == 0 for process in registering)
         nodes = [start_node(site) for site in SITES[:2]]
-        wait_for(lambda: d.online() == 2, "2 nodes online", MARGIN, nodes)
+        wait_for(lambda: d.online() == 2, "2 nodes online", MARGIN, nodes, every=CLI_POLL)
 
         # 1. bounded wait: cardiology_c never connects
         out["bounded"] = d.finish("bounded", launch("bounded", "bounded"), timeout=CONNECT_TIMEOUT + MARGIN)
@@ -156,7 +156,7 @@ def faults(tmp_path_factory):
         out["first"] = d.finish("faulty", first, timeout=60)
         d.start_coordinator(fedssl_command("coordinator", "coordinator.yaml"), **{TAG: coordinator})
         # SuperNodes retry with a back-off of at most 20 s (flwr's MAX_RETRY_DELAY)
-        wait_for(lambda: d.online() == 3, "the nodes to reconnect", MARGIN)
+        wait_for(lambda: d.online() == 3, "the nodes to reconnect", MARGIN, every=CLI_POLL)
         out["resumed"] = d.finish("faulty-resumed", launch("faulty-resumed", "faulty", "--resume"), timeout=FAULTY_LIMIT)
     finally:
         out["survivors"] = d.stop()

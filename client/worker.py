@@ -1,6 +1,6 @@
 """The site's warm worker: one long-lived process that runs its node's ClientApp for every message.
 
-In its default isolation (`subprocess`) Flower 1.41's SuperNode starts a new `flwr-clientapp`
+In its default isolation (`subprocess`) Flower's SuperNode (1.41, 1.42) starts a new `flwr-clientapp`
 process for every message, which pays Python's start-up, Flower's and torch's imports, the app's
 installation and the site's set-up again every round (docs/performance.md, round overhead).
 Started with `--isolation process`, the SuperNode instead leaves its tasks to a process of the
@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from logging import ERROR, INFO
 from pathlib import Path
+
 import httpx
 from flwr.app import Error, Message
 from flwr.common import log
@@ -118,7 +119,7 @@ def run_task(runtime_api_address: str, token: str, app: Callable[..., Message]) 
             except Exception as err:  # noqa: BLE001 - the site's own failures are Error replies already; this is a bug
                 log(ERROR, "fedssl | site worker: the ClientApp raised on a %s message", message.metadata.message_type,
                     exc_info=err)
-                details = f"{type(err).__name__}: {err}"
+                details = f"the ClientApp raised {type(err).__name__} (details in the site's log)"  # nothing of the data
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
         push_message(client, reply, context)
         log(INFO, "fedssl | site worker: %s message of run %d answered in %.1fs", message.metadata.message_type,

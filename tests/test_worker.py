@@ -133,7 +133,8 @@ def test_a_clientapp_that_raises_is_an_error_reply_and_a_failed_task(one_task):
         raise RuntimeError("boom")
     pushed = one_task(broken)
     assert pushed["reply"].has_error() and pushed["reply"].error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
-    assert pushed["outcome"] == (SubStatus.FAILED, "RuntimeError: boom")
+    assert pushed["reply"].error.reason == "the ClientApp raised RuntimeError (details in the site's log)"
+    assert pushed["outcome"] == (SubStatus.FAILED, pushed["reply"].error.reason)
 
 
 def test_a_run_of_another_app_is_refused_without_running_it(one_task):

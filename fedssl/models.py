@@ -424,6 +424,13 @@ class ConvTransformer(nn.Module):
         return normalised(segments), lead_mask[:, None, :].expand(-1, t // self.stride, -1)
 
 
+def transformer_size(model: ModelConfig) -> tuple:
+    """The size's tuple of a token encoder (`SIZES` or `CONV_TRANSFORMER_SIZES`), its depth
+    replaced by `model.depth` when set."""
+    *shape, depth, heads = (CONV_TRANSFORMER_SIZES if model.encoder == "conv_transformer" else SIZES)[model.size]
+    return (*shape, depth if model.depth is None else model.depth, heads)
+
+
 def build_encoder(model: ModelConfig, window_samples: int) -> nn.Module:
     if model.encoder not in ENCODERS:
         raise ConfigError(f"model.encoder: unknown encoder {model.encoder!r}; known: {list(ENCODERS)}")
@@ -432,7 +439,6 @@ def build_encoder(model: ModelConfig, window_samples: int) -> nn.Module:
     if model.encoder == "resnet1d":
         return ResNet1D(*RESNET_SIZES[model.size], model.dropout)
     if model.encoder == "conv_transformer":
-        return ConvTransformer(window_samples, *CONV_TRANSFORMER_SIZES[model.size], model.dropout,
-                               causal=model.causal)
-    width, depth, heads = SIZES[model.size]
+        return ConvTransformer(window_samples, *transformer_size(model), model.dropout, causal=model.causal)
+    width, depth, heads = transformer_size(model)
     return ECGTransformer(window_samples, model.patch_size, width, depth, heads, model.dropout)

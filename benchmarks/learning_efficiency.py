@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     curves: dict[str, list[list[dict]]] = {a.name: [] for a in arms}
     random_init: dict[ModelConfig, list[float]] = {}  # per encoder setting: arms that share it share its inits
     for seed in range(args.seeds):
-        train, test = labelled.split_by_record(0.5, seed)
+        train, test = labelled.split_by_patient(0.5, seed)  # by record: these sets carry no patient ids
         pool = WindowSet.concat([train, unlabelled])  # no probe-test record is ever pretrained on
         for arm in arms:
             if len(random_init.get(arm.model, [])) < (seed + 1):

@@ -64,9 +64,9 @@ class Arm:
     learning_rate: float = 1e-3
 
 
-# conv_transformer arms as they were measured: two transformer blocks (the tiny size's) and, for CPC,
-# 12 steps ahead, set here so that the arms do not move with the defaults
-CONV = ModelConfig(encoder="conv_transformer", depth=2)
+# conv_transformer arms as they were measured: two transformer blocks (the tiny size's), two token
+# convolutions and, for CPC, 12 steps ahead, set here so that the arms do not move with the defaults
+CONV = ModelConfig(encoder="conv_transformer", depth=2, local_blocks=2)
 CPC_ENCODER = dataclasses.replace(CONV, causal=True)
 CPC12, CPC6 = ObjectiveConfig(name="cpc", prediction_steps=12), ObjectiveConfig(name="cpc", prediction_steps=6)
 ARMS = (
@@ -82,6 +82,13 @@ ARMS = (
     Arm("conv+cpc depth1", dataclasses.replace(CPC_ENCODER, depth=1), CPC12),
     Arm("conv+cpc ahead6", CPC_ENCODER, CPC6),
     Arm("conv+cpc depth1 ahead6", dataclasses.replace(CPC_ENCODER, depth=1), CPC6),
+    # two blocks kept (one block lost the quickstart's margin over the hospitals alone), fewer steps ahead
+    Arm("conv+cpc ahead4", CPC_ENCODER, ObjectiveConfig(name="cpc", prediction_steps=4)),
+    Arm("conv+cpc ahead3", CPC_ENCODER, ObjectiveConfig(name="cpc", prediction_steps=3)),
+    # ... and one residual convolution over tokens instead of two
+    Arm("conv+cpc local1 ahead6", dataclasses.replace(CPC_ENCODER, local_blocks=1), CPC6),
+    Arm("conv+cpc local1 ahead4", dataclasses.replace(CPC_ENCODER, local_blocks=1),
+        ObjectiveConfig(name="cpc", prediction_steps=4)),
     Arm("conv+jepa", CONV, ObjectiveConfig(name="jepa")),
 )
 

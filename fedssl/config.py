@@ -122,9 +122,15 @@ class ModelConfig:
     # conv_transformer: attention reads only earlier time tokens, downstream too; CPC needs it
     # (its context must not see the future it predicts), every other objective works either way
     causal: bool = True
+    # transformer blocks of st_mem and conv_transformer; null: the size's (fedssl/models.py)
+    depth: int | None = None
+    # conv_transformer: residual convolutions over its tokens between the stem and attention
+    local_blocks: int = 2
 
     def __post_init__(self) -> None:
         positive(self, "patch_size")
+        require(self.depth is None or self.depth > 0, "depth", "must be > 0 (or null)", self.depth)
+        non_negative(self, "local_blocks")
         fraction(self, "dropout", high_open=True)
 
 

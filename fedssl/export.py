@@ -33,7 +33,7 @@ from fedssl.data.records import RecordError, read_record, reason_kind
 from fedssl.data.site import SiteDataError
 from fedssl.data.windows import STANDARD_LEADS, RecordInfo, WindowSet
 from fedssl.evaluate import embed
-from fedssl.models import CONV_TRANSFORMER_SIZES, LOCAL_BLOCKS, RESNET_SIZES, SIZES, build_encoder
+from fedssl.models import RESNET_SIZES, build_encoder, transformer_size
 from fedssl.report import Run, epsilon_by_site, last_delta, load_run, privacy_text
 from fedssl.runfolder import RunFolderError
 from fedssl.storage import atomic_write
@@ -184,15 +184,16 @@ def _table(rows: list[tuple], header: tuple[str, ...] = ("", "")) -> list[str]:
 
 def architecture(model: ModelConfig, config: dict) -> list[tuple[str, str]]:
     if model.encoder == "st_mem":
-        width, depth, heads = SIZES[model.size]
+        width, depth, heads = transformer_size(model)
         shape = (f"ST-MEM-style signal transformer (per-lead patches, lead and position embeddings, mean of the "
                  f"recorded leads' tokens), size {model.size}: width {width}, depth {depth}, {heads} heads, "
                  f"patches of {model.patch_size} samples")
     elif model.encoder == "conv_transformer":
-        stem, width, depth, heads = CONV_TRANSFORMER_SIZES[model.size]
+        stem, width, depth, heads = transformer_size(model)
         shape = (f"convolutional stem (leads as channels, stem channels {list(stem)}, one token per 20 samples) + "
-                 f"{LOCAL_BLOCKS} token convolutions + transformer over time tokens, size {model.size}: width {width}, "
-                 f"depth {depth}, {heads} heads{', causal attention' if model.causal else ''}, mean of the tokens")
+                 f"{model.local_blocks} token convolutions + transformer over time tokens, size {model.size}: "
+                 f"width {width}, depth {depth}, {heads} heads{', causal attention' if model.causal else ''}, "
+                 "mean of the tokens")
     else:
         channels, blocks = RESNET_SIZES[model.size]
         shape = (f"1-D ResNet with GroupNorm, size {model.size}: stage channels {list(channels)}, "

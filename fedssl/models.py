@@ -54,7 +54,6 @@ CONV_TRANSFORMER_SIZES = {  # stem channels, width, depth, heads
     "base": ((64, 128), 256, 4, 8),
 }
 STEM_STRIDES = (2, 2, 5)  # ConvTransformer: 20 samples (0.2 s at 100 Hz) per token
-LOCAL_BLOCKS = 2  # ConvTransformer: residual convolutions over tokens after the stem
 ENCODERS = ("st_mem", "resnet1d", "conv_transformer")
 TOKEN_ENCODERS = ("st_mem", "conv_transformer")  # encoders with tokens, which masked modelling needs
 TIME_TOKEN_ENCODERS = ("conv_transformer",)  # tokens in time order, one per time step: CPC needs them
@@ -311,7 +310,7 @@ class ConvTransformer(nn.Module):
     The stem (three Conv1d + `ChannelNorm` + GELU, strides 2, 2, 5) turns a (B, 12, T) window
     into T / 20 tokens; stem token t is the local shape of all twelve leads in 0.2 s and depends
     on samples 20t - 7 .. 20t + 23 only (a 0.31-s receptive field). Two residual convolutions
-    over tokens (`TokenConvBlock`) widen that to about 2 s before attention. Missing leads are
+    over tokens (`TokenConvBlock`, `local_blocks`) widen that to about 2 s before attention. Missing leads are
     zeroed before the stem, so their values cannot change the embedding. (A per-record bias from
     the lead mask, as `ResNet1D`'s mask channels give, made SimCLR collapse to one embedding for
     all records in the overfitting test; without it the same test learns.)
@@ -325,7 +324,7 @@ class ConvTransformer(nn.Module):
 
     def __init__(self, window_samples: int, stem_channels: tuple[int, int], width: int, depth: int,
                  heads: int, dropout: float = 0.0, leads: int = len(STANDARD_LEADS),
-                 causal: bool = False) -> None:
+                 causal: bool = False, local_blocks: int = 2) -> None:
         super().__init__()
         self.stride = math.prod(STEM_STRIDES)
         if window_samples % self.stride:
@@ -342,7 +341,7 @@ class ConvTransformer(nn.Module):
             last = i == len(convs)  # its norm's output becomes the tokens (B, tokens, width)
             layers += [conv, ChannelNorm(channels[i], channels_first=not last)] + ([] if last else [nn.GELU()])
         self.stem = nn.Sequential(*layers)
-        self.local = nn.ModuleList(TokenConvBlock(width) for _ in range(LOCAL_BLOCKS))
+        self.local = nn.ModuleList(TokenConvBlock(width) for _ in range(local_blocks))
         self.pos_embed = nn.Embedding(self.tokens, width)
         self.blocks = nn.ModuleList(Block(width, heads, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
@@ -424,6 +423,13 @@ class ConvTransformer(nn.Module):
         return normalised(segments), lead_mask[:, None, :].expand(-1, t // self.stride, -1)
 
 
+def transformer_size(model: ModelConfig) -> tuple:
+    """The size's tuple of a token encoder (`SIZES` or `CONV_TRANSFORMER_SIZES`), its depth
+    replaced by `model.depth` when set."""
+    *shape, depth, heads = (CONV_TRANSFORMER_SIZES if model.encoder == "conv_transformer" else SIZES)[model.size]
+    return (*shape, depth if model.depth is None else model.depth, heads)
+
+
 def build_encoder(model: ModelConfig, window_samples: int) -> nn.Module:
     if model.encoder not in ENCODERS:
         raise ConfigError(f"model.encoder: unknown encoder {model.encoder!r}; known: {list(ENCODERS)}")
@@ -432,7 +438,7 @@ def build_encoder(model: ModelConfig, window_samples: int) -> nn.Module:
     if model.encoder == "resnet1d":
         return ResNet1D(*RESNET_SIZES[model.size], model.dropout)
     if model.encoder == "conv_transformer":
-        return ConvTransformer(window_samples, *CONV_TRANSFORMER_SIZES[model.size], model.dropout,
-                               causal=model.causal)
-    width, depth, heads = SIZES[model.size]
+        return ConvTransformer(window_samples, *transformer_size(model), model.dropout, causal=model.causal,
+                               local_blocks=model.local_blocks)
+    width, depth, heads = transformer_size(model)
     return ECGTransformer(window_samples, model.patch_size, width, depth, heads, model.dropout)

@@ -44,6 +44,21 @@ def test_resnet_sizes(size, width):
     assert isinstance(encoder, ResNet1D) and encoder.width == width
 
 
+@pytest.mark.parametrize("encoder, size_depth", [("st_mem", 4), ("conv_transformer", 2)])  # size tiny
+def test_depth_overrides_the_size(encoder, size_depth):
+    assert len(build_encoder(ModelConfig(encoder=encoder), 200).blocks) == size_depth
+    assert len(build_encoder(ModelConfig(encoder=encoder, depth=1), 200).blocks) == 1
+    with pytest.raises(ConfigError, match="depth"):
+        ModelConfig(encoder=encoder, depth=0)
+
+
+def test_local_blocks_set_the_conv_transformers_token_convolutions():
+    assert len(build_encoder(ModelConfig(encoder="conv_transformer"), 200).local) == 2
+    assert len(build_encoder(ModelConfig(encoder="conv_transformer", local_blocks=1), 200).local) == 1
+    with pytest.raises(ConfigError, match="local_blocks"):
+        ModelConfig(local_blocks=-1)
+
+
 def test_transformer_takes_shorter_windows_in_whole_patches():
     encoder = build_encoder(ModelConfig(encoder="st_mem"), 200).eval()
     assert isinstance(encoder, ECGTransformer)

@@ -123,3 +123,9 @@ def test_masking_hides_whole_spans_of_time_tokens():
     blocks = hidden.view(200, 10, 5).sum(-1)  # tokens 5i .. 5i + 4 are one span
     assert ((blocks == 0) | (blocks == 5)).float().mean() > 0.9  # only the span at the cut is split
     assert torch.equal(hidden.sum(1), torch.full((200,), 25))
+
+
+def test_the_default_tiny_encoder_has_the_parameters_the_readme_states():
+    """README: 159 k parameters at `tiny` for 10-s windows (1000 samples at 100 Hz)."""
+    encoder = build_encoder(ModelConfig(), window_samples=1000)
+    assert round(sum(p.numel() for p in encoder.parameters()), -3) == 159_000

@@ -12,7 +12,10 @@ the task's outcome back, as `flwr-clientapp` would.
     python -m client.worker --runtime-api-address 127.0.0.1:9094
         [--superexec-auth-secret-file SECRET] [--site-file site.yaml]
 
-It answers one task at a time until SIGTERM. With the SuperNode's `--superexec-auth-secret-file`,
+Each task runs in a thread of its own, the ClientApp itself one at a time: a task that cannot
+be handed over (its message's objects never reach the SuperNode, e.g. a stale message of a run
+that stopped while the coordinator restarted) waits in its thread, as it would in its own
+`flwr-clientapp` process, without holding up the next one. It serves until SIGTERM. With the SuperNode's `--superexec-auth-secret-file`,
 only a process holding the same secret (the worker) can take the node's tasks. The code that
 answers is the fedssl installed beside the worker, not the app the coordinator sent: a run of any
 other app is answered with an Error.
@@ -25,6 +28,7 @@ import importlib
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from logging import ERROR, INFO
@@ -63,17 +67,14 @@ def serve(runtime_api_address: str, secret: bytes | None = None, site: str | Non
     tasks = runtime_client(runtime_api_address, interceptors)
     log(INFO, "fedssl | site worker%s ready for the SuperNode at %s (pid %d)", f" of {site}" if site else "",
         runtime_api_address, os.getpid())
+    one_app_at_a_time = threading.Lock()
     try:
         while True:
             acquired = tasks.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
             if acquired.HasField("task") and acquired.token:
-                try:
-                    run_task(runtime_api_address, acquired.token, app)
-                except Exception as err:  # noqa: BLE001 - one task the SuperNode could not hand over
-                    log(ERROR, "fedssl | site worker: task %d failed: %s: %s", acquired.task.task_id,
-                        type(err).__name__, err)
-            else:
-                time.sleep(TASK_POLL_SECONDS)
+                threading.Thread(target=run_task, args=(runtime_api_address, acquired.token, app, one_app_at_a_time),
+                                 name=f"task {acquired.task.task_id}", daemon=True).start()
+            time.sleep(TASK_POLL_SECONDS)
     finally:
         tasks.close()
         log(INFO, "fedssl | site worker stopped")
@@ -98,9 +99,10 @@ def is_unauthorized(err: Exception) -> bool:
     return isinstance(err, httpx.HTTPStatusError) and err.response.status_code == httpx.codes.UNAUTHORIZED
 
 
-def run_task(runtime_api_address: str, token: str, app: Callable[..., Message]) -> None:
+def run_task(runtime_api_address: str, token: str, app: Callable[..., Message], one_app_at_a_time: threading.Lock) -> None:
     """One ClientApp task, as `flwr-clientapp` runs it: pull the message and its context, answer it
-    with `app`, push the reply, then the task's outcome (the SuperNode waits for both)."""
+    with `app` (holding `one_app_at_a_time`), push the reply, then the task's outcome (the SuperNode
+    waits for both). A failure to pull or push is logged: the SuperNode then fails the task."""
     started = time.perf_counter()
     client = runtime_client(runtime_api_address, [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
                                                   RuntimeTokenHttpInterceptor(token)])
@@ -116,7 +118,8 @@ def run_task(runtime_api_address: str, token: str, app: Callable[..., Message]) 
             details = reply.error.reason
         else:
             try:
-                reply = app(message=message, context=context)
+                with one_app_at_a_time:
+                    reply = app(message=message, context=context)
                 status, details = SubStatus.COMPLETED, ""
             except Exception as err:  # noqa: BLE001 - the site's own failures are Error replies already; this is a bug
                 log(ERROR, "fedssl | site worker: the ClientApp raised on a %s message", message.metadata.message_type,
@@ -126,6 +129,8 @@ def run_task(runtime_api_address: str, token: str, app: Callable[..., Message]) 
         push_message(client, reply, context)
         log(INFO, "fedssl | site worker: %s message of run %d answered in %.1fs", message.metadata.message_type,
             context.run_id, time.perf_counter() - started)
+    except Exception as err:  # noqa: BLE001 - a task the SuperNode could not hand over or take back
+        log(ERROR, "fedssl | site worker: a task failed: %s: %s", type(err).__name__, err)
     finally:
         push_task_output(client, context, status, details)
         heartbeat.stop()

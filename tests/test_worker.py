@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -116,7 +117,7 @@ def one_task(monkeypatch, flower_messages):
 
     def run(app, fab_id=worker.APP_ID):
         monkeypatch.setattr(worker, "pull_task_input", lambda client: (message, context, FakeRun(fab_id), None))
-        worker.run_task("127.0.0.1:1", "token", app)
+        worker.run_task("127.0.0.1:1", "token", app, threading.Lock())
         return pushed
     return run
 

@@ -68,7 +68,7 @@ class Arm:
 # convolutions and, for CPC, 12 steps ahead, set here so that the arms do not move with the defaults
 CONV = ModelConfig(encoder="conv_transformer", depth=2, local_blocks=2)
 CPC_ENCODER = dataclasses.replace(CONV, causal=True)
-CPC12, CPC6 = ObjectiveConfig(name="cpc", prediction_steps=12), ObjectiveConfig(name="cpc", prediction_steps=6)
+CPC12, CPC6, CPC4 = (ObjectiveConfig(name="cpc", prediction_steps=steps) for steps in (12, 6, 4))
 ARMS = (
     Arm(TODAY, ModelConfig(encoder="st_mem"), ObjectiveConfig(name="hybrid")),
     Arm("resnet1d+simclr", ModelConfig(encoder="resnet1d"), ObjectiveConfig(name="simclr", view_probability=0.5)),
@@ -83,12 +83,11 @@ ARMS = (
     Arm("conv+cpc ahead6", CPC_ENCODER, CPC6),
     Arm("conv+cpc depth1 ahead6", dataclasses.replace(CPC_ENCODER, depth=1), CPC6),
     # two blocks kept (one block lost the quickstart's margin over the hospitals alone), fewer steps ahead
-    Arm("conv+cpc ahead4", CPC_ENCODER, ObjectiveConfig(name="cpc", prediction_steps=4)),
+    Arm("conv+cpc ahead4", CPC_ENCODER, CPC4),
     Arm("conv+cpc ahead3", CPC_ENCODER, ObjectiveConfig(name="cpc", prediction_steps=3)),
     # ... and one residual convolution over tokens instead of two
     Arm("conv+cpc local1 ahead6", dataclasses.replace(CPC_ENCODER, local_blocks=1), CPC6),
-    Arm("conv+cpc local1 ahead4", dataclasses.replace(CPC_ENCODER, local_blocks=1),
-        ObjectiveConfig(name="cpc", prediction_steps=4)),
+    Arm("conv+cpc local1 ahead4", dataclasses.replace(CPC_ENCODER, local_blocks=1), CPC4),
     Arm("conv+jepa", CONV, ObjectiveConfig(name="jepa")),
 )
 

@@ -66,9 +66,10 @@ class Arm:
 
 # conv_transformer arms as they were measured: two transformer blocks (the tiny size's), two token
 # convolutions and, for CPC, 12 steps ahead, set here so that the arms do not move with the defaults
-CONV = ModelConfig(encoder="conv_transformer", depth=2, local_blocks=2)
+CONV = ModelConfig(encoder="conv_transformer", depth=2, local_blocks=2, token_samples=20, mlp_ratio=4)
 CPC_ENCODER = dataclasses.replace(CONV, causal=True)
-CPC12, CPC6, CPC4 = (ObjectiveConfig(name="cpc", prediction_steps=steps) for steps in (12, 6, 4))
+CPC12, CPC6, CPC4 = (ObjectiveConfig(name="cpc", prediction_steps=steps, prediction_stride=1) for steps in (12, 6, 4))
+CPC_EVERY3 = dataclasses.replace(CPC12, prediction_stride=3)
 ARMS = (
     Arm(TODAY, ModelConfig(encoder="st_mem"), ObjectiveConfig(name="hybrid")),
     Arm("resnet1d+simclr", ModelConfig(encoder="resnet1d"), ObjectiveConfig(name="simclr", view_probability=0.5)),
@@ -88,6 +89,23 @@ ARMS = (
     # ... and one residual convolution over tokens instead of two
     Arm("conv+cpc local1 ahead6", dataclasses.replace(CPC_ENCODER, local_blocks=1), CPC6),
     Arm("conv+cpc local1 ahead4", dataclasses.replace(CPC_ENCODER, local_blocks=1), CPC4),
+    # ... or a narrower MLP in the blocks (2 x width instead of 4 x), or tokens of 0.4 s instead of 0.2 s
+    # (25 per 10 s; 6 steps ahead reach as far as 12 of 0.2 s)
+    Arm("conv+cpc mlp2 ahead4", dataclasses.replace(CPC_ENCODER, mlp_ratio=2), CPC4),
+    Arm("conv+cpc tokens40 ahead6", dataclasses.replace(CPC_ENCODER, token_samples=40), CPC6),
+    Arm("conv+cpc tokens40 ahead12", dataclasses.replace(CPC_ENCODER, token_samples=40), CPC12),
+    Arm("conv+cpc tokens40 mlp2 ahead6", dataclasses.replace(CPC_ENCODER, token_samples=40, mlp_ratio=2), CPC6),
+    # as far ahead (12 steps, 2.4 s) with a third or a quarter of the predictions: k = 3, 6, 9, 12 or 4, 8, 12
+    Arm("conv+cpc every3", CPC_ENCODER, CPC_EVERY3),
+    Arm("conv+cpc every4", CPC_ENCODER, dataclasses.replace(CPC12, prediction_stride=4)),
+    Arm("conv+cpc mlp2 every3", dataclasses.replace(CPC_ENCODER, mlp_ratio=2), CPC_EVERY3),
+    Arm("conv+cpc local1 every3", dataclasses.replace(CPC_ENCODER, local_blocks=1), CPC_EVERY3),
+    # 12 steps ahead, every one of them, on a smaller encoder
+    Arm("conv+cpc local1 mlp2", dataclasses.replace(CPC_ENCODER, local_blocks=1, mlp_ratio=2), CPC12),
+    Arm("conv+cpc depth1 local1", dataclasses.replace(CPC_ENCODER, depth=1, local_blocks=1), CPC12),
+    Arm("conv+cpc depth1 mlp2", dataclasses.replace(CPC_ENCODER, depth=1, mlp_ratio=2), CPC12),
+    Arm("conv+cpc local1 mlp2 ahead6", dataclasses.replace(CPC_ENCODER, local_blocks=1, mlp_ratio=2), CPC6),
+    Arm("conv+cpc mlp2 ahead6", dataclasses.replace(CPC_ENCODER, mlp_ratio=2), CPC6),
     Arm("conv+jepa", CONV, ObjectiveConfig(name="jepa")),
 )
 

@@ -112,8 +112,8 @@ class ModelConfig:
 
     # conv_transformer (strided conv stem, 50 time tokens per 10 s, then a transformer), st_mem
     # (transformer over per-lead patches) or resnet1d (no tokens: no masked modelling). The
-    # default, with CPC, trained 6.4x the samples per CPU second of st_mem + hybrid and probed
-    # 0.744 [0.711, 0.772] against 0.677 [0.670, 0.690] on held-out real records at the same
+    # default, with CPC, trains 10x the samples per CPU second of st_mem + hybrid and probes
+    # 0.738 [0.721, 0.756] against 0.670 [0.653, 0.686] on held-out real records at the same
     # CPU budget (docs/learning_efficiency.md)
     encoder: str = "conv_transformer"
     size: str = "tiny"  # tiny / small / base
@@ -126,11 +126,17 @@ class ModelConfig:
     depth: int | None = None
     # conv_transformer: residual convolutions over its tokens between the stem and attention
     local_blocks: int = 2
+    # conv_transformer: samples per time token, 20 (0.2 s at 100 Hz: 50 tokens per 10 s) or 40
+    token_samples: int = 20
+    # hidden width of each transformer block's MLP, as a multiple of the width; null: the
+    # encoder's (conv_transformer 2: as good on real records as 4, and faster; st_mem 4 as in ViT)
+    mlp_ratio: int | None = None
 
     def __post_init__(self) -> None:
         positive(self, "patch_size")
         require(self.depth is None or self.depth > 0, "depth", "must be > 0 (or null)", self.depth)
         non_negative(self, "local_blocks")
+        require(self.mlp_ratio is None or self.mlp_ratio > 0, "mlp_ratio", "must be > 0 (or null)", self.mlp_ratio)
         fraction(self, "dropout", high_open=True)
 
 
@@ -157,6 +163,10 @@ class ObjectiveConfig:
     # CPC: how many time tokens ahead the context predicts (12 as in Oord et al.'s audio CPC;
     # 2.4 s on ConvTransformer's 0.2-s tokens, two to three beats)
     prediction_steps: int = 12
+    # CPC: predict every this many steps ahead (k = stride, 2 stride, ... up to prediction_steps):
+    # as far ahead with fewer predictions, whose scores are most of CPC's cost; 3 with MLPs of
+    # 2 x width probed level with every step and 4 x (docs/learning_efficiency.md)
+    prediction_stride: int = 3
     target_momentum: float = 0.99  # BYOL's and JEPA's EMA rate; 0.99 suits short runs (the paper: 0.996 -> 1)
     # chance that each distortion after crop + time mask is applied to a view (fedssl/data/augment.py):
     # 1.0 applies all of them to every view; SimCLR (on a 1-D ResNet above all) needs 0.5, as in
@@ -169,7 +179,9 @@ class ObjectiveConfig:
         non_negative(self, "generative_weight", "contrastive_weight")
         require(self.generative_weight + self.contrastive_weight > 0, "generative_weight",
                 "generative_weight and contrastive_weight cannot both be 0", self.generative_weight)
-        positive(self, "temperature", "projection_dim", "decoder_width")
+        positive(self, "temperature", "projection_dim", "decoder_width", "prediction_steps", "prediction_stride")
+        require(self.prediction_stride <= self.prediction_steps, "prediction_stride",
+                f"must be at most prediction_steps ({self.prediction_steps})", self.prediction_stride)
         non_negative(self, "decoder_depth")
         fraction(self, "target_momentum")
         fraction(self, "view_probability")

@@ -33,7 +33,7 @@ from fedssl.data.records import RecordError, read_record, reason_kind
 from fedssl.data.site import SiteDataError
 from fedssl.data.windows import STANDARD_LEADS, RecordInfo, WindowSet
 from fedssl.evaluate import embed
-from fedssl.models import RESNET_SIZES, build_encoder, transformer_size
+from fedssl.models import RESNET_SIZES, build_encoder, mlp_ratio, transformer_size
 from fedssl.report import Run, epsilon_by_site, last_delta, load_run, privacy_text
 from fedssl.runfolder import RunFolderError
 from fedssl.storage import atomic_write
@@ -190,9 +190,11 @@ def architecture(model: ModelConfig, config: dict) -> list[tuple[str, str]]:
                  f"patches of {model.patch_size} samples")
     elif model.encoder == "conv_transformer":
         stem, width, depth, heads = transformer_size(model)
-        shape = (f"convolutional stem (leads as channels, stem channels {list(stem)}, one token per 20 samples) + "
+        shape = (f"convolutional stem (leads as channels, stem channels {list(stem)}, one token per "
+                 f"{model.token_samples} samples) + "
                  f"{model.local_blocks} token convolutions + transformer over time tokens, size {model.size}: "
-                 f"width {width}, depth {depth}, {heads} heads{', causal attention' if model.causal else ''}, "
+                 f"width {width}, depth {depth}, {heads} heads, MLP {mlp_ratio(model)} x width"
+                 f"{', causal attention' if model.causal else ''}, "
                  "mean of the tokens")
     else:
         channels, blocks = RESNET_SIZES[model.size]

@@ -29,7 +29,6 @@ record's embedding depends on that record alone and Opacus can compute per-sampl
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +52,7 @@ CONV_TRANSFORMER_SIZES = {  # stem channels, width, depth, heads
     "small": ((32, 64), 128, 2, 4),
     "base": ((64, 128), 256, 4, 8),
 }
-STEM_STRIDES = (2, 2, 5)  # ConvTransformer: 20 samples (0.2 s at 100 Hz) per token
+STEM_STRIDES = {20: (2, 2, 5), 40: (2, 4, 5)}  # ConvTransformer: its stem's strides per token's samples
 ENCODERS = ("st_mem", "resnet1d", "conv_transformer")
 TOKEN_ENCODERS = ("st_mem", "conv_transformer")  # encoders with tokens, which masked modelling needs
 TIME_TOKEN_ENCODERS = ("conv_transformer",)  # tokens in time order, one per time step: CPC needs them
@@ -98,13 +97,13 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block whose attention only reads visible tokens."""
 
-    def __init__(self, width: int, heads: int, dropout: float = 0.0) -> None:
+    def __init__(self, width: int, heads: int, dropout: float = 0.0, mlp_ratio: int = 4) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads)
         self.norm2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(
-            nn.Linear(width, 4 * width), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * width, width)
+            nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Dropout(dropout), nn.Linear(mlp_ratio * width, width)
         )
 
     def forward(self, x: torch.Tensor, visible: torch.Tensor, causal: bool = False) -> torch.Tensor:
@@ -119,7 +118,7 @@ class ECGTransformer(nn.Module):
     mask_span = 1  # masked modelling hides single patches, as ST-MEM does
 
     def __init__(self, window_samples: int, patch_size: int, width: int, depth: int, heads: int,
-                 dropout: float = 0.0, leads: int = len(STANDARD_LEADS)) -> None:
+                 dropout: float = 0.0, leads: int = len(STANDARD_LEADS), mlp_ratio: int = 4) -> None:
         super().__init__()
         if window_samples % patch_size:
             raise ConfigError(f"window of {window_samples} samples is not a multiple of patch_size {patch_size}")
@@ -129,7 +128,7 @@ class ECGTransformer(nn.Module):
         self.patch_embed = nn.Linear(patch_size, width)
         self.lead_embed = nn.Embedding(leads, width)
         self.pos_embed = nn.Embedding(self.patches_per_lead, width)
-        self.blocks = nn.ModuleList(Block(width, heads, dropout) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(width, heads, dropout, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
         lead_ids = torch.arange(leads).repeat_interleave(self.patches_per_lead)
         pos_ids = torch.arange(self.patches_per_lead).repeat(leads)
@@ -309,24 +308,25 @@ class ConvTransformer(nn.Module):
 
     The stem (three Conv1d + `ChannelNorm` + GELU, strides 2, 2, 5) turns a (B, 12, T) window
     into T / 20 tokens; stem token t is the local shape of all twelve leads in 0.2 s and depends
-    on samples 20t - 7 .. 20t + 23 only (a 0.31-s receptive field). Two residual convolutions
-    over tokens (`TokenConvBlock`, `local_blocks`) widen that to about 2 s before attention. Missing leads are
+    on samples 20t - 7 .. 20t + 23 only (a 0.31-s receptive field; with `token_samples` 40,
+    strides 2, 4, 5: 0.4-s tokens reading samples 40t - 5 .. 40t + 41). Each residual convolution
+    over tokens (`TokenConvBlock`, `local_blocks`) widens that by four tokens before attention. Missing leads are
     zeroed before the stem, so their values cannot change the embedding. (A per-record bias from
     the lead mask, as `ResNet1D`'s mask channels give, made SimCLR collapse to one embedding for
     all records in the overfitting test; without it the same test learns.)
     Masked modelling hides whole time spans (`mask_span` tokens): their samples are zeroed before
     the stem too, so nothing hidden reaches a visible token through the stem's receptive field,
     and only the kept tokens enter the transformer (MAE). Any window length that is a multiple
-    of 20 samples up to `window_samples` works (a shorter one gets the first positions).
+    of `token_samples` up to `window_samples` works (a shorter one gets the first positions).
     """
 
     mask_span = 2  # masked modelling hides 0.4-s spans: about half a beat at rest
 
     def __init__(self, window_samples: int, stem_channels: tuple[int, int], width: int, depth: int,
                  heads: int, dropout: float = 0.0, leads: int = len(STANDARD_LEADS),
-                 causal: bool = False, local_blocks: int = 2) -> None:
+                 causal: bool = False, local_blocks: int = 1, token_samples: int = 20, mlp_ratio: int = 4) -> None:
         super().__init__()
-        self.stride = math.prod(STEM_STRIDES)
+        self.stride = token_samples
         if window_samples % self.stride:
             raise ConfigError(f"model.encoder conv_transformer: window of {window_samples} samples is not a "
                               f"multiple of its {self.stride}-sample tokens")
@@ -335,7 +335,7 @@ class ConvTransformer(nn.Module):
         channels = (leads, *stem_channels, width)
         kernels = (7, 5, 5)
         convs = [nn.Conv1d(channels[i], channels[i + 1], kernel, stride, (kernel - stride + 1) // 2)
-                 for i, (kernel, stride) in enumerate(zip(kernels, STEM_STRIDES))]  # T / stride outputs
+                 for i, (kernel, stride) in enumerate(zip(kernels, STEM_STRIDES[token_samples]))]  # T / stride outputs
         layers: list[nn.Module] = []
         for i, conv in enumerate(convs, start=1):
             last = i == len(convs)  # its norm's output becomes the tokens (B, tokens, width)
@@ -343,7 +343,7 @@ class ConvTransformer(nn.Module):
         self.stem = nn.Sequential(*layers)
         self.local = nn.ModuleList(TokenConvBlock(width) for _ in range(local_blocks))
         self.pos_embed = nn.Embedding(self.tokens, width)
-        self.blocks = nn.ModuleList(Block(width, heads, dropout) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(width, heads, dropout, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
         self.register_buffer("pos_ids", torch.arange(self.tokens), persistent=False)
         self.apply(init_weights)
@@ -423,6 +423,14 @@ class ConvTransformer(nn.Module):
         return normalised(segments), lead_mask[:, None, :].expand(-1, t // self.stride, -1)
 
 
+MLP_RATIOS = {"conv_transformer": 2, "st_mem": 4}  # the blocks' MLP width over the token width
+
+
+def mlp_ratio(model: ModelConfig) -> int:
+    """The transformer blocks' MLP width as a multiple of the width: `model.mlp_ratio`, or the encoder's."""
+    return MLP_RATIOS[model.encoder] if model.mlp_ratio is None else model.mlp_ratio
+
+
 def transformer_size(model: ModelConfig) -> tuple:
     """The size's tuple of a token encoder (`SIZES` or `CONV_TRANSFORMER_SIZES`), its depth
     replaced by `model.depth` when set."""
@@ -438,7 +446,10 @@ def build_encoder(model: ModelConfig, window_samples: int) -> nn.Module:
     if model.encoder == "resnet1d":
         return ResNet1D(*RESNET_SIZES[model.size], model.dropout)
     if model.encoder == "conv_transformer":
+        if model.token_samples not in STEM_STRIDES:
+            raise ConfigError(f"model.token_samples: {model.token_samples}; known: {sorted(STEM_STRIDES)}")
         return ConvTransformer(window_samples, *transformer_size(model), model.dropout, causal=model.causal,
-                               local_blocks=model.local_blocks)
+                               local_blocks=model.local_blocks, token_samples=model.token_samples,
+                               mlp_ratio=mlp_ratio(model))
     width, depth, heads = transformer_size(model)
-    return ECGTransformer(window_samples, model.patch_size, width, depth, heads, model.dropout)
+    return ECGTransformer(window_samples, model.patch_size, width, depth, heads, model.dropout, mlp_ratio=mlp_ratio(model))

@@ -81,30 +81,34 @@ def reference_embedding(encoder, x: torch.Tensor, lead_mask: torch.Tensor) -> to
 
 
 def reference_cpc(objective, x: torch.Tensor, lead_mask: torch.Tensor) -> torch.Tensor:
-    """Per-window InfoNCE over every (t, k) with t + k inside the window; candidates for z_{t+k}
-    are all z_s of the same window; scores are cosine similarities over the temperature."""
+    """Per-window InfoNCE over every (t, k) with t + k inside the window, k among the steps ahead the
+    objective predicts; candidates for z_{t+k} are all z_s of the same window; scores are cosine
+    similarities over the temperature."""
     encoder, b, n = objective.encoder, x.shape[0], x.shape[-1] // objective.encoder.stride
-    k_max = min(objective.steps_ahead, n - 1)
+    predicted = objective.ahead.tolist()
+    ahead = [k for k in predicted if k < n]
     z = reference_stem(encoder, x, lead_mask)
     tokens = reference_local(encoder, z) + encoder.pos_embed.weight[:n]
     context = reference_mix(encoder, tokens, lead_mask.any(1, keepdim=True).expand(-1, n), causal=True)
     prediction = F.linear(context, objective.predict.weight, objective.predict.bias)
-    prediction = prediction.view(b, n, objective.steps_ahead, -1)[:, :, :k_max]
+    prediction = prediction.view(b, n, len(predicted), -1)[:, :, :len(ahead)]
     logits = torch.einsum("btkd,bsd->btks", F.normalize(prediction, dim=-1), F.normalize(z, dim=-1))
     log_p = (logits / objective.temperature).log_softmax(-1)  # (B, t, k, s)
     losses = torch.zeros(b)
     terms = 0
     for t in range(n):
-        for k in range(1, k_max + 1):
+        for j, k in enumerate(ahead):
             if t + k < n:
-                losses = losses - log_p[:, t, k - 1, t + k]
+                losses = losses - log_p[:, t, j, t + k]
                 terms += 1
     return losses / terms
 
 
-def default_objective(seed: int = 0, window_seconds: float = 10.0):
-    """The default scenario's objective (its model and objective settings), on `window_seconds` windows."""
-    return build_objective(Scenario(seed=seed, data=DataConfig(window_seconds=window_seconds)))
+def default_objective(seed: int = 0, window_seconds: float = 10.0, **objective):
+    """The default scenario's objective (its model and objective settings, `objective` replacing
+    some), on `window_seconds` windows."""
+    return build_objective(Scenario(seed=seed, data=DataConfig(window_seconds=window_seconds),
+                                    objective=ObjectiveConfig(**objective)))
 
 
 def ecg_batch(batch: int = 6, samples: int = 1000, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,6 +130,10 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> Non
 def test_the_default_is_conv_transformer_causal_tiny_with_cpc():
     model, objective = ModelConfig(), ObjectiveConfig()
     assert (model.encoder, model.causal, model.size, objective.name) == ("conv_transformer", True, "tiny", "cpc")
+    # two token convolutions, two blocks of MLP 2 x width on 0.2-s tokens; CPC 3, 6, 9 and 12 steps ahead
+    encoder = default_objective().encoder
+    assert (len(encoder.local), len(encoder.blocks), encoder.blocks[0].mlp[0].out_features, encoder.stride) == (2, 2, 128, 20)
+    assert default_objective().ahead.tolist() == [3, 6, 9, 12]
 
 
 def test_the_default_encoder_computes_the_reference_formula():
@@ -145,10 +153,12 @@ def test_conv_transformer_computes_the_reference_formula_causal_or_not(causal):
         assert_close(encoder(x, lead_mask), reference_embedding(encoder, x, lead_mask), f"embedding, causal {causal}")
 
 
-@pytest.mark.parametrize("seconds", [10.0, 2.0])
-def test_the_cpc_loss_and_its_gradients_are_the_reference_ones(seconds):
-    """Full 10-s windows (50 tokens, all 12 steps ahead) and 2-s ones (10 tokens: fewer steps fit)."""
-    objective = default_objective(seed=5, window_seconds=seconds).train()
+@pytest.mark.parametrize("seconds, stride", [(10.0, None), (2.0, None), (10.0, 3), (2.0, 4)])
+def test_the_cpc_loss_and_its_gradients_are_the_reference_ones(seconds, stride):
+    """Full 10-s windows (50 tokens, all steps ahead) and 2-s ones (10 tokens: fewer steps fit); the
+    default's steps ahead, and every third or fourth of them."""
+    objective = default_objective(seed=5, window_seconds=seconds,
+                                  **({} if stride is None else {"prediction_stride": stride})).train()
     reference = copy.deepcopy(objective)
     x, lead_mask = ecg_batch(samples=round(seconds * 100), seed=4)
     per_window = objective.per_sample_terms(x, lead_mask)["loss"]

@@ -93,14 +93,36 @@ def test_conv_transformer_makes_one_token_per_fifth_of_a_second():
         build_encoder(ModelConfig(encoder="conv_transformer"), 1010)
 
 
-def test_a_causal_conv_transformer_token_does_not_see_the_future():
-    encoder = build_encoder(ModelConfig(encoder="conv_transformer", causal=True), 1000).eval()
+def test_token_samples_set_the_length_of_the_conv_transformers_tokens():
+    encoder = build_encoder(ModelConfig(encoder="conv_transformer", token_samples=40), 1000)
+    assert encoder.tokens == 25 and encoder.stride == 40
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    assert encoder.encode(torch.randn(2, 12, 1000), mask).shape == (2, 25, 64)
+    with pytest.raises(ValueError, match="multiple of 40 up to 1000"):
+        encoder(torch.randn(2, 12, 980), mask)
+    with pytest.raises(ConfigError, match="token_samples"):
+        build_encoder(ModelConfig(encoder="conv_transformer", token_samples=30), 1000)
+
+
+@pytest.mark.parametrize("encoder, width, encoders_ratio", [("conv_transformer", 64, 2), ("st_mem", 128, 4)])
+def test_mlp_ratio_sets_the_blocks_hidden_width(encoder, width, encoders_ratio):
+    for ratio, hidden in ((None, encoders_ratio * width), (4, 4 * width), (1, width)):
+        block = build_encoder(ModelConfig(encoder=encoder, mlp_ratio=ratio), 200).blocks[0]
+        assert block.mlp[0].out_features == hidden
+    with pytest.raises(ConfigError, match="mlp_ratio"):
+        ModelConfig(mlp_ratio=0)
+
+
+# token t reads samples up to 20 t + 23 (40 t + 41 for 40-sample tokens): the first token to reach sample 600
+@pytest.mark.parametrize("token_samples, first_reaching_600", [(20, 29), (40, 14)])
+def test_a_causal_conv_transformer_token_does_not_see_the_future(token_samples, first_reaching_600):
+    model = ModelConfig(encoder="conv_transformer", causal=True, token_samples=token_samples)
+    encoder = build_encoder(model, 1000).eval()
     x, mask = torch.randn(2, 12, 1000), torch.ones(2, 12, dtype=torch.bool)
     y = x.clone()
     y[..., 600:] = torch.randn(2, 12, 400) * 10
     change = (encoder.encode(x, mask) - encoder.encode(y, mask)).abs().amax((0, 2))
-    # token t reads samples up to 20 t + 23: tokens 0..28 end before sample 600, token 29 reaches it
-    assert change[:29].max() < 1e-5 and change[29:].min() > 1e-3
+    assert change[:first_reaching_600].max() < 1e-5 and change[first_reaching_600:].min() > 1e-3
     bidirectional = build_encoder(ModelConfig(encoder="conv_transformer", causal=False), 1000).eval()
     assert (bidirectional.encode(x, mask) - bidirectional.encode(y, mask))[:, 0].abs().max() > 1e-3
 
@@ -126,6 +148,6 @@ def test_masking_hides_whole_spans_of_time_tokens():
 
 
 def test_the_default_tiny_encoder_has_the_parameters_the_readme_states():
-    """README: 159 k parameters at `tiny` for 10-s windows (1000 samples at 100 Hz)."""
+    """README: 126 k parameters at `tiny` for 10-s windows (1000 samples at 100 Hz)."""
     encoder = build_encoder(ModelConfig(), window_samples=1000)
-    assert round(sum(p.numel() for p in encoder.parameters()), -3) == 159_000
+    assert round(sum(p.numel() for p in encoder.parameters()), -3) == 126_000

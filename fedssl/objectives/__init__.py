@@ -65,7 +65,7 @@ def build_objective(scenario: Scenario) -> Objective:
     if name == "cmsc":
         return CMSC(encoder, projection(), MultiPositiveInfoNCE(cfg.temperature))
     if name == "cpc":
-        return CPC(encoder, cfg.prediction_steps, cfg.temperature)
+        return CPC(encoder, cfg.prediction_steps, cfg.temperature, cfg.prediction_stride)
     if name == "jepa":
         predictor = TokenDecoder(encoder, cfg.decoder_width, cfg.decoder_depth, encoder.width)
         return JEPA(encoder, predictor, cfg.mask_ratio, cfg.target_momentum)

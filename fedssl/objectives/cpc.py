@@ -29,10 +29,11 @@ from fedssl.objectives.base import Objective
 class CPC(Objective):
     couples_batch = False  # negatives come from the window itself
 
-    def __init__(self, encoder: nn.Module, steps_ahead: int, temperature: float) -> None:
+    def __init__(self, encoder: nn.Module, steps_ahead: int, temperature: float, stride: int = 1) -> None:
         super().__init__(encoder)
-        self.steps_ahead, self.temperature = steps_ahead, temperature
-        self.predict = nn.Linear(encoder.width, steps_ahead * encoder.width)  # W_1 .. W_K in one map
+        self.temperature = temperature
+        self.register_buffer("ahead", torch.arange(stride, steps_ahead + 1, stride), persistent=False)  # the k
+        self.predict = nn.Linear(encoder.width, len(self.ahead) * encoder.width)  # every W_k in one map
 
     def forward(self, x: torch.Tensor, lead_mask: torch.Tensor,
                 groups: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -41,17 +42,16 @@ class CPC(Objective):
     def per_sample_terms(self, x: torch.Tensor, lead_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """InfoNCE of every (t, k) with t + k inside the window, averaged per window: (B,)."""
         b, n = x.shape[0], self.encoder.steps(x.shape[-1])
-        k_max = min(self.steps_ahead, n - 1)
-        if k_max < 1:
-            raise ValueError(f"CPC needs at least 2 time tokens, the window has {n}")
+        ahead = self.ahead[self.ahead < n]
+        if not len(ahead):
+            raise ValueError(f"CPC predicts {int(self.ahead[0])} or more steps ahead: the window has {n} time tokens")
         z = self.encoder.stem_tokens(x, lead_mask)
         tokens = self.encoder.local_features(z) + self.encoder.positions(b, n)  # causal convolutions
         context = self.encoder.mix(tokens, self.encoder.token_valid(lead_mask, n), causal=True)
-        prediction = self.predict(context).view(b, n, self.steps_ahead, -1)[:, :, :k_max]
+        prediction = self.predict(context).view(b, n, len(self.ahead), -1)[:, :, :len(ahead)]
         logits = torch.einsum("btkd,bsd->btks", F.normalize(prediction, dim=-1), F.normalize(z, dim=-1))
         logits = logits / self.temperature  # (B, t, k, s): prediction at t for step k against every z_s
-        t, k = torch.arange(n, device=x.device)[:, None], torch.arange(1, k_max + 1, device=x.device)[None]
-        target = t + k  # (n, k_max): the index of the true z_{t+k}
+        target = torch.arange(n, device=x.device)[:, None] + ahead  # (n, k): the index of the true z_{t+k}
         inside = target < n
         nll = -logits.log_softmax(-1).gather(-1, target.clamp_max(n - 1).expand(b, -1, -1)[..., None])[..., 0]
         loss = (nll * inside).sum((1, 2)) / inside.sum()

@@ -113,7 +113,7 @@ class ModelConfig:
     # conv_transformer (strided conv stem, 50 time tokens per 10 s, then a transformer), st_mem
     # (transformer over per-lead patches) or resnet1d (no tokens: no masked modelling). The
     # default, with CPC, trains 10x the samples per CPU second of st_mem + hybrid and probes
-    # 0.738 [0.721, 0.756] against 0.670 [0.653, 0.686] on held-out real records at the same
+    # 0.729 [0.716, 0.743] against 0.670 [0.653, 0.686] on held-out real records at the same
     # CPU budget (docs/learning_efficiency.md)
     encoder: str = "conv_transformer"
     size: str = "tiny"  # tiny / small / base
@@ -125,18 +125,18 @@ class ModelConfig:
     # transformer blocks of st_mem and conv_transformer; null: the size's (fedssl/models.py)
     depth: int | None = None
     # conv_transformer: residual convolutions over its tokens between the stem and attention
-    local_blocks: int = 2
+    # (one; two trained 1.4x slower with CPC 12 steps ahead; docs/learning_efficiency.md)
+    local_blocks: int = 1
     # conv_transformer: samples per time token, 20 (0.2 s at 100 Hz: 50 tokens per 10 s) or 40
     token_samples: int = 20
-    # hidden width of each transformer block's MLP, as a multiple of the width; null: the
-    # encoder's (conv_transformer 2: as good on real records as 4, and faster; st_mem 4 as in ViT)
-    mlp_ratio: int | None = None
+    # hidden width of each transformer block's MLP, as a multiple of the width (4 as in ViT)
+    mlp_ratio: int = 4
 
     def __post_init__(self) -> None:
         positive(self, "patch_size")
         require(self.depth is None or self.depth > 0, "depth", "must be > 0 (or null)", self.depth)
         non_negative(self, "local_blocks")
-        require(self.mlp_ratio is None or self.mlp_ratio > 0, "mlp_ratio", "must be > 0 (or null)", self.mlp_ratio)
+        positive(self, "mlp_ratio")
         fraction(self, "dropout", high_open=True)
 
 
@@ -151,7 +151,8 @@ class ObjectiveConfig:
     """
 
     # cpc: the largest gain over random init of the objectives measured on real records
-    # (+0.110 [0.092, 0.138] macro AUROC; docs/learning_efficiency.md), and per-sample (DP-SGD runs it)
+    # (+0.110 [0.092, 0.138] macro AUROC 12 steps ahead, +0.098 [0.075, 0.121] with the default's
+    # 4; docs/learning_efficiency.md), and per-sample (DP-SGD runs it)
     name: str = "cpc"
     mask_ratio: float = 0.75
     generative_weight: float = 1.0
@@ -160,13 +161,12 @@ class ObjectiveConfig:
     projection_dim: int = 64
     decoder_width: int = 64  # masked modelling's decoder and JEPA's predictor
     decoder_depth: int = 1
-    # CPC: how many time tokens ahead the context predicts (12 as in Oord et al.'s audio CPC;
-    # 2.4 s on ConvTransformer's 0.2-s tokens, two to three beats)
-    prediction_steps: int = 12
+    # CPC: how many time tokens ahead the context predicts: 4 (0.8 s on ConvTransformer's 0.2-s
+    # tokens, about a beat); Oord et al.'s audio CPC predicts 12, which trains 1.4x slower here
+    prediction_steps: int = 4
     # CPC: predict every this many steps ahead (k = stride, 2 stride, ... up to prediction_steps):
-    # as far ahead with fewer predictions, whose scores are most of CPC's cost; 3 with MLPs of
-    # 2 x width probed level with every step and 4 x (docs/learning_efficiency.md)
-    prediction_stride: int = 3
+    # as far ahead with fewer predictions, whose scores are most of CPC's cost
+    prediction_stride: int = 1
     target_momentum: float = 0.99  # BYOL's and JEPA's EMA rate; 0.99 suits short runs (the paper: 0.996 -> 1)
     # chance that each distortion after crop + time mask is applied to a view (fedssl/data/augment.py):
     # 1.0 applies all of them to every view; SimCLR (on a 1-D ResNet above all) needs 0.5, as in

@@ -33,7 +33,7 @@ from fedssl.data.records import RecordError, read_record, reason_kind
 from fedssl.data.site import SiteDataError
 from fedssl.data.windows import STANDARD_LEADS, RecordInfo, WindowSet
 from fedssl.evaluate import embed
-from fedssl.models import RESNET_SIZES, build_encoder, mlp_ratio, transformer_size
+from fedssl.models import RESNET_SIZES, build_encoder, transformer_size
 from fedssl.report import Run, epsilon_by_site, last_delta, load_run, privacy_text
 from fedssl.runfolder import RunFolderError
 from fedssl.storage import atomic_write
@@ -193,7 +193,7 @@ def architecture(model: ModelConfig, config: dict) -> list[tuple[str, str]]:
         shape = (f"convolutional stem (leads as channels, stem channels {list(stem)}, one token per "
                  f"{model.token_samples} samples) + "
                  f"{model.local_blocks} token convolutions + transformer over time tokens, size {model.size}: "
-                 f"width {width}, depth {depth}, {heads} heads, MLP {mlp_ratio(model)} x width"
+                 f"width {width}, depth {depth}, {heads} heads, MLP {model.mlp_ratio} x width"
                  f"{', causal attention' if model.causal else ''}, "
                  "mean of the tokens")
     else:

@@ -423,14 +423,6 @@ class ConvTransformer(nn.Module):
         return normalised(segments), lead_mask[:, None, :].expand(-1, t // self.stride, -1)
 
 
-MLP_RATIOS = {"conv_transformer": 2, "st_mem": 4}  # the blocks' MLP width over the token width
-
-
-def mlp_ratio(model: ModelConfig) -> int:
-    """The transformer blocks' MLP width as a multiple of the width: `model.mlp_ratio`, or the encoder's."""
-    return MLP_RATIOS[model.encoder] if model.mlp_ratio is None else model.mlp_ratio
-
-
 def transformer_size(model: ModelConfig) -> tuple:
     """The size's tuple of a token encoder (`SIZES` or `CONV_TRANSFORMER_SIZES`), its depth
     replaced by `model.depth` when set."""
@@ -450,6 +442,6 @@ def build_encoder(model: ModelConfig, window_samples: int) -> nn.Module:
             raise ConfigError(f"model.token_samples: {model.token_samples}; known: {sorted(STEM_STRIDES)}")
         return ConvTransformer(window_samples, *transformer_size(model), model.dropout, causal=model.causal,
                                local_blocks=model.local_blocks, token_samples=model.token_samples,
-                               mlp_ratio=mlp_ratio(model))
+                               mlp_ratio=model.mlp_ratio)
     width, depth, heads = transformer_size(model)
-    return ECGTransformer(window_samples, model.patch_size, width, depth, heads, model.dropout, mlp_ratio=mlp_ratio(model))
+    return ECGTransformer(window_samples, model.patch_size, width, depth, heads, model.dropout, mlp_ratio=model.mlp_ratio)

@@ -81,9 +81,9 @@ BAD = {
                                 "federation.malicious_sites: krum tolerates f malicious sites only with at least"),
     "negative seed": ({"seed": -1}, "seed: must be >= 0"),
     "token_samples 30": ({"model.token_samples": 30}, "model.token_samples: 30; known: [20, 40]"),
-    "mlp_ratio 0": ({"model.mlp_ratio": 0}, "model.mlp_ratio: must be > 0 (or null)"),
+    "mlp_ratio 0": ({"model.mlp_ratio": 0}, "model.mlp_ratio: must be a finite number > 0"),
     "prediction_stride above its steps": ({"objective.prediction_stride": 13},
-                                          "objective.prediction_stride: must be at most prediction_steps (12)"),
+                                          "objective.prediction_stride: must be at most prediction_steps (4)"),
     "cpc predicting beyond the window": ({"objective.prediction_steps": 12, "objective.prediction_stride": 12},
                                          "CPC predicts 12 or more steps ahead: the window has 10 time tokens"),
 }

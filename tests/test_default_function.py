@@ -130,10 +130,10 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> Non
 def test_the_default_is_conv_transformer_causal_tiny_with_cpc():
     model, objective = ModelConfig(), ObjectiveConfig()
     assert (model.encoder, model.causal, model.size, objective.name) == ("conv_transformer", True, "tiny", "cpc")
-    # two token convolutions, two blocks of MLP 2 x width on 0.2-s tokens; CPC 3, 6, 9 and 12 steps ahead
+    # one token convolution, two blocks of MLP 4 x width on 0.2-s tokens; CPC 1 to 4 steps ahead
     encoder = default_objective().encoder
-    assert (len(encoder.local), len(encoder.blocks), encoder.blocks[0].mlp[0].out_features, encoder.stride) == (2, 2, 128, 20)
-    assert default_objective().ahead.tolist() == [3, 6, 9, 12]
+    assert (len(encoder.local), len(encoder.blocks), encoder.blocks[0].mlp[0].out_features, encoder.stride) == (1, 2, 256, 20)
+    assert default_objective().ahead.tolist() == [1, 2, 3, 4]
 
 
 def test_the_default_encoder_computes_the_reference_formula():

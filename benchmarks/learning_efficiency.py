@@ -94,7 +94,6 @@ ARMS = (
     Arm("conv+cpc mlp2 ahead4", dataclasses.replace(CPC_ENCODER, mlp_ratio=2), CPC4),
     Arm("conv+cpc tokens40 ahead6", dataclasses.replace(CPC_ENCODER, token_samples=40), CPC6),
     Arm("conv+cpc tokens40 ahead12", dataclasses.replace(CPC_ENCODER, token_samples=40), CPC12),
-    Arm("conv+cpc tokens40 mlp2 ahead6", dataclasses.replace(CPC_ENCODER, token_samples=40, mlp_ratio=2), CPC6),
     # as far ahead (12 steps, 2.4 s) with a third or a quarter of the predictions: k = 3, 6, 9, 12 or 4, 8, 12
     Arm("conv+cpc every3", CPC_ENCODER, CPC_EVERY3),
     Arm("conv+cpc every4", CPC_ENCODER, dataclasses.replace(CPC12, prediction_stride=4)),

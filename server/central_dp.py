@@ -1,7 +1,8 @@
 """Site-level (central) DP: Flower's fixed-clipping wrappers, accounted, over a fixed denominator.
 
 `federation.central_dp: server|client`: every sampled site's update is clipped to norm C (by the
-server here, or by the site before it packs its reply: `fedssl.federated.clip_update`) and Flower's
+server here, or by the site before it packs its reply: `fedssl.federated.clip_update`; the server
+clips those again, since a float16 reply can round a clipped update a little above C) and Flower's
 `DifferentialPrivacyClientSideFixedClipping` adds Gaussian noise of std `sigma * C / n` to the mean
 of the n sampled sites' updates. That is the Gaussian
 mechanism on a sum of n terms of norm <= C, so each round is (epsilon, delta)-DP with respect to
@@ -142,17 +143,16 @@ class CentralDP:
         if len(trained) < len(sent):
             log(INFO, "fedssl | round %d: central DP counts %d of %d sampled sites as a zero update (no usable "
                 "update: declined, failed or rejected)", server_round, len(sent) - len(trained), len(sent))
-        clipping_norm = self.wrapper.clipping_norm if self.clip_at_server else None
-        uniform = fixed_denominator(sent, trained, global_arrays, clipping_norm)
+        uniform = fixed_denominator(sent, trained, global_arrays, self.wrapper.clipping_norm)
         arrays, _ = self.wrapper.aggregate_train(server_round, uniform)
         return arrays, self.wrapper.privacy_spent()
 
 
 def fixed_denominator(sent: list[Message], trained: list[Message], global_arrays: ArrayRecord,
-                      clipping_norm: float | None) -> list[Message]:
+                      clipping_norm: float) -> list[Message]:
     """One reply per instruction `sent`, each weighted 1 (`SITE_WEIGHT_KEY`): the site's update
-    from `trained`, clipped to `clipping_norm` (None: the sites clipped), or for a site without
-    one the global model it was sent: a zero update."""
+    from `trained`, clipped to `clipping_norm`, or for a site without one the global model it was
+    sent: a zero update."""
     updates = {m.metadata.src_node_id: next(iter(m.content.array_records.values())) for m in trained}
     weight = MetricRecord({SITE_WEIGHT_KEY: 1.0})
     uniform = []
@@ -160,7 +160,7 @@ def fixed_denominator(sent: list[Message], trained: list[Message], global_arrays
         arrays = updates.get(instruction.metadata.dst_node_id)
         if arrays is None:
             arrays = global_arrays
-        elif clipping_norm is not None:
+        else:
             arrays = clip_update(arrays, global_arrays, clipping_norm)
         uniform.append(Message(RecordDict({"arrays": arrays, "metrics": weight}), reply_to=instruction))
     return uniform

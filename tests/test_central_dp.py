@@ -153,6 +153,16 @@ def test_the_mean_is_unweighted_clipped_and_a_declined_site_is_zero(tmp_path, fl
     assert isinstance(strategy.central_dp, CentralDP)
 
 
+def test_the_server_enforces_the_bound_on_updates_the_sites_clipped(tmp_path, flower_messages):
+    """With `central_dp: client` a float16 reply can round a clipped update a little above C; the
+    server clips what it received again, so the noise's calibration holds whatever arrived."""
+    fed = FederationConfig(strategy="fedavg", central_dp="client", central_noise_multiplier=1e-4, central_clipping_norm=2.0)
+    above = torch.tensor([3.0, 4.0, 0.0, 0.0])  # norm 5: as a site's reply above C would be
+    within = torch.tensor([0.0, 0.0, 1.0, 0.0])  # norm 1: left as it is
+    w, _ = run_round(tmp_path, fed, {11: above, 22: within}, 4)
+    torch.testing.assert_close(w, (above * 2 / 5 + within) / 2, atol=1e-3, rtol=0)
+
+
 def test_the_noise_is_calibrated_to_the_fixed_denominator(tmp_path, flower_messages):
     fed = FederationConfig(strategy="fedavg", central_dp="client", central_noise_multiplier=0.5, central_clipping_norm=2.0)
     zero = torch.zeros(20_000)

@@ -59,9 +59,9 @@ def divergence(a: State, b: State) -> float:
 
 def clip_update(state: State, reference: State, max_norm: float) -> State:
     """`state` with its update `state - reference` scaled to an L2 norm of at most `max_norm` over
-    all floating-point entries together: central DP clipped at the site (McMahan et al., ICLR 2018;
-    `federation.central_dp: client`), as Flower's `fixedclipping_mod` would clip the reply, but
-    before it is packed, so the site's audit log hashes the update it really sends."""
+    all floating-point entries together: central DP's clipping (McMahan et al., ICLR 2018), by the
+    server of every reply and, with `federation.central_dp: client`, by the site before it packs
+    its reply, so that the site's audit log hashes the update it really sends."""
     norm = divergence(state, reference)
     scale = min(1.0, max_norm / norm) if norm > 0 else 1.0
     return {k: reference[k] + (v - reference[k]) * scale if v.is_floating_point() else v for k, v in state.items()}

@@ -102,7 +102,7 @@ def supernode_command(site: SiteFile, site_path: Path) -> list[str]:
         raise ConfigError(f"{site_path} contains a quote ('), which Flower's node config cannot carry; "
                           "choose a path without one")
     # with a worker, the SuperNode leaves its tasks to it (`process`) instead of starting a process per message
-    isolation = ["--isolation", "process", "--superexec-auth-secret-file", str(Path(site.state) / WORKER_SECRET)] if site.worker else []
+    isolation = ["--isolation", "process", "--superexec-auth-secret-file", str(worker_secret(site))] if site.worker else []
     return [str(BIN / "flower-supernode"),
             "--superlink", site.superlink,
             "--root-certificates", str(site.ca_certificate),
@@ -115,12 +115,17 @@ def supernode_command(site: SiteFile, site_path: Path) -> list[str]:
 def worker_command(site: SiteFile, site_path: Path) -> list[str]:
     """The warm worker (client/worker.py) that runs the site's ClientApp in one long-lived process."""
     return [sys.executable, "-m", "client.worker", "--runtime-api-address", f"127.0.0.1:{site.port}",
-            "--superexec-auth-secret-file", str(Path(site.state) / WORKER_SECRET), "--site-file", str(site_path)]
+            "--superexec-auth-secret-file", str(worker_secret(site)), "--site-file", str(site_path)]
+
+
+def worker_secret(site: SiteFile) -> Path:
+    """Where the secret shared by the SuperNode and its worker lies: the site's state folder."""
+    return Path(site.state) / WORKER_SECRET
 
 
 def make_worker_secret(site: SiteFile) -> None:
-    """The secret shared by the SuperNode and its worker: made once, mode 0600, in the state folder."""
-    path = Path(site.state) / WORKER_SECRET
+    """The secret shared by the SuperNode and its worker: made once, mode 0600."""
+    path = worker_secret(site)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as file:

@@ -30,8 +30,7 @@ from __future__ import annotations
 
 from logging import INFO
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
@@ -46,6 +45,8 @@ from flwr.supercore.privacy_accounting import (
     PrivacySpent,
     SamplingMethod,
 )
+
+from fedssl.federated import clip_update
 
 CENTRAL_DP = ("server", "client")  # who clips the updates
 SITE_WEIGHT_KEY = "central-dp-weight"  # every update's weight in the mean: 1
@@ -161,16 +162,8 @@ def fixed_denominator(sent: list[Message], trained: list[Message], global_arrays
         if arrays is None:
             arrays = global_arrays
         else:
-            arrays = clip_update(arrays, global_arrays, clipping_norm)
+            arrays = ArrayRecord(clip_update(arrays.to_torch_state_dict(), global_arrays.to_torch_state_dict(),
+                                             clipping_norm))
         uniform.append(Message(RecordDict({"arrays": arrays, "metrics": weight}), reply_to=instruction))
     return uniform
 
-
-def clip_update(arrays: ArrayRecord, reference: ArrayRecord, clipping_norm: float) -> ArrayRecord:
-    """`arrays` moved back towards `reference` so that the update (their difference, all arrays
-    flattened into one vector) has norm at most `clipping_norm`."""
-    update = {k: a.numpy().astype(np.float64) - reference[k].numpy() for k, a in arrays.items()}
-    norm = float(np.sqrt(sum(np.square(u).sum() for u in update.values())))
-    scale = min(1.0, clipping_norm / norm) if norm > 0 else 1.0
-    return ArrayRecord({k: Array(np.asarray(reference[k].numpy() + scale * u, dtype=arrays[k].numpy().dtype))
-                        for k, u in update.items()})
